@@ -1,0 +1,98 @@
+"""Dynamic batching: concurrent requests share one forward pass; a lone request never waits.
+
+Request threads decode and preprocess in parallel (announcing it with `preparing()`), then
+`submit()` a tensor. One worker thread takes whatever is queued, up to `max_batch`; it waits up to
+`max_wait` for more only while other requests are still preparing, so a lone one goes at once.
+"""
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from contextlib import contextmanager
+
+import torch
+
+
+class QueueFull(Exception):
+    pass
+
+
+class DeadlineExceeded(Exception):
+    pass
+
+
+class Batcher:
+    def __init__(self, encode, max_batch=8, max_wait_s=0.004, max_queue=64):
+        self.encode = encode
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self._queue = deque()
+        self._preparing = 0
+        self._cond = threading.Condition()
+        self.batches = 0
+        self.images = 0
+        threading.Thread(target=self._run, name="batcher", daemon=True).start()
+
+    @contextmanager
+    def preparing(self):
+        with self._cond:
+            self._preparing += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._preparing -= 1
+                self._cond.notify_all()
+
+    def submit(self, tensors, deadline):
+        """Queue preprocessed images; returns one Future per image (its feature row)."""
+        with self._cond:
+            if len(self._queue) + len(tensors) > self.max_queue:
+                raise QueueFull()
+            futures = [Future() for _ in tensors]
+            self._queue.extend((t, f, deadline) for t, f in zip(tensors, futures))
+            self._cond.notify_all()
+        return futures
+
+    @property
+    def depth(self):
+        return len(self._queue)
+
+    def _take(self):
+        with self._cond:
+            self._cond.wait_for(lambda: self._queue)
+            batch = [self._queue.popleft()]
+            until = time.monotonic() + self.max_wait_s
+            while len(batch) < self.max_batch:
+                if self._queue:
+                    batch.append(self._queue.popleft())
+                    continue
+                remaining = until - time.monotonic()
+                if self._preparing == 0 or remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            return batch
+
+    def _run(self):
+        while True:
+            batch = self._take()
+            now = time.monotonic()
+            live = []
+            for item in batch:
+                if item[2] < now:
+                    item[1].set_exception(DeadlineExceeded())
+                else:
+                    live.append(item)
+            if not live:
+                continue
+            try:
+                features = self.encode(torch.stack([t for t, _, _ in live]))
+            except Exception as exc:  # e.g. out of memory: fail these requests, keep serving
+                for _, future, _ in live:
+                    future.set_exception(exc)
+                continue
+            self.batches += 1
+            self.images += len(live)
+            for row, (_, future, _) in zip(features, live):
+                future.set_result(row)

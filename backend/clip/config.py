@@ -1,0 +1,62 @@
+"""Every knob of the clip function, read once from the environment (configuration as data)."""
+import os
+from dataclasses import dataclass, field
+
+
+def _env(name, default):
+    value = os.environ.get(name, "").strip()
+    return value if value else default
+
+
+def _list(name, default=""):
+    return [item.strip() for item in _env(name, default).split(",") if item.strip()]
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str = "ViT-B-32"
+    pretrained: str = "datacomp_xl_s13b_b90k"
+    device: str = "auto"
+    cache_dir: str = os.path.expanduser("~/.cache/clip-function")
+    default_label_set: str = "cifar100"
+    preload_label_sets: tuple = ("cifar100",)
+    custom_templates: str = "simple"      # "simple" (1 prompt per label) or "cifar" (the 18)
+    max_batch: int = 8
+    max_wait_ms: float = 4.0
+    max_queue: int = 64
+    deadline_s: float = 30.0
+    max_pixels: int = 50_000_000
+    max_images: int = 16
+    max_labels: int = 1000
+    max_label_chars: int = 200
+    label_cache_size: int = 4096
+    top_k: int = 5
+    threads: int = 0                      # torch intra-op threads; 0 = all cores
+    url_allow_hosts: tuple = field(default=())
+    url_timeout_s: float = 5.0
+    url_max_bytes: int = 20 * 1024 * 1024
+
+
+def from_env():
+    return Settings(
+        model=_env("CLIP_MODEL", Settings.model),
+        pretrained=_env("CLIP_PRETRAINED", Settings.pretrained),
+        device=_env("CLIP_DEVICE", Settings.device),
+        cache_dir=_env("CLIP_CACHE_DIR", Settings.cache_dir),
+        default_label_set=_env("CLIP_LABEL_SET", Settings.default_label_set),
+        preload_label_sets=tuple(_list("CLIP_PRELOAD_LABEL_SETS", _env("CLIP_LABEL_SET", "cifar100"))),
+        custom_templates=_env("CLIP_CUSTOM_TEMPLATES", Settings.custom_templates),
+        max_batch=int(_env("CLIP_MAX_BATCH", Settings.max_batch)),
+        max_wait_ms=float(_env("CLIP_MAX_WAIT_MS", Settings.max_wait_ms)),
+        max_queue=int(_env("CLIP_MAX_QUEUE", Settings.max_queue)),
+        deadline_s=float(_env("CLIP_DEADLINE_S", Settings.deadline_s)),
+        max_pixels=int(_env("CLIP_MAX_PIXELS", Settings.max_pixels)),
+        max_images=int(_env("CLIP_MAX_IMAGES", Settings.max_images)),
+        max_labels=int(_env("CLIP_MAX_LABELS", Settings.max_labels)),
+        label_cache_size=int(_env("CLIP_LABEL_CACHE_SIZE", Settings.label_cache_size)),
+        top_k=int(_env("CLIP_TOP_K", Settings.top_k)),
+        threads=int(_env("CLIP_THREADS", Settings.threads)),
+        url_allow_hosts=tuple(h.lower() for h in _list("CLIP_URL_ALLOW_HOSTS")),
+        url_timeout_s=float(_env("CLIP_URL_TIMEOUT_S", Settings.url_timeout_s)),
+        url_max_bytes=int(_env("CLIP_URL_MAX_BYTES", Settings.url_max_bytes)),
+    )

@@ -1,0 +1,212 @@
+"""Image intake: every accepted request form -> image bytes + raw options; bytes -> a safe RGB image."""
+import base64
+import binascii
+import io
+import json
+import re
+
+import numpy as np
+from PIL import Image, ImageOps
+from werkzeug.datastructures import MultiDict
+from werkzeug.formparser import FormDataParser
+from werkzeug.http import parse_options_header
+
+# Magic bytes -> Pillow format; nothing else is ever handed to a decoder.
+MAGIC = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
+SUPPORTED = "JPEG, PNG, WebP, GIF, BMP or TIFF"
+MAX_ASPECT = 4  # longer/shorter side kept before the model's resize; the centre crop never sees more
+DATA_URL = re.compile(r"^data:([\w.+/-]*)((?:;[\w=.+-]+)*?)(;base64)?,", re.I)
+OPTION_KEYS = ("top_k", "labels", "label_set")
+
+
+class ClientError(Exception):
+    """Bad input: becomes a JSON error with this status, never a 500."""
+
+    def __init__(self, status, code, message, headers=None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+def sniff(data):
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    for magic, fmt in MAGIC:
+        if data.startswith(magic):
+            return fmt
+    return None
+
+
+# ---- request -> images + options -------------------------------------------------------------
+
+class Intake:
+    """What one request asks: `images` (bytes, or a ClientError per bad item), `urls`, `options`."""
+
+    def __init__(self):
+        self.images = []
+        self.urls = []
+        self.options = MultiDict()
+
+
+def parse_request(event, max_images):
+    """Sort the body into images, URLs and options by content type, sniffing raw bodies."""
+    intake = Intake()
+    for key in OPTION_KEYS:
+        for value in event.query.getlist(key):
+            intake.options.add(key, value)
+    mimetype, params = parse_options_header(event.headers.get("Content-Type", ""))
+    body = event.body
+    if mimetype == "multipart/form-data":
+        _from_form(intake, body, mimetype, params)
+    elif sniff(body):  # raw image bytes, whatever the Content-Type says
+        intake.images.append(body)
+    elif mimetype == "application/x-www-form-urlencoded" and _from_form(intake, body, mimetype, params):
+        pass
+    elif mimetype == "application/json" or body.lstrip()[:1] == b"{":
+        _from_json(intake, body)
+    elif body.strip():  # base64 or a data URL (curl -d sends these as a urlencoded "form")
+        intake.images.append(decode_text(body))
+    if not intake.images and not intake.urls:
+        raise ClientError(400, "missing_image", "No image in the request: send image bytes, a multipart "
+                          "field named 'image', base64 or a data URL, or JSON {\"image\": …}.")
+    if len(intake.images) + len(intake.urls) > max_images:
+        raise ClientError(400, "too_many_images", f"At most {max_images} images per request.")
+    return intake
+
+
+def _from_form(intake, body, mimetype, params):
+    """Adds the form's images, URLs and options; False if it held neither image nor url field."""
+    parser = FormDataParser(max_form_memory_size=len(body) + 1, silent=False)
+    try:
+        _, form, files = parser.parse(io.BytesIO(body), mimetype, len(body), params)
+    except ValueError as exc:
+        raise ClientError(400, "invalid_form", f"The form data could not be parsed ({exc}).") from None
+    for key in OPTION_KEYS:
+        for value in form.getlist(key):
+            intake.options.add(key, value)
+    for storage in files.getlist("image"):
+        data = storage.read()
+        if data:  # a browser sends an empty part when no file was chosen
+            intake.images.append(data)
+    for text in form.getlist("image"):
+        if text.strip():
+            intake.images.append(decode_text(text.encode()))
+    intake.urls.extend(u.strip() for u in form.getlist("url") if u.strip())
+    return "image" in files or "image" in form or "url" in form
+
+
+def _from_json(intake, body):
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ClientError(400, "invalid_json", "The body is not valid JSON.") from None
+    if not isinstance(doc, dict):
+        raise ClientError(400, "invalid_json", "The JSON body must be an object, e.g. {\"image\": \"<base64>\"}.")
+    for key in OPTION_KEYS:
+        if key in doc:
+            intake.options.setlist(key, [doc[key]])  # the body's value wins over the query's
+    items = []
+    if "image" in doc:
+        items.append(doc["image"])
+    if "images" in doc:
+        if not isinstance(doc["images"], list):
+            raise ClientError(400, "invalid_json", "'images' must be a list of base64 strings or data URLs.")
+        items.extend(doc["images"])
+    for item in items:
+        if not isinstance(item, str):
+            raise ClientError(400, "invalid_json", "Each image must be a base64 string or a data URL.")
+        intake.images.append(decode_text(item.encode()))
+    if "url" in doc:
+        if not isinstance(doc["url"], str) or not doc["url"].strip():
+            raise ClientError(400, "invalid_json", "'url' must be a non-empty string.")
+        intake.urls.append(doc["url"].strip())
+
+
+def decode_text(text):
+    """Base64 or a data URL -> image bytes, or a ClientError describing why not."""
+    try:
+        text = text.decode("ascii").strip()
+    except UnicodeDecodeError:
+        return ClientError(400, "invalid_image", f"The body is not an image we can read ({SUPPORTED}).")
+    match = DATA_URL.match(text)
+    if match:
+        if not match.group(3):
+            return ClientError(400, "invalid_image", "Only base64 data URLs are supported.")
+        text = text[match.end():]
+    text = re.sub(r"\s+", "", text.replace(" ", "+"))  # a form's '+' arrives as a space
+    try:
+        data = base64.b64decode(text.replace("-", "+").replace("_", "/") + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        return ClientError(400, "invalid_image", f"The body is neither an image ({SUPPORTED}) nor valid base64.")
+    if not sniff(data):
+        return ClientError(400, "invalid_image", f"The base64 data is not an image we can read ({SUPPORTED}).")
+    return data
+
+
+# ---- bytes -> RGB image ------------------------------------------------------------------------
+
+def load_image(data, max_pixels, image_size, crop_extremes=True):
+    """Decode untrusted bytes into an upright RGB image, refusing bombs before decoding pixels."""
+    fmt = sniff(data)
+    if fmt is None:
+        raise ClientError(400, "invalid_image", f"The data is not an image we can read ({SUPPORTED}).")
+    try:
+        image = Image.open(io.BytesIO(data), formats=[fmt])
+        width, height = image.size
+        if width < 1 or height < 1:
+            raise ClientError(400, "invalid_image", "The image has no pixels.")
+        if width * height > max_pixels:
+            raise ClientError(413, "image_too_large",
+                              f"The image is {width}×{height} pixels; the limit is {max_pixels:,} pixels.")
+        if fmt == "JPEG" and min(width, height) >= 2 * image_size:
+            image.draft("RGB", (image_size, image_size))  # DCT-domain downscale, short side stays >= model size
+        image = ImageOps.exif_transpose(image)
+        image = _to_rgb(image)
+        if crop_extremes:
+            image = _crop_extreme_aspect(image)
+        return image
+    except ClientError:
+        raise
+    except (Image.DecompressionBombError, MemoryError):
+        raise ClientError(413, "image_too_large", f"The image is over the limit of {max_pixels:,} pixels.") from None
+    except Exception as exc:  # Pillow raises many types on corrupt data; all of them mean bad input
+        raise ClientError(400, "invalid_image", f"The {fmt} image could not be decoded ({type(exc).__name__}: "
+                          f"{str(exc)[:120]}).") from None
+
+
+def _to_rgb(image):
+    if image.mode == "RGB":
+        image.load()
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit and float greyscale: scale, don't clip
+        pixels = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+        pixels = np.clip(pixels * (255.0 / peak), 0, 255).astype(np.uint8)
+        return Image.fromarray(pixels, "L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info or image.mode in ("PA", "LA", "La", "RGBa"):
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":  # transparent areas on white, as a viewer shows them
+        canvas = Image.new("RGB", image.size, (255, 255, 255))
+        canvas.paste(image, mask=image.getchannel("A"))
+        return canvas
+    return image.convert("RGB")
+
+
+def _crop_extreme_aspect(image):
+    """Keep the centre of very long strips: the model's centre crop sees no more, and resizing a
+    1×3000 strip to a 224-pixel short side would allocate hundreds of MB."""
+    width, height = image.size
+    if width > MAX_ASPECT * height:
+        left = (width - MAX_ASPECT * height) // 2
+        return image.crop((left, 0, left + MAX_ASPECT * height, height))
+    if height > MAX_ASPECT * width:
+        top = (height - MAX_ASPECT * width) // 2
+        return image.crop((0, top, width, top + MAX_ASPECT * width))
+    return image

@@ -1,0 +1,132 @@
+"""Label sets, prompts and their text embeddings: built once, cached on disk, never per request."""
+import json
+import logging
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from open_clip import zero_shot_metadata as imagenet
+
+from .model import cache_key
+
+LOG = logging.getLogger("labels")
+with open(os.path.join(os.path.dirname(__file__), "zero_shot.json")) as _f:
+    _REFERENCE = json.load(_f)
+
+CIFAR_TEMPLATES = tuple(_REFERENCE["cifar_templates"])
+SIMPLE_TEMPLATES = ("a photo of a {}.",)
+
+
+def _format(template, name):
+    return template(name) if callable(template) else template.format(name)
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    name: str
+    classes: tuple      # dataset names, e.g. "aquarium_fish"
+    templates: tuple
+
+    @property
+    def labels(self):  # shown to users: underscores as spaces
+        return tuple(c.replace("_", " ") for c in self.classes)
+
+
+LABEL_SETS = {
+    "cifar100": LabelSet("cifar100", tuple(_REFERENCE["cifar100"]), CIFAR_TEMPLATES),
+    "cifar10": LabelSet("cifar10", tuple(_REFERENCE["cifar10"]), CIFAR_TEMPLATES),
+    "imagenet1k": LabelSet("imagenet1k", tuple(imagenet.IMAGENET_CLASSNAMES),
+                           tuple(imagenet.OPENAI_IMAGENET_TEMPLATES)),
+}
+
+
+def class_embeddings(model, labels, templates, chunk=256):
+    """Each class: mean of its L2-normalised prompt embeddings, L2-normalised again -> [N, D]."""
+    prompts = [_format(t, label) for label in labels for t in templates]
+    features = torch.cat([model.encode_texts(prompts[i:i + chunk]) for i in range(0, len(prompts), chunk)])
+    features = features.reshape(len(labels), len(templates), -1).mean(dim=1)
+    return torch.nn.functional.normalize(features, dim=-1)
+
+
+def _templates_id(templates):
+    return [_format(t, "{}") for t in templates]
+
+
+class LabelStore:
+    """Embeddings of the built-in sets (disk-cached) and of custom labels (bounded LRU per label)."""
+
+    def __init__(self, model, cache_dir, custom_templates="simple", lru_size=4096):
+        self.model = model
+        self.cache_dir = os.path.join(cache_dir, "embeddings")
+        self.custom_templates = CIFAR_TEMPLATES if custom_templates == "cifar" else SIMPLE_TEMPLATES
+        self.lru_size = lru_size
+        self._sets = {}
+        self._building = set()
+        self._lru = OrderedDict()
+        self._lock = threading.Lock()
+
+    def cache_path(self, label_set):
+        key = cache_key(self.model.weights_id, label_set.labels, _templates_id(label_set.templates))
+        return os.path.join(self.cache_dir, f"{label_set.name}-{key}.pt")
+
+    def build(self, name):
+        """Load the set's embeddings from disk, or encode and save them (slow: minutes for big sets)."""
+        label_set = LABEL_SETS[name]
+        path = self.cache_path(label_set)
+        embeddings = None
+        if os.path.exists(path):
+            try:
+                embeddings = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception:  # a torn or foreign file: rebuild it
+                LOG.warning("ignoring unreadable embedding cache %s", path)
+        if embeddings is None or embeddings.shape[0] != len(label_set.classes):
+            LOG.info("encoding %d prompts for %s", len(label_set.classes) * len(label_set.templates), name)
+            embeddings = class_embeddings(self.model, label_set.labels, label_set.templates)
+            os.makedirs(self.cache_dir, exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            torch.save(embeddings, tmp)
+            os.replace(tmp, path)  # atomic: concurrent builders never see half a file
+        with self._lock:
+            self._sets[name] = embeddings
+            self._building.discard(name)
+        return embeddings
+
+    def ready(self, name):
+        return name in self._sets
+
+    def get_set(self, name):
+        """Embeddings if built; else None, and a build starts in the background (once)."""
+        with self._lock:
+            if name in self._sets:
+                return self._sets[name]
+            if name in self._building:
+                return None
+            self._building.add(name)
+        threading.Thread(target=self._build_quietly, args=(name,), name=f"build-{name}", daemon=True).start()
+        return None
+
+    def _build_quietly(self, name):
+        try:
+            self.build(name)
+        except Exception:
+            LOG.exception("building label set %s failed", name)
+            with self._lock:
+                self._building.discard(name)
+
+    def custom(self, labels):
+        """Embeddings for user labels; each label is encoded once and kept in a bounded LRU."""
+        unique = list(dict.fromkeys(labels))
+        with self._lock:
+            rows = {label: self._lru[label] for label in unique if label in self._lru}
+        missing = [label for label in unique if label not in rows]
+        if missing:
+            rows.update(zip(missing, class_embeddings(self.model, missing, self.custom_templates)))
+        with self._lock:
+            for label in unique:
+                self._lru[label] = rows[label]
+                self._lru.move_to_end(label)
+            while len(self._lru) > self.lru_size:
+                self._lru.popitem(last=False)
+        return torch.stack([rows[label] for label in labels])

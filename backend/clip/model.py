@@ -1,0 +1,110 @@
+"""The CLIP model: created once per process through open_clip's own factory, then only encodes."""
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+import open_clip
+import torch
+
+RANDOM_SEED = 0  # CLIP_PRETRAINED=none: same random weights every start, so caches stay valid
+
+
+@dataclass
+class ClipModel:
+    model: torch.nn.Module
+    preprocess: object          # PIL image -> CHW float tensor (open_clip's eval transform)
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype
+    name: str
+    pretrained: str
+    untrained: bool
+    weights_id: str             # identifies the weights, for cache keys
+    image_size: int
+    logit_scale: float
+
+    @torch.inference_mode()
+    def encode_images(self, batch):
+        """A batch of preprocessed images -> L2-normalised float32 features on the CPU."""
+        features = self.model.encode_image(batch.to(self.device, self.dtype, non_blocking=True))
+        return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
+
+    @torch.inference_mode()
+    def encode_texts(self, texts):
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        features = self.model.encode_text(tokens)
+        return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
+
+    def describe(self):
+        return {"model": self.name, "pretrained": self.pretrained, "device": str(self.device),
+                "dtype": str(self.dtype).replace("torch.", ""), "untrained": self.untrained,
+                "image_size": self.image_size}
+
+
+def pick_device(setting):
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("CLIP_DEVICE=cuda but no CUDA device is visible")
+    return torch.device(setting)
+
+
+def _file_id(path):
+    stat = os.stat(path)
+    return f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def weights_id(name, pretrained):
+    """A cheap identity for the weights: label-embedding caches are keyed by it."""
+    if name.startswith("local-dir:"):
+        folder = name[len("local-dir:"):]
+        files = sorted(f for f in os.listdir(folder) if f.endswith((".json", ".safetensors", ".bin", ".pth")))
+        return "local-dir:" + ";".join(_file_id(os.path.join(folder, f)) for f in files)
+    if pretrained.lower() == "none":
+        return f"{name}:random-seed-{RANDOM_SEED}"
+    if os.path.isfile(pretrained):
+        return f"{name}:{_file_id(pretrained)}"
+    return f"{name}:{pretrained}"
+
+
+def create(name, pretrained, device="auto", cache_dir=None, threads=0):
+    """One factory: open_clip name + tag, `local-dir:`, `hf-hub:`, a checkpoint path, or `none`."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    untrained = pretrained.lower() == "none" and not name.startswith(("local-dir:", "hf-hub:"))
+    if untrained:
+        torch.manual_seed(RANDOM_SEED)
+    weights_dir = os.path.join(cache_dir, "weights") if cache_dir else None
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        name, pretrained=None if untrained or name.startswith(("local-dir:", "hf-hub:")) else pretrained,
+        cache_dir=weights_dir)
+    model.eval()
+    if "MobileCLIP" in name:  # reparameterise MobileOne blocks for inference, as open_clip documents
+        from timm.utils import reparameterize_model
+        model = reparameterize_model(model)
+    dev = pick_device(device)
+    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    model = model.to(dev, dtype)
+    image_size = model.visual.image_size
+    image_size = image_size[0] if isinstance(image_size, (tuple, list)) else int(image_size)
+    return ClipModel(
+        model=model, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(name), device=dev, dtype=dtype,
+        name=_display_name(name), pretrained="none" if untrained else (pretrained if ":" not in name else name),
+        untrained=untrained, weights_id=weights_id(name, pretrained), image_size=image_size,
+        logit_scale=float(model.logit_scale.detach().float().exp().item()))
+
+
+def _display_name(name):
+    if name.startswith("local-dir:"):
+        folder = name[len("local-dir:"):]
+        try:
+            with open(os.path.join(folder, "open_clip_config.json")) as f:
+                return json.load(f).get("model_name") or os.path.basename(os.path.normpath(folder))
+        except (OSError, ValueError):
+            return os.path.basename(os.path.normpath(folder))
+    return name
+
+
+def cache_key(*parts):
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:40]

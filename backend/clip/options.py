@@ -1,0 +1,71 @@
+"""Request options (top_k, labels, label_set): validated, with a clear 400 for anything off."""
+from dataclasses import dataclass
+
+from .intake import ClientError
+from .labels import LABEL_SETS
+
+
+@dataclass(frozen=True)
+class Options:
+    top_k: int
+    label_set: str          # a built-in set name, or "custom"
+    labels: tuple = ()      # custom labels, when given
+
+
+def _one(options, key):
+    values = options.getlist(key)
+    return values[-1] if values else None
+
+
+def parse_options(options, settings):
+    top_k = _parse_top_k(_one(options, "top_k"), settings.top_k)
+    labels = _parse_labels(options.getlist("labels"), settings)
+    label_set = _one(options, "label_set")
+    if label_set is None or label_set == "":
+        label_set = settings.default_label_set
+    if not isinstance(label_set, str) or label_set not in LABEL_SETS:
+        shown = repr(label_set)[:60]
+        raise ClientError(400, "unknown_label_set",
+                          f"Unknown label_set {shown}; choose one of: {', '.join(LABEL_SETS)}.")
+    if labels:
+        return Options(top_k=top_k, label_set="custom", labels=labels)
+    return Options(top_k=top_k, label_set=label_set)
+
+
+def _parse_top_k(value, default):
+    if value is None or value == "":
+        return default
+    if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+        raise ClientError(400, "invalid_option", "top_k must be a whole number of 1 or more.")
+    try:
+        top_k = int(value) if not isinstance(value, str) else int(value.strip(), 10)
+    except (TypeError, ValueError):
+        raise ClientError(400, "invalid_option", "top_k must be a whole number of 1 or more.") from None
+    if top_k < 1:
+        raise ClientError(400, "invalid_option", "top_k must be a whole number of 1 or more.")
+    return top_k  # larger than the label count is clamped where the count is known
+
+
+def _parse_labels(values, settings):
+    """labels: a JSON list of strings, or comma-separated text (query or form)."""
+    values = [v for v in values if not (isinstance(v, str) and not v.strip())]  # an empty form field
+    if not values:
+        return ()
+    labels = []
+    for value in values:
+        if isinstance(value, str):
+            labels.extend(value.split(","))
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            labels.extend(value)
+        else:
+            raise ClientError(400, "invalid_labels", "labels must be a list of strings or comma-separated text.")
+    labels = list(dict.fromkeys(label.strip() for label in labels if label.strip()))
+    if not labels:
+        raise ClientError(400, "invalid_labels", "labels was given but holds no label.")
+    if len(labels) > settings.max_labels:
+        raise ClientError(400, "too_many_labels",
+                          f"{len(labels)} labels sent; at most {settings.max_labels} per request.")
+    too_long = next((label for label in labels if len(label) > settings.max_label_chars), None)
+    if too_long is not None:
+        raise ClientError(400, "invalid_labels", f"Each label may have at most {settings.max_label_chars} characters.")
+    return tuple(labels)

@@ -1,0 +1,126 @@
+"""The warm classifier: model, label embeddings and batcher, created once; classify() per request."""
+import logging
+import os
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
+
+import torch
+from PIL import Image
+
+from . import model as model_module
+from . import remote
+from .batcher import Batcher, DeadlineExceeded, QueueFull
+from .intake import ClientError, load_image
+from .labels import LABEL_SETS, LabelStore
+from .options import parse_options
+
+LOG = logging.getLogger("clip")
+
+
+class Service:
+    def __init__(self, settings):
+        started = time.perf_counter()
+        self.settings = settings
+        self.model = model_module.create(settings.model, settings.pretrained, settings.device,
+                                         settings.cache_dir, settings.threads)
+        self.labels = LabelStore(self.model, settings.cache_dir, settings.custom_templates,
+                                 settings.label_cache_size)
+        for name in settings.preload_label_sets:
+            self.labels.build(name)
+        self.batcher = Batcher(self.model.encode_images, settings.max_batch, settings.max_wait_ms / 1000,
+                               settings.max_queue)
+        # One forward pass now, so the first user does not pay for lazy allocations.
+        self.batcher.submit([self.prepare(Image.new("RGB", (self.model.image_size,) * 2))],
+                            time.monotonic() + 600)[0].result()
+        LOG.info("ready in %.1f s: %s", time.perf_counter() - started, self.model.describe())
+
+    def describe(self):
+        s = self.settings
+        return {**self.model.describe(),
+                "label_sets": {name: {"labels": len(ls.classes), "templates": len(ls.templates),
+                                      "ready": self.labels.ready(name)}
+                               for name, ls in LABEL_SETS.items()},
+                "default_label_set": s.default_label_set,
+                "limits": {"max_body_bytes": int(os.environ.get("MAX_BODY_BYTES", 32 * 1024 * 1024)), "max_pixels": s.max_pixels, "max_images": s.max_images,
+                           "max_labels": s.max_labels, "max_label_chars": s.max_label_chars,
+                           "max_batch": s.max_batch, "max_wait_ms": s.max_wait_ms, "max_queue": s.max_queue,
+                           "deadline_s": s.deadline_s},
+                "url_input": bool(s.url_allow_hosts)}
+
+    def identity(self):
+        """What every answer carries, so random weights can never pass for a real model."""
+        m = self.model
+        answer = {"model": m.name, "pretrained": m.pretrained, "untrained": m.untrained}
+        if m.untrained:
+            answer["warning"] = "Random, untrained weights (CLIP_PRETRAINED=none): predictions are meaningless."
+        return answer
+
+    def prepare(self, image):
+        return self.model.preprocess(image)
+
+    def label_matrix(self, options):
+        if options.labels:
+            return options.labels, self.labels.custom(options.labels)
+        embeddings = self.labels.get_set(options.label_set)
+        if embeddings is None:
+            raise ClientError(503, "label_set_warming",
+                              f"The label set '{options.label_set}' is being prepared; try again shortly.",
+                              headers={"Retry-After": "30"})
+        return LABEL_SETS[options.label_set].labels, embeddings
+
+    def classify(self, intake):
+        """Raises ClientError for request-wide problems; per-image problems land in their result."""
+        s = self.settings
+        deadline = time.monotonic() + s.deadline_s
+        options = parse_options(intake.options, s)
+        labels, embeddings = self.label_matrix(options)
+        top_k = min(options.top_k, len(labels))
+        items = list(intake.images) + list(intake.urls)
+        futures = []
+        with self.batcher.preparing():
+            tensors, slots = [], []
+            for item in items:
+                try:
+                    if isinstance(item, ClientError):
+                        raise item
+                    if isinstance(item, str):
+                        item = remote.fetch(item, s.url_allow_hosts, s.url_timeout_s, s.url_max_bytes)
+                    tensors.append(self.prepare(load_image(item, s.max_pixels, self.model.image_size)))
+                    slots.append(len(futures))
+                    futures.append(None)
+                except ClientError as error:
+                    if len(items) == 1:
+                        raise
+                    futures.append(error)
+            if tensors:
+                try:
+                    submitted = self.batcher.submit(tensors, deadline)
+                except QueueFull:
+                    raise ClientError(429, "queue_full", "The classifier is at capacity; retry shortly.",
+                                      headers={"Retry-After": "1"}) from None
+                for slot, future in zip(slots, submitted):
+                    futures[slot] = future
+        results = []
+        for future in futures:
+            if isinstance(future, ClientError):
+                results.append({"error": {"code": future.code, "message": future.message}})
+                continue
+            try:
+                features = future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except (FutureTimeout, DeadlineExceeded):
+                future.cancel()
+                raise ClientError(504, "deadline_exceeded",
+                                  f"No answer within the {s.deadline_s:g} s deadline; the classifier is busy.") \
+                    from None
+            results.append({"predictions": self.rank(features, labels, embeddings, top_k)})
+        answer = {"label_set": options.label_set, **self.identity()}
+        if len(items) == 1:
+            answer = {**results[0], **answer}
+        else:
+            answer = {"results": results, **answer}
+        return answer
+
+    def rank(self, features, labels, embeddings, top_k):
+        probs = torch.softmax(self.model.logit_scale * (embeddings @ features), dim=0)
+        scores, indices = probs.topk(top_k)
+        return [{"label": labels[i], "score": round(float(p), 6)} for p, i in zip(scores, indices.tolist())]

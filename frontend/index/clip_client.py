@@ -1,0 +1,72 @@
+"""The one network hop of the index function: to clip, with a timeout, errors always as JSON."""
+import os
+import threading
+import time
+
+import requests
+from requests.adapters import HTTPAdapter
+
+CLIP_URL = os.environ.get("CLIP_URL", "http://gateway.openfaas:8080/function/clip")
+CONNECT_TIMEOUT_S = float(os.environ.get("CLIP_CONNECT_TIMEOUT_S", "3"))
+TIMEOUT_S = float(os.environ.get("CLIP_TIMEOUT_S", "60"))  # >= clip's own deadline (CLIP_DEADLINE_S)
+INFO_TIMEOUT_S = 2.0   # the page must render fast even when clip is cold or down
+INFO_TTL_S = 30.0
+
+_session = requests.Session()
+_session.trust_env = False  # a proxy from the environment must not reroute in-cluster traffic
+_session.mount("http://", HTTPAdapter(pool_maxsize=32))
+_session.mount("https://", HTTPAdapter(pool_maxsize=32))
+_info = {"at": 0.0, "value": None}
+_info_lock = threading.Lock()
+
+
+def _error(status, code, message, retry_after=None):
+    headers = {"Retry-After": str(retry_after)} if retry_after else {}
+    return status, {"error": {"code": code, "message": message}}, headers
+
+
+def classify(body, content_type, query_string, request_id):
+    """Forward a classification request as it came. Returns (status, json_body, headers)."""
+    url = CLIP_URL + (f"?{query_string}" if query_string else "")
+    headers = {"Content-Type": content_type or "application/octet-stream", "Accept": "application/json",
+               "X-Request-Id": request_id}
+    try:
+        response = _session.post(url, data=body, headers=headers, timeout=(CONNECT_TIMEOUT_S, TIMEOUT_S))
+    except requests.ConnectTimeout:
+        return _error(503, "clip_unavailable", "The classifier did not accept the connection in time; "
+                      "it may be starting. Please try again.", retry_after=5)
+    except requests.Timeout:
+        return _error(504, "clip_timeout", f"The classifier did not answer within {TIMEOUT_S:g} s.")
+    except requests.RequestException:
+        return _error(502, "clip_unreachable", "The classifier could not be reached. Please try again shortly.",
+                      retry_after=5)
+    try:
+        answer = response.json()
+        if not isinstance(answer, dict):
+            raise ValueError("not an object")
+    except ValueError:
+        # Not clip's JSON: a gateway or watchdog answering for it (not deployed, scaling, crashed).
+        if response.status_code in (502, 503, 504, 429):
+            return _error(503 if response.status_code != 504 else 504, "clip_unavailable",
+                          "The classifier is not available right now (it may be scaling up). Please try again.",
+                          retry_after=5)
+        return _error(502, "clip_bad_answer", f"The classifier answered HTTP {response.status_code} "
+                      "without a JSON body.")
+    passed = {k: v for k, v in response.headers.items() if k in ("Retry-After",)}
+    return response.status_code, answer, passed
+
+
+def info():
+    """clip's self-description (model, untrained flag, label sets), cached briefly; None if unreachable."""
+    with _info_lock:
+        if time.monotonic() - _info["at"] < INFO_TTL_S and _info["value"] is not None:
+            return _info["value"]
+    try:
+        response = _session.get(CLIP_URL, timeout=(min(CONNECT_TIMEOUT_S, INFO_TIMEOUT_S), INFO_TIMEOUT_S))
+        value = response.json() if response.ok else None
+        value = value if isinstance(value, dict) and value.get("ready") else None
+    except (requests.RequestException, ValueError):
+        value = None
+    with _info_lock:
+        _info.update(at=time.monotonic(), value=value)
+    return value

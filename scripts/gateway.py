@@ -1,0 +1,148 @@
+"""Local stand-in for the OpenFaaS gateway + watchdogs: one port, /function/<name> paths, no Docker.
+
+Each function runs as its own process from a build context laid out like faas-cli's (template host
+index.py + handler in function/), exactly the code a container runs. The gateway proxies to them
+with timeouts and answers /function/<name>/_/health from the function's lock file, like of-watchdog.
+"""
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import requests
+from waitress import create_server
+from werkzeug.wrappers import Request, Response
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from layout import ROOT, layout  # noqa: E402
+
+LOG = logging.getLogger("gateway")
+FUNCTIONS = {"clip": ROOT / "backend" / "clip", "index": ROOT / "frontend" / "index"}
+HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "content-length",
+               "content-encoding", "host"}
+UPSTREAM_TIMEOUT_S = float(os.environ.get("GATEWAY_UPSTREAM_TIMEOUT_S", "120"))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Function:
+    def __init__(self, name, build_root, env):
+        self.name = name
+        self.dir = layout(FUNCTIONS[name], build_root / name)
+        self.tmp = self.dir / "tmp"
+        self.tmp.mkdir()
+        self.port = free_port()
+        self.env = {**env, "FUNCTION_PORT": str(self.port), "TMPDIR": str(self.tmp)}
+        self.process = None
+
+    def start(self):
+        self.process = subprocess.Popen([sys.executable, "index.py"], cwd=self.dir, env=self.env)
+        LOG.info("%s: pid %d on 127.0.0.1:%d", self.name, self.process.pid, self.port)
+
+    def healthy(self):
+        return self.process.poll() is None and (self.tmp / ".lock").exists()
+
+
+def json_response(status, code, message):
+    return Response(json.dumps({"error": {"code": code, "message": message}}), status=status,
+                    content_type="application/json")
+
+
+def make_app(functions):
+    session = requests.Session()
+    session.trust_env = False
+
+    def app(environ, start_response):
+        request = Request(environ)
+        parts = request.path.split("/", 3)  # "", "function", name, rest
+        if request.path in ("/", ""):
+            response = Response(status=302, headers={"Location": "/function/index"})
+        elif request.path == "/healthz":
+            response = Response("OK")
+        elif len(parts) < 3 or parts[1] != "function" or parts[2] not in functions:
+            response = json_response(404, "function_not_found", f"No function at {request.path[:100]}.")
+        else:
+            fn = functions[parts[2]]
+            rest = "/" + (parts[3] if len(parts) > 3 else "")
+            if rest == "/_/health":
+                ok = fn.healthy()
+                response = Response("OK" if ok else "Not ready", status=200 if ok else 503)
+            else:
+                response = proxy(session, fn, request, rest)
+        return response(environ, start_response)
+
+    return app
+
+
+def proxy(session, fn, request, path):
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
+    url = f"http://127.0.0.1:{fn.port}{path}"
+    try:
+        upstream = session.request(request.method, url, params=list(request.args.items(multi=True)),
+                                   data=request.get_data(), headers=headers, allow_redirects=False,
+                                   timeout=(3, UPSTREAM_TIMEOUT_S))
+    except requests.Timeout:
+        return json_response(504, "function_timeout", f"{fn.name} did not answer within {UPSTREAM_TIMEOUT_S:g} s.")
+    except requests.RequestException:
+        return json_response(502, "function_unreachable", f"{fn.name} is not running or not reachable.")
+    out = Response(upstream.content, status=upstream.status_code)
+    for key, value in upstream.headers.items():
+        if key.lower() not in HOP_HEADERS:
+            out.headers[key] = value
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GATEWAY_PORT", "8080")))
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--build-dir", default=str(ROOT / "build" / "serve"))
+    args = parser.parse_args()
+    logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    env = dict(os.environ)
+    names = ["clip", "index"]
+    if env.get("CLIP_URL"):
+        names = ["index"]  # fronting a remote clip
+        LOG.info("CLIP_URL=%s: running index only", env["CLIP_URL"])
+    else:
+        env["CLIP_URL"] = f"http://127.0.0.1:{args.port}/function/clip"
+    build_root = Path(args.build_dir)
+    functions = {name: Function(name, build_root, env) for name in names}
+    for fn in functions.values():
+        fn.start()
+
+    server = create_server(make_app(functions), host=args.host, port=args.port, threads=32,
+                           max_request_body_size=256 * 1024 * 1024, ident="gateway")
+
+    def stop(signum, frame):
+        def finish():
+            for fn in functions.values():
+                if fn.process.poll() is None:
+                    fn.process.send_signal(signal.SIGTERM)
+            for fn in functions.values():
+                try:
+                    fn.process.wait(timeout=70)
+                except subprocess.TimeoutExpired:
+                    fn.process.kill()
+            os._exit(0)
+        threading.Thread(target=finish, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    print(f"serving http://{args.host}:{args.port}/function/index (page) and /function/clip (API)", flush=True)
+    server.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Template host: serves function/handler.py over WSGI (waitress) behind of-watchdog (mode=http).
+
+The handler stays pure: handle(event, context) -> {"statusCode", "body", "headers"}.
+An optional handler.init() runs once in the background; the watchdog's lock file
+($TMPDIR/.lock, suppress_lock=true) is written only after it returns, and removed
+first thing on SIGTERM, so /_/health and Kubernetes readiness follow the function.
+"""
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+
+from waitress import create_server
+from werkzeug.wrappers import Request, Response
+
+from function import handler
+
+LOG = logging.getLogger("host")
+HOST = os.environ.get("FUNCTION_HOST", "127.0.0.1")
+PORT = int(os.environ.get("FUNCTION_PORT", "5000"))  # not $PORT: Knative sets that for the watchdog
+THREADS = int(os.environ.get("FUNCTION_THREADS", "16"))
+MAX_BODY = int(os.environ.get("MAX_BODY_BYTES", str(32 * 1024 * 1024)))
+DRAIN_TIMEOUT = float(os.environ.get("DRAIN_TIMEOUT_S", "60"))
+LOCK_FILE = os.path.join(tempfile.gettempdir(), ".lock")
+
+
+class Event:
+    def __init__(self, request, body):
+        self.body = body
+        self.headers = request.headers
+        self.method = request.method
+        self.query = request.args
+        self.path = request.path
+
+
+class Context:
+    def __init__(self):
+        self.hostname = os.environ.get("HOSTNAME", "localhost")
+
+
+class InFlight:
+    """Counts requests being handled, so SIGTERM can wait for them."""
+
+    def __init__(self):
+        self.count = 0
+        self.cond = threading.Condition()
+
+    def __enter__(self):
+        with self.cond:
+            self.count += 1
+
+    def __exit__(self, *exc):
+        with self.cond:
+            self.count -= 1
+            self.cond.notify_all()
+
+    def wait_idle(self, timeout):
+        with self.cond:
+            return self.cond.wait_for(lambda: self.count == 0, timeout)
+
+
+IN_FLIGHT = InFlight()
+
+
+def json_error(status, code, message):
+    body = json.dumps({"error": {"code": code, "message": message}})
+    return Response(body, status=status, content_type="application/json")
+
+
+def to_response(result):
+    if isinstance(result, Response):
+        return result
+    result = result if isinstance(result, dict) else {"body": result}
+    body = result.get("body", b"")
+    headers = dict(result.get("headers") or {})
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body)
+        headers.setdefault("Content-Type", "application/json")
+    if isinstance(body, str):
+        body = body.encode("utf-8")
+    response = Response(body, status=int(result.get("statusCode", 200)))
+    response.headers.update(headers)  # bytes bodies and their content type pass through untouched
+    return response
+
+
+def app(environ, start_response):
+    request = Request(environ)
+    with IN_FLIGHT:
+        if request.content_length is not None and request.content_length > MAX_BODY:
+            # Refused from the header alone: the body is never read into memory.
+            response = json_error(413, "body_too_large", f"The request body is larger than {MAX_BODY} bytes.")
+        else:
+            body = request.stream.read(MAX_BODY + 1)
+            if len(body) > MAX_BODY:
+                response = json_error(413, "body_too_large", f"The request body is larger than {MAX_BODY} bytes.")
+            else:
+                try:
+                    response = to_response(handler.handle(Event(request, body), Context()))
+                except Exception:  # a bug, never bad input: log it, never show a stack trace
+                    LOG.exception("handler failed")
+                    response = json_error(500, "internal_error", "The function failed unexpectedly.")
+        return response(environ, start_response)
+
+
+def write_lock():
+    with open(LOCK_FILE, "w"):
+        pass
+
+
+def remove_lock():
+    try:
+        os.remove(LOCK_FILE)
+    except FileNotFoundError:
+        pass
+
+
+def warm_up():
+    try:
+        if hasattr(handler, "init"):
+            handler.init()
+    except Exception:
+        LOG.exception("function init failed; exiting so the platform restarts it")
+        os._exit(1)
+    write_lock()
+    LOG.info("ready: lock file %s written", LOCK_FILE)
+
+
+def main():
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    remove_lock()
+    # waitress refuses bodies past twice our limit itself (plain text); below that we answer JSON 413.
+    server = create_server(app, host=HOST, port=PORT, threads=THREADS,
+                           max_request_body_size=2 * MAX_BODY, channel_timeout=120, ident="function")
+
+    def drain(signum, frame):
+        def finish():
+            remove_lock()  # first: readiness goes red before anything else happens
+            LOG.info("SIGTERM: lock removed, draining %d request(s)", IN_FLIGHT.count)
+            time.sleep(0.05)  # let requests already accepted by waitress reach the app
+            IN_FLIGHT.wait_idle(DRAIN_TIMEOUT)
+            if hasattr(handler, "shutdown"):
+                handler.shutdown()
+            logging.shutdown()
+            sys.stdout.flush()
+            os._exit(0)
+        threading.Thread(target=finish, name="drain", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, drain)
+    signal.signal(signal.SIGINT, drain)
+    threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
+    LOG.info("serving on http://%s:%d", HOST, PORT)
+    server.run()
+
+
+if __name__ == "__main__":
+    main()
