@@ -96,13 +96,8 @@ def create(name, pretrained, device="auto", cache_dir=None, threads=0):
 
 
 def _display_name(name):
-    if name.startswith("local-dir:"):
-        folder = name[len("local-dir:"):]
-        try:
-            with open(os.path.join(folder, "open_clip_config.json")) as f:
-                return json.load(f).get("model_name") or os.path.basename(os.path.normpath(folder))
-        except (OSError, ValueError):
-            return os.path.basename(os.path.normpath(folder))
+    if name.startswith("local-dir:"):  # the folder's name, e.g. local-dir:/models/ViT-B-32 -> ViT-B-32
+        return os.path.basename(os.path.normpath(name[len("local-dir:"):]))
     return name
 
 

@@ -14,6 +14,7 @@ import tempfile
 import threading
 import time
 
+import waitress.utilities
 from waitress import create_server
 from werkzeug.wrappers import Request, Response
 
@@ -90,20 +91,28 @@ def to_response(result):
 def app(environ, start_response):
     request = Request(environ)
     with IN_FLIGHT:
-        if request.content_length is not None and request.content_length > MAX_BODY:
-            # Refused from the header alone: the body is never read into memory.
-            response = json_error(413, "body_too_large", f"The request body is larger than {MAX_BODY} bytes.")
-        else:
-            body = request.stream.read(MAX_BODY + 1)
-            if len(body) > MAX_BODY:
-                response = json_error(413, "body_too_large", f"The request body is larger than {MAX_BODY} bytes.")
-            else:
-                try:
-                    response = to_response(handler.handle(Event(request, body), Context()))
-                except Exception:  # a bug, never bad input: log it, never show a stack trace
-                    LOG.exception("handler failed")
-                    response = json_error(500, "internal_error", "The function failed unexpectedly.")
+        try:
+            # waitress has already refused bodies over MAX_BODY (see waitress_error_as_json)
+            response = to_response(handler.handle(Event(request, request.get_data()), Context()))
+        except Exception:  # a bug, never bad input: log it, never show a stack trace
+            LOG.exception("handler failed")
+            response = json_error(500, "internal_error", "The function failed unexpectedly.")
         return response(environ, start_response)
+
+
+WAITRESS_CODES = {413: "body_too_large", 431: "headers_too_large", 400: "bad_request"}
+
+
+def waitress_error_as_json(self, ident=None):
+    """waitress answers protocol errors itself (an over-long body is refused from its Content-Length
+    before it is read); make those answers JSON like every other error of the function."""
+    code = WAITRESS_CODES.get(self.code, "http_error")
+    message = f"The request body is larger than {MAX_BODY} bytes." if self.code == 413 else f"{self.reason}."
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    return f"{self.code} {self.reason}", [("Content-Type", "application/json")], body
+
+
+waitress.utilities.Error.to_response = waitress_error_as_json
 
 
 def write_lock():
@@ -133,9 +142,8 @@ def main():
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     remove_lock()
-    # waitress refuses bodies past twice our limit itself (plain text); below that we answer JSON 413.
     server = create_server(app, host=HOST, port=PORT, threads=THREADS,
-                           max_request_body_size=2 * MAX_BODY, channel_timeout=120, ident="function")
+                           max_request_body_size=MAX_BODY + 1, channel_timeout=120, ident="function")
 
     def drain(signum, frame):
         def finish():

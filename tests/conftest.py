@@ -1,0 +1,38 @@
+"""Shared fixtures: a tiny open_clip model directory and real servers on loopback."""
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "backend"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from support.servers import FunctionProcess, Stack  # noqa: E402
+from support.tiny_model import make_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def clip_env(tiny_model, tmp_path_factory):
+    """Environment for a clip function on the tiny model, with its own embedding cache."""
+    return {"CLIP_MODEL": f"local-dir:{tiny_model}", "CLIP_CACHE_DIR": str(tmp_path_factory.mktemp("cache")),
+            "CLIP_PRELOAD_LABEL_SETS": "cifar100,cifar10"}
+
+
+@pytest.fixture(scope="session")
+def clip_server(clip_env, tmp_path_factory):
+    """The clip function alone, started from its build context exactly as the container does."""
+    with FunctionProcess("clip", tmp_path_factory.mktemp("clip-fn"), clip_env) as fn:
+        yield fn
+
+
+@pytest.fixture(scope="session")
+def stack(clip_env, tmp_path_factory):
+    """Both functions behind the local gateway, as `scripts/serve` runs them."""
+    with Stack(tmp_path_factory.mktemp("stack"), clip_env) as running:
+        yield running
