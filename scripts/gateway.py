@@ -9,8 +9,6 @@ import json
 import logging
 import os
 import signal
-import socket
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -20,37 +18,13 @@ from waitress import create_server
 from werkzeug.wrappers import Request, Response
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from layout import ROOT, layout  # noqa: E402
+from layout import ROOT  # noqa: E402
+from local_functions import FunctionProcess  # noqa: E402
 
 LOG = logging.getLogger("gateway")
-FUNCTIONS = {"clip": ROOT / "backend" / "clip", "index": ROOT / "frontend" / "index"}
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "content-length",
                "content-encoding", "host"}
 UPSTREAM_TIMEOUT_S = float(os.environ.get("GATEWAY_UPSTREAM_TIMEOUT_S", "120"))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Function:
-    def __init__(self, name, build_root, env):
-        self.name = name
-        self.dir = layout(FUNCTIONS[name], build_root / name)
-        self.tmp = self.dir / "tmp"
-        self.tmp.mkdir()
-        self.port = free_port()
-        self.env = {**env, "FUNCTION_PORT": str(self.port), "TMPDIR": str(self.tmp)}
-        self.process = None
-
-    def start(self):
-        self.process = subprocess.Popen([sys.executable, "index.py"], cwd=self.dir, env=self.env)
-        LOG.info("%s: pid %d on 127.0.0.1:%d", self.name, self.process.pid, self.port)
-
-    def healthy(self):
-        return self.process.poll() is None and (self.tmp / ".lock").exists()
 
 
 def json_response(status, code, message):
@@ -118,23 +92,18 @@ def main():
     else:
         env["CLIP_URL"] = f"http://127.0.0.1:{args.port}/function/clip"
     build_root = Path(args.build_dir)
-    functions = {name: Function(name, build_root, env) for name in names}
+    functions = {name: FunctionProcess(name, build_root, env, log_to_file=False) for name in names}
     for fn in functions.values():
-        fn.start()
+        fn.start(wait_ready=False)
+        LOG.info("%s: pid %d on %s", fn.name, fn.process.pid, fn.url)
 
     server = create_server(make_app(functions), host=args.host, port=args.port, threads=32,
                            max_request_body_size=256 * 1024 * 1024, ident="gateway")
 
     def stop(signum, frame):
         def finish():
-            for fn in functions.values():
-                if fn.process.poll() is None:
-                    fn.process.send_signal(signal.SIGTERM)
-            for fn in functions.values():
-                try:
-                    fn.process.wait(timeout=70)
-                except subprocess.TimeoutExpired:
-                    fn.process.kill()
+            for fn in reversed(list(functions.values())):  # the page first, then what it calls
+                fn.stop(timeout=70)
             os._exit(0)
         threading.Thread(target=finish, daemon=True).start()
 
