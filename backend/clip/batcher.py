@@ -2,7 +2,8 @@
 
 Request threads decode and preprocess in parallel (announcing it with `preparing()`), then
 `submit()` a tensor. One worker thread takes whatever is queued, up to `max_batch`; it waits up to
-`max_wait` for more only while other requests are still preparing, so a lone one goes at once.
+`max_wait` for more only while other requests are still preparing or the last batch was bigger,
+so a lone request goes at once.
 """
 import threading
 import time
@@ -29,6 +30,7 @@ class Batcher:
         self.max_queue = max_queue
         self._queue = deque()
         self._preparing = 0
+        self._last_size = 1
         self._cond = threading.Condition()
         self.batches = 0
         self.images = 0
@@ -36,22 +38,30 @@ class Batcher:
 
     @contextmanager
     def preparing(self):
+        """Announce a request that is decoding; submit() inside it hands over in one step."""
+        ticket = {"counted": True}
         with self._cond:
             self._preparing += 1
         try:
-            yield
+            yield ticket
         finally:
             with self._cond:
-                self._preparing -= 1
+                self._release(ticket)
                 self._cond.notify_all()
 
-    def submit(self, tensors, deadline):
+    def _release(self, ticket):  # call with the lock held
+        if ticket and ticket["counted"]:
+            ticket["counted"] = False
+            self._preparing -= 1
+
+    def submit(self, tensors, deadline, ticket=None):
         """Queue preprocessed images; returns one Future per image (its feature row)."""
         with self._cond:
             if len(self._queue) + len(tensors) > self.max_queue:
                 raise QueueFull()
             futures = [Future() for _ in tensors]
             self._queue.extend((t, f, deadline) for t, f in zip(tensors, futures))
+            self._release(ticket)  # queued and no longer preparing: the worker sees both at once
             self._cond.notify_all()
         return futures
 
@@ -69,9 +79,12 @@ class Batcher:
                     batch.append(self._queue.popleft())
                     continue
                 remaining = until - time.monotonic()
-                if self._preparing == 0 or remaining <= 0:
+                # Wait only for company that is on its way: requests still decoding, or as many as the
+                # last batch held (clients answered together come back together). Alone: go now.
+                if remaining <= 0 or (self._preparing == 0 and len(batch) >= self._last_size):
                     break
                 self._cond.wait(remaining)
+            self._last_size = len(batch)
             return batch
 
     def _run(self):

@@ -77,7 +77,7 @@ class Service:
         top_k = min(options.top_k, len(labels))
         items = list(intake.images) + list(intake.urls)
         futures = []
-        with self.batcher.preparing():
+        with self.batcher.preparing() as ticket:
             tensors, slots = [], []
             for item in items:
                 try:
@@ -94,7 +94,7 @@ class Service:
                     futures.append(error)
             if tensors:
                 try:
-                    submitted = self.batcher.submit(tensors, deadline)
+                    submitted = self.batcher.submit(tensors, deadline, ticket)
                 except QueueFull:
                     raise ClientError(429, "queue_full", "The classifier is at capacity; retry shortly.",
                                       headers={"Retry-After": "1"}) from None

@@ -1,0 +1,60 @@
+"""Dynamic batching: concurrent requests share forward passes; a lone request goes alone, at once."""
+import threading
+import time
+
+import pytest
+import torch
+
+from clip.batcher import Batcher, DeadlineExceeded, QueueFull
+
+
+class RecordingEncoder:
+    def __init__(self, delay=0.0):
+        self.sizes = []
+        self.delay = delay
+
+    def __call__(self, batch):
+        self.sizes.append(batch.shape[0])
+        time.sleep(self.delay)
+        return batch.flatten(1) * 2
+
+
+def test_a_lone_request_is_encoded_alone_and_correctly():
+    encoder = RecordingEncoder()
+    batcher = Batcher(encoder, max_batch=8, max_wait_s=5.0)  # a long wait that must not be taken
+    with batcher.preparing() as ticket:
+        future = batcher.submit([torch.ones(3)], time.monotonic() + 60, ticket)[0]
+    assert torch.equal(future.result(timeout=2), torch.full((3,), 2.0))  # far less than max_wait
+    assert encoder.sizes == [1]
+
+
+def test_concurrent_requests_share_batches_and_get_their_own_rows():
+    encoder = RecordingEncoder(delay=0.05)
+    batcher = Batcher(encoder, max_batch=8, max_wait_s=0.05)
+    results = {}
+    start = threading.Barrier(8)
+
+    def request(i):
+        start.wait()
+        with batcher.preparing() as ticket:
+            results[i] = batcher.submit([torch.full((2,), float(i))], time.monotonic() + 60, ticket)[0].result(10)
+    threads = [threading.Thread(target=request, args=(i,)) for i in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert all(torch.equal(results[i], torch.full((2,), 2.0 * i)) for i in range(8))
+    assert sum(encoder.sizes) == 8 and len(encoder.sizes) < 8 and max(encoder.sizes) <= 8
+
+
+def test_full_queue_is_refused_and_expired_requests_are_not_encoded():
+    gate = threading.Event()
+    batcher = Batcher(lambda b: (gate.wait(10), b.flatten(1))[1], max_batch=1, max_queue=2)
+    first = batcher.submit([torch.zeros(1)], time.monotonic() + 60)[0]  # occupies the worker
+    time.sleep(0.05)
+    late = batcher.submit([torch.zeros(1)], time.monotonic() - 1)[0]     # already past its deadline
+    batcher.submit([torch.zeros(1)], time.monotonic() + 60)
+    with pytest.raises(QueueFull):
+        batcher.submit([torch.zeros(1)], time.monotonic() + 60)
+    gate.set()
+    assert first.result(5) is not None
+    with pytest.raises(DeadlineExceeded):
+        late.result(5)
