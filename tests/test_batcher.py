@@ -14,9 +14,9 @@ class RecordingEncoder:
         self.delay = delay
 
     def __call__(self, batch):
-        self.sizes.append(batch.shape[0])
+        self.sizes.append(len(batch))
         time.sleep(self.delay)
-        return batch.flatten(1) * 2
+        return torch.stack(batch).flatten(1) * 2
 
 
 def test_a_lone_request_is_encoded_alone_and_correctly():
@@ -47,7 +47,7 @@ def test_concurrent_requests_share_batches_and_get_their_own_rows():
 
 def test_full_queue_is_refused_and_expired_requests_are_not_encoded():
     gate = threading.Event()
-    batcher = Batcher(lambda b: (gate.wait(10), b.flatten(1))[1], max_batch=1, max_queue=2)
+    batcher = Batcher(lambda b: (gate.wait(10), torch.stack(b).flatten(1))[1], max_batch=1, max_queue=2)
     first = batcher.submit([torch.zeros(1)], time.monotonic() + 60)[0]  # occupies the worker
     time.sleep(0.05)
     late = batcher.submit([torch.zeros(1)], time.monotonic() - 1)[0]     # already past its deadline

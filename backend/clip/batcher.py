@@ -1,4 +1,8 @@
-"""Dynamic batching: concurrent requests share one forward pass; a lone request never waits.
+"""The model thread: dynamic batching of images, plus any other model work (text encoding).
+
+Concurrent requests share one forward pass; a lone request never waits. Every torch computation
+of the service runs on this one thread: a second thread using torch starts a second OpenMP pool,
+and with more pool threads than cores the pools stop spinning and every forward pass slows down.
 
 Request threads decode and preprocess in parallel (announcing it with `preparing()`), then
 `submit()` a tensor. One worker thread takes whatever is queued, up to `max_batch`; it waits up to
@@ -11,7 +15,6 @@ from collections import deque
 from concurrent.futures import Future
 from contextlib import contextmanager
 
-import torch
 
 
 class QueueFull(Exception):
@@ -29,6 +32,8 @@ class Batcher:
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self._queue = deque()
+        self._jobs = deque()
+        self._job_next = True
         self._preparing = 0
         self._last_size = 1
         self._cond = threading.Condition()
@@ -54,13 +59,21 @@ class Batcher:
             ticket["counted"] = False
             self._preparing -= 1
 
-    def submit(self, tensors, deadline, ticket=None):
-        """Queue preprocessed images; returns one Future per image (its feature row)."""
+    def call(self, fn):
+        """Run fn() on the model thread, between batches; returns its result (or raises its error)."""
+        future = Future()
         with self._cond:
-            if len(self._queue) + len(tensors) > self.max_queue:
+            self._jobs.append((fn, future))
+            self._cond.notify_all()
+        return future.result()
+
+    def submit(self, items, deadline, ticket=None):
+        """Queue prepared images; returns one Future per image (its feature row)."""
+        with self._cond:
+            if len(self._queue) + len(items) > self.max_queue:
                 raise QueueFull()
-            futures = [Future() for _ in tensors]
-            self._queue.extend((t, f, deadline) for t, f in zip(tensors, futures))
+            futures = [Future() for _ in items]
+            self._queue.extend((t, f, deadline) for t, f in zip(items, futures))
             self._release(ticket)  # queued and no longer preparing: the worker sees both at once
             self._cond.notify_all()
         return futures
@@ -69,9 +82,14 @@ class Batcher:
     def depth(self):
         return len(self._queue)
 
-    def _take(self):
+    def _next(self):
+        """The next piece of work: a job, or a batch of images; jobs and batches take turns."""
         with self._cond:
-            self._cond.wait_for(lambda: self._queue)
+            self._cond.wait_for(lambda: self._queue or self._jobs)
+            if self._jobs and (self._job_next or not self._queue):
+                self._job_next = False
+                return self._jobs.popleft(), None
+            self._job_next = True
             batch = [self._queue.popleft()]
             until = time.monotonic() + self.max_wait_s
             while len(batch) < self.max_batch:
@@ -85,11 +103,18 @@ class Batcher:
                     break
                 self._cond.wait(remaining)
             self._last_size = len(batch)
-            return batch
+            return None, batch
 
     def _run(self):
         while True:
-            batch = self._take()
+            job, batch = self._next()
+            if job:
+                fn, future = job
+                try:
+                    future.set_result(fn())
+                except Exception as exc:
+                    future.set_exception(exc)
+                continue
             now = time.monotonic()
             live = []
             for item in batch:
@@ -100,7 +125,7 @@ class Batcher:
             if not live:
                 continue
             try:
-                features = self.encode(torch.stack([t for t, _, _ in live]))
+                features = self.encode([t for t, _, _ in live])
             except Exception as exc:  # e.g. out of memory: fail these requests, keep serving
                 for _, future, _ in live:
                     future.set_exception(exc)

@@ -22,7 +22,7 @@ class Settings:
     preload_label_sets: tuple = ("cifar100",)
     custom_templates: str = "simple"      # "simple" (1 prompt per label) or "cifar" (the 18)
     max_batch: int = 8
-    max_wait_ms: float = 4.0
+    max_wait_ms: float = 25.0
     max_queue: int = 64
     deadline_s: float = 30.0
     max_pixels: int = 50_000_000

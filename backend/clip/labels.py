@@ -6,6 +6,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from open_clip import zero_shot_metadata as imagenet
 
@@ -42,12 +43,13 @@ LABEL_SETS = {
 }
 
 
-def class_embeddings(model, labels, templates, chunk=256):
+def class_embeddings(encode_texts, labels, templates, chunk=256):
     """Each class: mean of its L2-normalised prompt embeddings, L2-normalised again -> [N, D]."""
     prompts = [_format(t, label) for label in labels for t in templates]
-    features = torch.cat([model.encode_texts(prompts[i:i + chunk]) for i in range(0, len(prompts), chunk)])
-    features = features.reshape(len(labels), len(templates), -1).mean(dim=1)
-    return torch.nn.functional.normalize(features, dim=-1)
+    # numpy, not torch, for the arithmetic: it may run on request threads (see batcher.py)
+    features = np.concatenate([encode_texts(prompts[i:i + chunk]).numpy() for i in range(0, len(prompts), chunk)])
+    features = features.reshape(len(labels), len(templates), -1).mean(axis=1)
+    return torch.from_numpy(features / np.linalg.norm(features, axis=-1, keepdims=True))
 
 
 def _templates_id(templates):
@@ -55,10 +57,14 @@ def _templates_id(templates):
 
 
 class LabelStore:
-    """Embeddings of the built-in sets (disk-cached) and of custom labels (bounded LRU per label)."""
+    """Embeddings (numpy [N, D]) of the built-in sets (disk-cached) and of custom labels (bounded LRU per label)."""
 
-    def __init__(self, model, cache_dir, custom_templates="simple", lru_size=4096):
+    def __init__(self, model, cache_dir, custom_templates="simple", lru_size=4096, run=None, chunk=256):
+        """run: executes a callable where torch may run (the service's model thread); chunk: prompts
+        encoded per call, small in a live service so image batches interleave with a long build."""
         self.model = model
+        self.encode_texts = (lambda texts: run(lambda: model.encode_texts(texts))) if run else model.encode_texts
+        self.chunk = chunk
         self.cache_dir = os.path.join(cache_dir, "embeddings")
         self.custom_templates = CIFAR_TEMPLATES if custom_templates == "cifar" else SIMPLE_TEMPLATES
         self.lru_size = lru_size
@@ -83,15 +89,15 @@ class LabelStore:
                 LOG.warning("ignoring unreadable embedding cache %s", path)
         if embeddings is None or embeddings.shape[0] != len(label_set.classes):
             LOG.info("encoding %d prompts for %s", len(label_set.classes) * len(label_set.templates), name)
-            embeddings = class_embeddings(self.model, label_set.labels, label_set.templates)
+            embeddings = class_embeddings(self.encode_texts, label_set.labels, label_set.templates, self.chunk)
             os.makedirs(self.cache_dir, exist_ok=True)
             tmp = f"{path}.{os.getpid()}.tmp"
             torch.save(embeddings, tmp)
             os.replace(tmp, path)  # atomic: concurrent builders never see half a file
         with self._lock:
-            self._sets[name] = embeddings
+            self._sets[name] = embeddings.numpy()
             self._building.discard(name)
-        return embeddings
+        return self._sets[name]
 
     def ready(self, name):
         return name in self._sets
@@ -122,11 +128,12 @@ class LabelStore:
             rows = {label: self._lru[label] for label in unique if label in self._lru}
         missing = [label for label in unique if label not in rows]
         if missing:
-            rows.update(zip(missing, class_embeddings(self.model, missing, self.custom_templates)))
+            fresh = class_embeddings(self.encode_texts, missing, self.custom_templates, self.chunk).numpy()
+            rows.update(zip(missing, fresh))
         with self._lock:
             for label in unique:
                 self._lru[label] = rows[label]
                 self._lru.move_to_end(label)
             while len(self._lru) > self.lru_size:
                 self._lru.popitem(last=False)
-        return torch.stack([rows[label] for label in labels])
+        return np.stack([rows[label] for label in labels])

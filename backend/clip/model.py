@@ -4,6 +4,7 @@ import json
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import open_clip
 import torch
 
@@ -13,7 +14,7 @@ RANDOM_SEED = 0  # CLIP_PRETRAINED=none: same random weights every start, so cac
 @dataclass
 class ClipModel:
     model: torch.nn.Module
-    preprocess: object          # PIL image -> CHW float tensor (open_clip's eval transform)
+    preprocess: object          # open_clip's eval transform: PIL image -> normalised CHW float tensor
     tokenizer: object
     device: torch.device
     dtype: torch.dtype
@@ -23,6 +24,37 @@ class ClipModel:
     weights_id: str             # identifies the weights, for cache keys
     image_size: int
     logit_scale: float
+
+    def __post_init__(self):
+        # Split open_clip's transform at ToTensor: the PIL half (resize, crop, mode) runs in request
+        # threads, which must never start torch's OpenMP pool (a second pool throttles the model's
+        # threads: ~35 % slower forward passes); the tensor half runs batched on the model thread.
+        steps = list(self.preprocess.transforms)
+        cut = next(i for i, t in enumerate(steps) if type(t).__name__ in ("ToTensor", "MaybeToTensor"))
+        self._pil_steps = steps[:cut]
+        tail = steps[cut + 1:]
+        if len(tail) == 1 and type(tail[0]).__name__ == "Normalize":
+            self._mean = torch.tensor(tail[0].mean).view(1, -1, 1, 1)
+            self._std = torch.tensor(tail[0].std).view(1, -1, 1, 1)
+            self._tensor_steps = None
+        else:  # an unusual transform: apply its tensor half image by image, still on the model thread
+            self._tensor_steps = steps[cut:]
+
+    def prepare(self, image):
+        """PIL image -> HWC uint8 array, ready for encode_prepared (no torch compute: any thread)."""
+        image = _compose(self._pil_steps, image)
+        return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+
+    def to_batch(self, arrays):
+        """What ToTensor + Normalize do, for a whole batch at once (the same arithmetic, bit for bit)."""
+        if self._tensor_steps is not None:
+            return torch.stack([_compose(self._tensor_steps, a) for a in arrays])
+        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().float().div(255)
+        return batch.sub_(self._mean).div_(self._std)
+
+    @torch.inference_mode()
+    def encode_prepared(self, arrays):
+        return self.encode_images(self.to_batch(arrays))
 
     @torch.inference_mode()
     def encode_images(self, batch):
@@ -40,6 +72,12 @@ class ClipModel:
         return {"model": self.name, "pretrained": self.pretrained, "device": str(self.device),
                 "dtype": str(self.dtype).replace("torch.", ""), "untrained": self.untrained,
                 "image_size": self.image_size}
+
+
+def _compose(steps, value):
+    for step in steps:
+        value = step(value)
+    return value
 
 
 def pick_device(setting):
@@ -86,8 +124,8 @@ def create(name, pretrained, device="auto", cache_dir=None, threads=0):
     dev = pick_device(device)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     model = model.to(dev, dtype)
-    image_size = model.visual.image_size
-    image_size = image_size[0] if isinstance(image_size, (tuple, list)) else int(image_size)
+    crop = next(t.size for t in preprocess.transforms if hasattr(t, "size"))  # the model's input size
+    image_size = crop[0] if isinstance(crop, (tuple, list)) else int(crop)
     return ClipModel(
         model=model, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(name), device=dev, dtype=dtype,
         name=_display_name(name), pretrained="none" if untrained else (pretrained if ":" not in name else name),

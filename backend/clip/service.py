@@ -4,7 +4,7 @@ import os
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 
-import torch
+import numpy as np
 from PIL import Image
 
 from . import model as model_module
@@ -23,14 +23,14 @@ class Service:
         self.settings = settings
         self.model = model_module.create(settings.model, settings.pretrained, settings.device,
                                          settings.cache_dir, settings.threads)
+        self.batcher = Batcher(self.model.encode_prepared, settings.max_batch, settings.max_wait_ms / 1000,
+                               settings.max_queue)
         self.labels = LabelStore(self.model, settings.cache_dir, settings.custom_templates,
-                                 settings.label_cache_size)
+                                 settings.label_cache_size, run=self.batcher.call, chunk=32)
         for name in settings.preload_label_sets:
             self.labels.build(name)
-        self.batcher = Batcher(self.model.encode_images, settings.max_batch, settings.max_wait_ms / 1000,
-                               settings.max_queue)
         # One forward pass now, so the first user does not pay for lazy allocations.
-        self.batcher.submit([self.prepare(Image.new("RGB", (self.model.image_size,) * 2))],
+        self.batcher.submit([self.model.prepare(Image.new("RGB", (self.model.image_size,) * 2))],
                             time.monotonic() + 600)[0].result()
         LOG.info("ready in %.1f s: %s", time.perf_counter() - started, self.model.describe())
 
@@ -45,7 +45,9 @@ class Service:
                            "max_labels": s.max_labels, "max_label_chars": s.max_label_chars,
                            "max_batch": s.max_batch, "max_wait_ms": s.max_wait_ms, "max_queue": s.max_queue,
                            "deadline_s": s.deadline_s},
-                "url_input": bool(s.url_allow_hosts)}
+                "url_input": bool(s.url_allow_hosts),
+                "stats": {"batches": self.batcher.batches, "images": self.batcher.images,
+                          "queued": self.batcher.depth}}
 
     def identity(self):
         """What every answer carries, so random weights can never pass for a real model."""
@@ -54,9 +56,6 @@ class Service:
         if m.untrained:
             answer["warning"] = "Random, untrained weights (CLIP_PRETRAINED=none): predictions are meaningless."
         return answer
-
-    def prepare(self, image):
-        return self.model.preprocess(image)
 
     def label_matrix(self, options):
         if options.labels:
@@ -78,23 +77,23 @@ class Service:
         items = list(intake.images) + list(intake.urls)
         futures = []
         with self.batcher.preparing() as ticket:
-            tensors, slots = [], []
+            prepared, slots = [], []
             for item in items:
                 try:
                     if isinstance(item, ClientError):
                         raise item
                     if isinstance(item, str):
                         item = remote.fetch(item, s.url_allow_hosts, s.url_timeout_s, s.url_max_bytes)
-                    tensors.append(self.prepare(load_image(item, s.max_pixels, self.model.image_size)))
+                    prepared.append(self.model.prepare(load_image(item, s.max_pixels, self.model.image_size)))
                     slots.append(len(futures))
                     futures.append(None)
                 except ClientError as error:
                     if len(items) == 1:
                         raise
                     futures.append(error)
-            if tensors:
+            if prepared:
                 try:
-                    submitted = self.batcher.submit(tensors, deadline, ticket)
+                    submitted = self.batcher.submit(prepared, deadline, ticket)
                 except QueueFull:
                     raise ClientError(429, "queue_full", "The classifier is at capacity; retry shortly.",
                                       headers={"Retry-After": "1"}) from None
@@ -121,6 +120,9 @@ class Service:
         return answer
 
     def rank(self, features, labels, embeddings, top_k):
-        probs = torch.softmax(self.model.logit_scale * (embeddings @ features), dim=0)
-        scores, indices = probs.topk(top_k)
-        return [{"label": labels[i], "score": round(float(p), 6)} for p, i in zip(scores, indices.tolist())]
+        """softmax(logit_scale × cosine) over all labels, in numpy: request threads never run torch."""
+        logits = self.model.logit_scale * np.einsum("nd,d->n", embeddings, features.numpy())
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        order = np.argsort(-probs, kind="stable")[:top_k]
+        return [{"label": labels[i], "score": round(float(probs[i]), 6)} for i in order]

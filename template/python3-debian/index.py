@@ -143,7 +143,8 @@ def main():
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     remove_lock()
     server = create_server(app, host=HOST, port=PORT, threads=THREADS,
-                           max_request_body_size=MAX_BODY + 1, channel_timeout=120, ident="function")
+                           max_request_body_size=MAX_BODY + 1, channel_timeout=120, ident="function",
+                           inbuf_overflow=8 * 1024 * 1024)  # photo-sized bodies stay in memory, not a temp file
 
     def drain(signum, frame):
         def finish():
