@@ -97,6 +97,13 @@ def main():
         fn.start(wait_ready=False)
         LOG.info("%s: pid %d on %s", fn.name, fn.process.pid, fn.url)
 
+    def watch(fn):  # a function that dies (bad weights, no network for a download) is said loudly
+        status = fn.process.wait()
+        if status != 0:
+            LOG.error("%s exited with status %s; its log is above", fn.name, status)
+    for fn in functions.values():
+        threading.Thread(target=watch, args=(fn,), daemon=True).start()
+
     server = create_server(make_app(functions), host=args.host, port=args.port, threads=32,
                            max_request_body_size=256 * 1024 * 1024, ident="gateway")
 

@@ -41,8 +41,9 @@ class Service:
                                       "ready": self.labels.ready(name)}
                                for name, ls in LABEL_SETS.items()},
                 "default_label_set": s.default_label_set,
-                "limits": {"max_body_bytes": int(os.environ.get("MAX_BODY_BYTES", 32 * 1024 * 1024)), "max_pixels": s.max_pixels, "max_images": s.max_images,
-                           "max_labels": s.max_labels, "max_label_chars": s.max_label_chars,
+                "limits": {"max_body_bytes": int(os.environ.get("MAX_BODY_BYTES", 32 * 1024 * 1024)),
+                           "max_pixels": s.max_pixels, "max_images": s.max_images, "max_labels": s.max_labels,
+                           "max_label_chars": s.max_label_chars,
                            "max_batch": s.max_batch, "max_wait_ms": s.max_wait_ms, "max_queue": s.max_queue,
                            "deadline_s": s.deadline_s},
                 "url_input": bool(s.url_allow_hosts),
