@@ -1,4 +1,5 @@
 """index function: the upload page, and the forwarder to clip. Pure handle(event, context)."""
+import base64
 import io
 import os
 import re
@@ -20,6 +21,11 @@ REQUEST_ID = re.compile(r"^[\w.-]{1,64}$")
 CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data: blob:; "
        "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'self'")
 LABEL_SETS = ("cifar100", "cifar10", "imagenet1k")
+PREVIEW_MAX_BYTES = 2 * 1024 * 1024  # the page without JavaScript echoes the picture up to this size
+PREVIEW_KINDS = ((b"\xff\xd8\xff", "image/jpeg"), (b"\x89PNG\r\n\x1a\n", "image/png"), (b"GIF8", "image/gif"),
+                 (b"RIFF", "image/webp"))
+# A local model or checkpoint path names a folder on the server: the page shows only its last part.
+TEMPLATES.filters["short_name"] = lambda name: re.sub(r"(^|local-dir:)/\S*/", r"\1", str(name))
 
 
 def handle(event, context):
@@ -49,14 +55,22 @@ def _wants_html(event, content_type):
 
 
 def _form_fields(body, content_type):
-    """The posted options, to refill the form on the results page (files are not echoed)."""
+    """The posted options, to refill the form on the results page, and the posted picture (when small
+    and of a kind every browser shows) as a data: URL, so the page without JavaScript shows it too."""
     mimetype, params = parse_options_header(content_type)
     try:
-        _, form, _ = FormDataParser(max_form_memory_size=len(body) + 1).parse(
+        _, form, files = FormDataParser(max_form_memory_size=len(body) + 1).parse(
             io.BytesIO(body), mimetype, len(body), params)
     except ValueError:
         return {}
-    return {key: form.get(key, "") for key in ("labels", "label_set", "top_k")}
+    fields = {key: form.get(key, "") for key in ("labels", "label_set", "top_k")}
+    image = files.get("image")
+    if image is not None:
+        data = image.stream.read(PREVIEW_MAX_BYTES + 1)
+        kind = next((kind for magic, kind in PREVIEW_KINDS if data.startswith(magic)), None)
+        if kind and len(data) <= PREVIEW_MAX_BYTES and (kind != "image/webp" or data[8:12] == b"WEBP"):
+            fields["preview"] = f"data:{kind};base64,{base64.b64encode(data).decode('ascii')}"
+    return fields
 
 
 def _page(status, context, headers=None):
