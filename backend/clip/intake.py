@@ -4,6 +4,8 @@ import binascii
 import io
 import json
 import re
+import struct
+import zlib
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -105,7 +107,7 @@ def _from_form(intake, body, mimetype, params):
 def _from_json(intake, body):
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: "[[[[…" nested 100,000 deep
         raise ClientError(400, "invalid_json", "The body is not valid JSON.") from None
     if not isinstance(doc, dict):
         raise ClientError(400, "invalid_json", "The JSON body must be an object, e.g. {\"image\": \"<base64>\"}.")
@@ -165,6 +167,8 @@ def load_image(data, max_pixels, image_size, crop_extremes=True):
         if width * height > max_pixels:
             raise ClientError(413, "image_too_large",
                               f"The image is {width}×{height} pixels; the limit is {max_pixels:,} pixels.")
+        if fmt == "PNG" and not _png_checksums_match(data):
+            raise ClientError(400, "invalid_image", "The PNG file is corrupt: a chunk's checksum does not match.")
         if fmt == "JPEG" and min(width, height) >= 2 * image_size:
             image.draft("RGB", (image_size, image_size))  # DCT-domain downscale, short side stays >= model size
         image = ImageOps.exif_transpose(image)
@@ -176,9 +180,30 @@ def load_image(data, max_pixels, image_size, crop_extremes=True):
         raise
     except (Image.DecompressionBombError, MemoryError):
         raise ClientError(413, "image_too_large", f"The image is over the limit of {max_pixels:,} pixels.") from None
+    except Image.UnidentifiedImageError:  # its message names a Python object: say it plainly instead
+        raise ClientError(400, "invalid_image", f"The data starts like a {fmt} file but is not a valid one.") \
+            from None
     except Exception as exc:  # Pillow raises many types on corrupt data; all of them mean bad input
+        reason = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the data", str(exc))[:120]  # no object addresses
         raise ClientError(400, "invalid_image", f"The {fmt} image could not be decoded ({type(exc).__name__}: "
-                          f"{str(exc)[:120]}).") from None
+                          f"{reason}).") from None
+
+
+def _png_checksums_match(data):
+    """Pillow checks the CRCs of the header chunks only and decodes pixel data (IDAT) with a bad CRC;
+    like libpng, refuse it. zlib.crc32 runs at GB/s: well under a millisecond for a photo-sized PNG."""
+    view, pos = memoryview(data), 8
+    while pos + 12 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        end = pos + 8 + length
+        if end + 4 > len(data):
+            return True  # truncated: the decoder reports that in its own words
+        if zlib.crc32(view[pos + 4:end]) != struct.unpack_from(">I", data, end)[0]:
+            return False
+        if kind == b"IEND":
+            break
+        pos = end + 4
+    return True
 
 
 def _to_rgb(image):
