@@ -1,14 +1,27 @@
-"""URL input: off unless CLIP_URL_ALLOW_HOSTS names hosts; never reaches private networks."""
+"""URL input: off unless CLIP_URL_ALLOW_HOSTS names hosts; never reaches private networks.
+
+Every hop (the URL, then each redirect) is checked: http(s) only, host on the allow-list, and every
+address the host resolves to public. The connection then goes to exactly those checked addresses: a
+second DNS lookup (what an HTTP library would do) could be answered differently (DNS rebinding).
+One timer bounds the whole download, however slowly a server drips its headers or body.
+
+`resolve` and `address_ok` are the test seams: a fake resolver, and (only in tests, to fetch from a
+loopback test server) a wider address check. Production always uses getaddrinfo and public_address.
+"""
+import functools
+import http.client
 import ipaddress
 import socket
+import ssl
+import threading
 import time
 from urllib.parse import urljoin, urlsplit
-
-import requests
 
 from .intake import ClientError
 
 MAX_REDIRECTS = 3
+REDIRECTS = (301, 302, 303, 307, 308)
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # IPv6 addresses that carry an IPv4 one in their low bits
 
 
 def host_allowed(host, allow_hosts):
@@ -23,61 +36,133 @@ def host_allowed(host, allow_hosts):
 
 
 def public_address(ip):
-    address = ipaddress.ip_address(ip)
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
+    """Globally routable unicast only: no loopback, private, link-local (cloud metadata at
+    169.254.169.254 and fd00:ec2::254), shared, reserved or multicast address, nor an IPv6 one
+    that embeds such an IPv4 address (mapped, 6to4, NAT64)."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if address.version == 6:
+        embedded = address.ipv4_mapped or address.sixtofour
+        if embedded is None and address in NAT64:
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if embedded is not None and not public_address(embedded):
+            return False
     return address.is_global and not address.is_multicast
 
 
-def check_url(url, allow_hosts, resolve=socket.getaddrinfo):
-    parts = urlsplit(url)
+def check_url(url, allow_hosts, resolve=socket.getaddrinfo, address_ok=public_address):
+    """Refuse the URL unless it may be fetched; return (its parts, the checked addresses to connect to)."""
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname or "", parts.port  # .port raises ValueError when out of range
+    except ValueError:
+        raise ClientError(400, "url_refused", "The URL is not valid.") from None
     if parts.scheme not in ("http", "https"):
         raise ClientError(400, "url_refused", "Only http and https URLs are accepted.")
-    host = parts.hostname or ""
     if not host or not host_allowed(host, allow_hosts):
         raise ClientError(400, "url_refused", f"The host {host[:100]!r} is not on the allow-list.")
     try:
-        addresses = {info[4][0] for info in resolve(host, parts.port or None, proto=socket.IPPROTO_TCP)}
-    except (socket.gaierror, UnicodeError, OSError):
+        infos = resolve(host, port or (443 if parts.scheme == "https" else 80), proto=socket.IPPROTO_TCP)
+        addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    except (OSError, UnicodeError, ValueError):  # socket.gaierror is an OSError
         raise ClientError(400, "url_unreachable", f"The host {host[:100]!r} could not be resolved.") from None
-    if not addresses or not all(public_address(a) for a in addresses):
-        # loopback, private, link-local (cloud metadata at 169.254.169.254), reserved: never fetched
+    if not addresses or not all(address_ok(a) for a in addresses):
         raise ClientError(400, "url_refused", f"The host {host[:100]!r} resolves to a non-public address.")
+    return parts, addresses
 
 
-def fetch(url, allow_hosts, timeout_s, max_bytes, resolve=socket.getaddrinfo):
+def fetch(url, allow_hosts, timeout_s, max_bytes, resolve=socket.getaddrinfo, address_ok=public_address):
     """Download an image, re-checking every redirect hop, within a size and an overall time limit."""
     if not allow_hosts:
         raise ClientError(400, "url_disabled", "URL input is off on this server (no CLIP_URL_ALLOW_HOSTS).")
     deadline = time.monotonic() + timeout_s
-    with requests.Session() as session:
-        session.trust_env = False  # no proxy from the environment may bypass the address checks
-        for _ in range(MAX_REDIRECTS + 1):
-            check_url(url, allow_hosts, resolve)
-            try:
-                response = session.get(url, stream=True, allow_redirects=False,
-                                       timeout=(min(timeout_s, 3.0), timeout_s))
-            except requests.RequestException as exc:
-                raise ClientError(400, "url_unreachable", f"The URL could not be fetched ({type(exc).__name__}).") \
-                    from None
-            with response:
-                if response.is_redirect:
-                    url = urljoin(url, response.headers.get("Location", ""))
-                    continue
-                if response.status_code != 200:
-                    raise ClientError(400, "url_unreachable", f"The URL answered HTTP {response.status_code}.")
-                if int(response.headers.get("Content-Length") or 0) > max_bytes:
-                    raise ClientError(413, "url_too_large", f"The URL's content is over {max_bytes} bytes.")
-                data = bytearray()
-                try:
-                    for chunk in response.iter_content(65536):
-                        data += chunk
-                        if len(data) > max_bytes:
-                            raise ClientError(413, "url_too_large", f"The URL's content is over {max_bytes} bytes.")
-                        if time.monotonic() > deadline:
-                            raise ClientError(400, "url_timeout", f"The URL took longer than {timeout_s:g} s.")
-                except requests.RequestException as exc:
-                    raise ClientError(400, "url_unreachable", f"The download failed ({type(exc).__name__}).") \
-                        from None
-                return bytes(data)
+    for _ in range(MAX_REDIRECTS + 1):
+        parts, addresses = check_url(url, allow_hosts, resolve, address_ok)
+        location, data = _get(parts, addresses, deadline, timeout_s, max_bytes)
+        if location is None:
+            return data
+        url = urljoin(url, location)
     raise ClientError(400, "url_refused", f"More than {MAX_REDIRECTS} redirects.")
+
+
+def _get(parts, addresses, deadline, timeout_s, max_bytes):
+    """One GET to the checked addresses -> (redirect location, None) or (None, body)."""
+    conn = _Connection(parts, addresses, timeout=max(0.01, deadline - time.monotonic()))
+    timer = threading.Timer(max(0.0, deadline - time.monotonic()), conn.abort)
+    timer.start()
+    try:
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        conn.request("GET", path, headers={"Accept": "image/*", "Accept-Encoding": "identity",
+                                           "User-Agent": "clip-function"})
+        response = conn.getresponse()
+        if response.status in REDIRECTS and response.getheader("Location"):
+            return response.getheader("Location"), None
+        if response.status != 200:
+            raise ClientError(400, "url_unreachable", f"The URL answered HTTP {response.status}.")
+        length = (response.getheader("Content-Length") or "").strip()
+        if length.isdigit() and int(length) > max_bytes:
+            raise ClientError(413, "url_too_large", f"The URL's content is over {max_bytes:,} bytes.")
+        data = bytearray()
+        while chunk := response.read1(65536):  # whatever has arrived: a drip cannot stall past the timer
+            data += chunk
+            if len(data) > max_bytes:
+                raise ClientError(413, "url_too_large", f"The URL's content is over {max_bytes:,} bytes.")
+        if conn.aborted:  # the timer ended the read: what arrived is not the whole picture
+            raise OSError("timed out")
+        return None, bytes(data)
+    except ClientError:
+        raise
+    except (OSError, http.client.HTTPException, ValueError) as exc:  # ValueError: e.g. a non-ASCII path
+        if conn.aborted or isinstance(exc, TimeoutError):
+            raise ClientError(400, "url_timeout", f"The URL took longer than {timeout_s:g} s.") from None
+        raise ClientError(400, "url_unreachable", f"The URL could not be fetched ({type(exc).__name__}).") \
+            from None
+    finally:
+        timer.cancel()
+        conn.close()
+
+
+class _Connection(http.client.HTTPConnection):
+    """HTTP or HTTPS to the checked addresses only; abort() (from the timer's thread) ends any wait."""
+
+    def __init__(self, parts, addresses, timeout):
+        https = parts.scheme == "https"
+        super().__init__(parts.hostname, parts.port or (443 if https else 80), timeout=timeout)
+        self.addresses, self.https, self.aborted = addresses, https, False
+
+    def connect(self):
+        error = OSError("no address to connect to")
+        for address in self.addresses:
+            if self.aborted:
+                break
+            try:
+                self.sock = socket.create_connection((address, self.port), self.timeout)
+                break
+            except OSError as exc:
+                error = exc
+        else:
+            raise error
+        if self.aborted:
+            raise TimeoutError("timed out")
+        if self.https:  # certificate checked against the host name, as any client would
+            self.sock = tls_context().wrap_socket(self.sock, server_hostname=self.host)
+
+    def abort(self):
+        self.aborted = True
+        sock = self.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked read; close() stays with the owner
+            except OSError:
+                pass
+
+
+@functools.lru_cache(maxsize=1)
+def tls_context():
+    try:
+        import certifi  # the CA bundle requests uses: a slim image may have no system CA store
+        return ssl.create_default_context(cafile=certifi.where())
+    except ImportError:
+        return ssl.create_default_context()
