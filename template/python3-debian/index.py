@@ -59,10 +59,6 @@ class InFlight:
             self.count -= 1
             self.cond.notify_all()
 
-    def wait_idle(self, timeout):
-        with self.cond:
-            return self.cond.wait_for(lambda: self.count == 0, timeout)
-
 
 IN_FLIGHT = InFlight()
 
@@ -138,6 +134,15 @@ def warm_up():
     LOG.info("ready: lock file %s written", LOCK_FILE)
 
 
+def unfinished(server):
+    """Whether a connection holds a request the app has not seen yet (body still arriving, or queued
+    for a worker) or an answer not yet handed to the socket: exiting then would cut it off. (waitress
+    keeps its connections in server._map; without it, only the app's own count is waited for.)"""
+    return IN_FLIGHT.count > 0 or any(
+        getattr(channel, "request", None) is not None or getattr(channel, "requests", None)
+        or getattr(channel, "total_outbufs_len", 0) for channel in list(getattr(server, "_map", {}).values()))
+
+
 def main():
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -151,7 +156,9 @@ def main():
             remove_lock()  # first: readiness goes red before anything else happens
             LOG.info("SIGTERM: lock removed, draining %d request(s)", IN_FLIGHT.count)
             time.sleep(0.05)  # let requests already accepted by waitress reach the app
-            IN_FLIGHT.wait_idle(DRAIN_TIMEOUT)
+            deadline = time.monotonic() + DRAIN_TIMEOUT
+            while unfinished(server) and time.monotonic() < deadline:
+                time.sleep(0.02)
             if hasattr(handler, "shutdown"):
                 handler.shutdown()
             logging.shutdown()
