@@ -4,6 +4,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,6 +72,7 @@ class LabelStore:
         self._sets = {}
         self._building = set()
         self._lru = OrderedDict()
+        self._encoding = {}  # label -> Future of {label: row}: a label being encoded, by one request
         self._lock = threading.Lock()
 
     def cache_path(self, label_set):
@@ -122,18 +124,44 @@ class LabelStore:
                 self._building.discard(name)
 
     def custom(self, labels):
-        """Embeddings for user labels; each label is encoded once and kept in a bounded LRU."""
+        """Embeddings for user labels; each label is encoded once and kept in a bounded LRU. A label
+        another request is encoding right now is waited for, not encoded a second time."""
         unique = list(dict.fromkeys(labels))
         with self._lock:
             rows = {label: self._lru[label] for label in unique if label in self._lru}
-        missing = [label for label in unique if label not in rows]
-        if missing:
-            fresh = class_embeddings(self.encode_texts, missing, self.custom_templates, self.chunk).numpy()
-            rows.update(zip(missing, fresh))
+            others = {label: self._encoding[label] for label in unique
+                      if label not in rows and label in self._encoding}
+            mine = [label for label in unique if label not in rows and label not in others]
+            future = Future()
+            for label in mine:
+                self._encoding[label] = future
+        if mine:
+            try:
+                fresh = dict(zip(mine, class_embeddings(self.encode_texts, mine, self.custom_templates,
+                                                        self.chunk).numpy()))
+            except BaseException as exc:
+                self._forget_encoding(mine)
+                future.set_exception(exc)  # those waiting fail as this request does
+                raise
+            self._forget_encoding(mine, fresh)
+            future.set_result(fresh)
+            rows.update(fresh)
+        for label, pending in others.items():
+            rows[label] = pending.result()[label]
         with self._lock:
-            for label in unique:
-                self._lru[label] = rows[label]
-                self._lru.move_to_end(label)
-            while len(self._lru) > self.lru_size:
-                self._lru.popitem(last=False)
+            self._remember(rows)
         return np.stack([rows[label] for label in labels])
+
+    def _forget_encoding(self, labels, rows=None):
+        with self._lock:
+            if rows:
+                self._remember(rows)  # before the hand-over: a new request finds them here
+            for label in labels:
+                del self._encoding[label]
+
+    def _remember(self, rows):  # call with the lock held
+        for label, row in rows.items():
+            self._lru[label] = row
+            self._lru.move_to_end(label)
+        while len(self._lru) > self.lru_size:
+            self._lru.popitem(last=False)
