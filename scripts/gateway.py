@@ -85,14 +85,16 @@ def main():
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     env = dict(os.environ)
-    names = ["clip", "index"]
-    if env.get("CLIP_URL"):
-        names = ["index"]  # fronting a remote clip
-        LOG.info("CLIP_URL=%s: running index only", env["CLIP_URL"])
-    else:
-        env["CLIP_URL"] = f"http://127.0.0.1:{args.port}/function/clip"
     build_root = Path(args.build_dir)
-    functions = {name: FunctionProcess(name, build_root, env, log_to_file=False) for name in names}
+    functions = {}
+    if env.get("CLIP_URL"):
+        LOG.info("CLIP_URL=%s: running index only", env["CLIP_URL"])  # fronting a remote clip
+    else:
+        functions["clip"] = FunctionProcess("clip", build_root, env, log_to_file=False)
+        # index calls clip's own process, not back through this gateway: with every gateway thread
+        # waiting on index, index's calls would queue behind them (the real gateway has no such pool).
+        env = {**env, "CLIP_URL": functions["clip"].url + "/"}
+    functions["index"] = FunctionProcess("index", build_root, env, log_to_file=False)
     for fn in functions.values():
         fn.start(wait_ready=False)
         LOG.info("%s: pid %d on %s", fn.name, fn.process.pid, fn.url)
