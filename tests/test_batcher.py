@@ -22,7 +22,7 @@ class RecordingEncoder:
 def test_a_lone_request_is_encoded_alone_and_correctly():
     encoder = RecordingEncoder()
     batcher = Batcher(encoder, max_batch=8, max_wait_s=5.0)  # a long wait that must not be taken
-    with batcher.preparing() as ticket:
+    with batcher.admit(1) as ticket:
         future = batcher.submit([torch.ones(3)], time.monotonic() + 60, ticket)[0]
     assert torch.equal(future.result(timeout=2), torch.full((3,), 2.0))  # far less than max_wait
     assert encoder.sizes == [1]
@@ -36,7 +36,7 @@ def test_concurrent_requests_share_batches_and_get_their_own_rows():
 
     def request(i):
         start.wait()
-        with batcher.preparing() as ticket:
+        with batcher.admit(1) as ticket:
             results[i] = batcher.submit([torch.full((2,), float(i))], time.monotonic() + 60, ticket)[0].result(10)
     threads = [threading.Thread(target=request, args=(i,)) for i in range(8)]
     [t.start() for t in threads]
@@ -45,16 +45,25 @@ def test_concurrent_requests_share_batches_and_get_their_own_rows():
     assert sum(encoder.sizes) == 8 and len(encoder.sizes) < 8 and max(encoder.sizes) <= 8
 
 
-def test_full_queue_is_refused_and_expired_requests_are_not_encoded():
+def test_requests_over_the_queue_limit_are_refused_before_any_work_and_expired_ones_not_encoded():
     gate = threading.Event()
-    batcher = Batcher(lambda b: (gate.wait(10), torch.stack(b).flatten(1))[1], max_batch=1, max_queue=2)
-    first = batcher.submit([torch.zeros(1)], time.monotonic() + 60)[0]  # occupies the worker
-    time.sleep(0.05)
-    late = batcher.submit([torch.zeros(1)], time.monotonic() - 1)[0]     # already past its deadline
-    batcher.submit([torch.zeros(1)], time.monotonic() + 60)
-    with pytest.raises(QueueFull):
-        batcher.submit([torch.zeros(1)], time.monotonic() + 60)
-    gate.set()
-    assert first.result(5) is not None
-    with pytest.raises(DeadlineExceeded):
-        late.result(5)
+    batcher = Batcher(lambda b: (gate.wait(10), torch.stack(b).flatten(1))[1], max_batch=1, max_queue=3)
+    with batcher.admit(1) as ticket:
+        first = batcher.submit([torch.zeros(1)], time.monotonic() + 60, ticket)[0]  # occupies the worker
+        time.sleep(0.05)
+        with batcher.admit(1) as ticket:
+            late = batcher.submit([torch.zeros(1)], time.monotonic() - 1, ticket)[0]  # past its deadline
+            with batcher.admit(1):  # still decoding: it counts as much as a queued image
+                for images in (1, 4):
+                    with pytest.raises(QueueFull):
+                        with batcher.admit(images):
+                            pass
+            with batcher.admit(1):  # one left: admitted again
+                pass
+            gate.set()
+            assert first.result(5) is not None
+            with pytest.raises(DeadlineExceeded):
+                late.result(5)
+    assert batcher.admitted == 0
+    with batcher.admit(3):  # everything released: the whole limit is free again
+        pass

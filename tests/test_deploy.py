@@ -321,6 +321,15 @@ def test_openfaas_and_knative_run_the_same_image_the_same_way(name):
     assert int(annotations["autoscaling.knative.dev/max-scale"]) >= int(annotations["autoscaling.knative.dev/min-scale"])
 
 
+@pytest.mark.parametrize("name", ("clip.yml",) + PRO_STACKS)
+def test_clip_answers_429_at_once_when_full_rather_than_queueing_in_the_host(name):
+    """Admission (CLIP_MAX_QUEUE images) can refuse a request only if a host thread is free to take it:
+    with fewer threads, requests wait unbounded in waitress's own queue, never counted, never refused."""
+    env = {k: str(v) for k, v in only_function(name)["environment"].items()}
+    assert int(env["CLIP_MAX_QUEUE"]) >= int(env["CLIP_MAX_BATCH"]) * 2
+    assert threads(env) >= int(env["CLIP_MAX_QUEUE"]) + int(env["CLIP_MAX_BATCH"])
+
+
 def test_index_finds_clip_on_each_engine():
     clip_client = (ROOT / "frontend" / "index" / "clip_client.py").read_text()
     (clip_name,) = stack("clip.yml")["functions"]

@@ -4,10 +4,12 @@ Concurrent requests share one forward pass; a lone request never waits. Every to
 of the service runs on this one thread: a second thread using torch starts a second OpenMP pool,
 and with more pool threads than cores the pools stop spinning and every forward pass slows down.
 
-Request threads decode and preprocess in parallel (announcing it with `preparing()`), then
-`submit()` a tensor. One worker thread takes whatever is queued, up to `max_batch`; it waits up to
-`max_wait` for more only while other requests are still preparing or the last batch was bigger,
-so a lone request goes at once.
+A request is admitted first (`admit()`): at most `max_queue` images may be admitted at once,
+decoding, queued or being encoded, so latency stays bounded and a request over the limit is refused
+before any work is spent on it. Admitted requests decode and preprocess in parallel, then `submit()`
+a tensor. One worker thread takes whatever is queued, up to `max_batch`; it waits up to `max_wait`
+for more only while admitted requests are still preparing or the last batch was bigger, so a lone
+request goes at once.
 """
 import threading
 import time
@@ -35,6 +37,7 @@ class Batcher:
         self._jobs = deque()
         self._job_next = True
         self._preparing = 0
+        self._admitted = 0
         self._last_size = 1
         self._cond = threading.Condition()
         self.batches = 0
@@ -42,15 +45,20 @@ class Batcher:
         threading.Thread(target=self._run, name="batcher", daemon=True).start()
 
     @contextmanager
-    def preparing(self):
-        """Announce a request that is decoding; submit() inside it hands over in one step."""
+    def admit(self, images):
+        """Admit a request of `images` images for its whole life (raises QueueFull when that would
+        pass max_queue); it counts as preparing until submit(), which hands over in one step."""
         ticket = {"counted": True}
         with self._cond:
+            if self._admitted + images > self.max_queue:
+                raise QueueFull()
+            self._admitted += images
             self._preparing += 1
         try:
             yield ticket
         finally:
             with self._cond:
+                self._admitted -= images
                 self._release(ticket)
                 self._cond.notify_all()
 
@@ -70,8 +78,6 @@ class Batcher:
     def submit(self, items, deadline, ticket=None):
         """Queue prepared images; returns one Future per image (its feature row)."""
         with self._cond:
-            if len(self._queue) + len(items) > self.max_queue:
-                raise QueueFull()
             futures = [Future() for _ in items]
             self._queue.extend((t, f, deadline) for t, f in zip(items, futures))
             self._release(ticket)  # queued and no longer preparing: the worker sees both at once
@@ -81,6 +87,10 @@ class Batcher:
     @property
     def depth(self):
         return len(self._queue)
+
+    @property
+    def admitted(self):
+        return self._admitted
 
     def _next(self):
         """The next piece of work: a job, or a batch of images; jobs and batches take turns."""

@@ -23,7 +23,7 @@ class Settings:
     custom_templates: str = "simple"      # "simple" (1 prompt per label) or "cifar" (the 18)
     max_batch: int = 8
     max_wait_ms: float = 25.0
-    max_queue: int = 64
+    max_queue: int = 32                   # images admitted at once (decoding, queued, encoding)
     deadline_s: float = 30.0
     max_pixels: int = 50_000_000
     max_images: int = 16
@@ -32,6 +32,7 @@ class Settings:
     label_cache_size: int = 4096
     top_k: int = 5
     threads: int = 0                      # torch intra-op threads; 0 = all cores
+    decoders: int = 0                     # images decoded at once; 0 = CLIP_THREADS, else all cores
     url_allow_hosts: tuple = field(default=())
     url_timeout_s: float = 5.0
     url_max_bytes: int = 20 * 1024 * 1024
@@ -56,6 +57,7 @@ def from_env():
         label_cache_size=int(_env("CLIP_LABEL_CACHE_SIZE", Settings.label_cache_size)),
         top_k=int(_env("CLIP_TOP_K", Settings.top_k)),
         threads=int(_env("CLIP_THREADS", Settings.threads)),
+        decoders=int(_env("CLIP_DECODERS", Settings.decoders)),
         url_allow_hosts=tuple(h.lower() for h in _list("CLIP_URL_ALLOW_HOSTS")),
         url_timeout_s=float(_env("CLIP_URL_TIMEOUT_S", Settings.url_timeout_s)),
         url_max_bytes=int(_env("CLIP_URL_MAX_BYTES", Settings.url_max_bytes)),

@@ -1,6 +1,7 @@
 """The warm classifier: model, label embeddings and batcher, created once; classify() per request."""
 import logging
 import os
+import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 
@@ -25,6 +26,9 @@ class Service:
                                          settings.cache_dir, settings.threads)
         self.batcher = Batcher(self.model.encode_prepared, settings.max_batch, settings.max_wait_ms / 1000,
                                settings.max_queue)
+        # Decoding beyond the cores only slows the forward pass and holds more pixels in memory.
+        self.decoder_count = settings.decoders or settings.threads or os.cpu_count() or 1
+        self.decoders = threading.BoundedSemaphore(self.decoder_count)
         self.labels = LabelStore(self.model, settings.cache_dir, settings.custom_templates,
                                  settings.label_cache_size, run=self.batcher.call, chunk=32)
         for name in settings.preload_label_sets:
@@ -45,10 +49,11 @@ class Service:
                            "max_pixels": s.max_pixels, "max_images": s.max_images, "max_labels": s.max_labels,
                            "max_label_chars": s.max_label_chars,
                            "max_batch": s.max_batch, "max_wait_ms": s.max_wait_ms, "max_queue": s.max_queue,
+                           "decoders": self.decoder_count,
                            "deadline_s": s.deadline_s},
                 "url_input": bool(s.url_allow_hosts),
                 "stats": {"batches": self.batcher.batches, "images": self.batcher.images,
-                          "queued": self.batcher.depth}}
+                          "queued": self.batcher.depth, "admitted": self.batcher.admitted}}
 
     def identity(self):
         """What every answer carries, so random weights can never pass for a real model."""
@@ -76,30 +81,39 @@ class Service:
         labels, embeddings = self.label_matrix(options)
         top_k = min(options.top_k, len(labels))
         items = list(intake.images) + list(intake.urls)
-        futures = []
-        with self.batcher.preparing() as ticket:
-            prepared, slots = [], []
-            for item in items:
-                try:
-                    if isinstance(item, ClientError):
-                        raise item
-                    if isinstance(item, str):
-                        item = remote.fetch(item, s.url_allow_hosts, s.url_timeout_s, s.url_max_bytes)
+        try:
+            with self.batcher.admit(len(items)) as ticket:  # refused before any decoding when full
+                results = self._classify_admitted(items, deadline, ticket, labels, embeddings, top_k)
+        except QueueFull:
+            raise ClientError(429, "queue_full", "The classifier is at capacity; retry shortly.",
+                              headers={"Retry-After": "1"}) from None
+        answer = {"label_set": options.label_set, **self.identity()}
+        if len(items) == 1:
+            answer = {**results[0], **answer}
+        else:
+            answer = {"results": results, **answer}
+        return answer
+
+    def _classify_admitted(self, items, deadline, ticket, labels, embeddings, top_k):
+        s = self.settings
+        futures, prepared, slots = [], [], []
+        for item in items:
+            try:
+                if isinstance(item, ClientError):
+                    raise item
+                if isinstance(item, str):  # a URL: downloaded outside the decoders' limit
+                    item = remote.fetch(item, s.url_allow_hosts, s.url_timeout_s, s.url_max_bytes)
+                with self.decoders:
                     prepared.append(self.model.prepare(load_image(item, s.max_pixels, self.model.image_size)))
-                    slots.append(len(futures))
-                    futures.append(None)
-                except ClientError as error:
-                    if len(items) == 1:
-                        raise
-                    futures.append(error)
-            if prepared:
-                try:
-                    submitted = self.batcher.submit(prepared, deadline, ticket)
-                except QueueFull:
-                    raise ClientError(429, "queue_full", "The classifier is at capacity; retry shortly.",
-                                      headers={"Retry-After": "1"}) from None
-                for slot, future in zip(slots, submitted):
-                    futures[slot] = future
+                slots.append(len(futures))
+                futures.append(None)
+            except ClientError as error:
+                if len(items) == 1:
+                    raise
+                futures.append(error)
+        if prepared:
+            for slot, future in zip(slots, self.batcher.submit(prepared, deadline, ticket)):
+                futures[slot] = future
         results = []
         for future in futures:
             if isinstance(future, ClientError):
@@ -113,12 +127,7 @@ class Service:
                                   f"No answer within the {s.deadline_s:g} s deadline; the classifier is busy.") \
                     from None
             results.append({"predictions": self.rank(features, labels, embeddings, top_k)})
-        answer = {"label_set": options.label_set, **self.identity()}
-        if len(items) == 1:
-            answer = {**results[0], **answer}
-        else:
-            answer = {"results": results, **answer}
-        return answer
+        return results
 
     def rank(self, features, labels, embeddings, top_k):
         """softmax(logit_scale × cosine) over all labels, in numpy: request threads never run torch."""

@@ -23,7 +23,7 @@ from function import handler
 LOG = logging.getLogger("host")
 HOST = os.environ.get("FUNCTION_HOST", "127.0.0.1")
 PORT = int(os.environ.get("FUNCTION_PORT", "5000"))  # not $PORT: Knative sets that for the watchdog
-THREADS = int(os.environ.get("FUNCTION_THREADS", "16"))
+THREADS = int(os.environ.get("FUNCTION_THREADS", "48"))  # idle threads cost little; clip needs > CLIP_MAX_QUEUE
 MAX_BODY = int(os.environ.get("MAX_BODY_BYTES", str(32 * 1024 * 1024)))
 DRAIN_TIMEOUT = float(os.environ.get("DRAIN_TIMEOUT_S", "60"))
 LOCK_FILE = os.path.join(tempfile.gettempdir(), ".lock")
