@@ -116,20 +116,38 @@ def original_design(name, image_bytes, tokenizer_labels):
     return time.perf_counter() - started
 
 
+def tree_rss(process):
+    total = 0
+    for p in [process, *process.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
 class RssSampler:
-    def __init__(self, pid):
-        self.process = psutil.Process(pid)
-        self.peak = 0
+    """RSS of a process and its children, every `interval` seconds: (seconds since start, bytes)."""
+
+    def __init__(self, process, interval=1.0):
+        self.process, self.interval = process, interval
+        self.samples = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.rss())
-            time.sleep(0.05)
+        started = time.monotonic()
+        while True:
+            self.samples.append((time.monotonic() - started, tree_rss(self.process)))
+            if self._stop.wait(self.interval):
+                return
 
-    def rss(self):
-        return self.process.memory_info().rss
+    @property
+    def peak(self):
+        return max((rss for _, rss in self.samples), default=0)
+
+    def at(self, t):
+        return min(self.samples, key=lambda s: abs(s[0] - t))
 
     def __enter__(self):
         self._thread.start()
@@ -205,7 +223,7 @@ def serve_figures(args, clip, raw, results):
         eight = torch.randn(8, 3, clip.image_size, clip.image_size)
         before = median_time(lambda: clip.encode_images(eight), 5, warmup=1)
         time.sleep(0.3)
-        with RssSampler(fn.process.pid) as sampler, ThreadPoolExecutor(8) as pool:
+        with RssSampler(psutil.Process(fn.process.pid), interval=0.05) as sampler, ThreadPoolExecutor(8) as pool:
             started = time.perf_counter()
             per_client = list(pool.map(client, [args.concurrent_requests] * 8))
             elapsed = time.perf_counter() - started

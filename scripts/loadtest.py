@@ -59,7 +59,7 @@ from urllib3.filepost import encode_multipart_formdata
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench import jpeg, machine, percentile, photo, print_table  # noqa: E402
+from bench import RssSampler, jpeg, machine, percentile, photo, print_table, tree_rss  # noqa: E402
 from local_functions import FunctionProcess, free_port, wait_until  # noqa: E402
 
 TIMEOUT = (3, 60)  # connect, read: every request of every client
@@ -296,44 +296,6 @@ class Stack:
             self.log.close()
 
 
-def tree_rss(process):
-    total = 0
-    for p in [process, *process.children(recursive=True)]:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
-
-
-class RssSampler:
-    """RSS of a process and its children, every `interval` seconds: (seconds since start, bytes)."""
-
-    def __init__(self, process, interval=1.0):
-        self.process, self.interval = process, interval
-        self.samples = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        started = time.monotonic()
-        while True:
-            self.samples.append((time.monotonic() - started, tree_rss(self.process)))
-            if self._stop.wait(self.interval):
-                return
-
-    def at(self, t):
-        return min(self.samples, key=lambda s: abs(s[0] - t))
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
 # ---- the load ----------------------------------------------------------------------------------
 
 @dataclass
@@ -499,7 +461,7 @@ def main_phase(args, stack, good, bad):
     result["rss"] = {
         "ready_mb": rss_ready / 2**20, "mid_t_s": round(mid[0], 1), "mid_mb": mid[1] / 2**20,
         "end_t_s": round(end[0], 1), "end_mb": end[1] / 2**20,
-        "peak_mb": max(s[1] for s in sampler.samples) / 2**20,
+        "peak_mb": sampler.peak / 2**20,
         "growth_pct": (end[1] - mid[1]) / mid[1] * 100,
         "samples_mb": [[round(t, 1), round(b / 2**20, 1)] for t, b in sampler.samples]}
     result["server"] = batch_figures(stats0, stats1)
@@ -516,7 +478,7 @@ def overload_phase(args, stack, good, bad, label):
     stats1 = server_stats(stack)
     result = summarize(records, elapsed)
     result["label"] = label
-    result["rss_peak_mb"] = max(s[1] for s in sampler.samples) / 2**20
+    result["rss_peak_mb"] = sampler.peak / 2**20
     result["server"] = batch_figures(stats0, stats1)
     return result
 
