@@ -39,7 +39,8 @@ def handle(event, context):
         return _json(405, {"error": {"code": "method_not_allowed", "message": "Use GET for the page or POST an "
                                      "image."}, "request_id": request_id}, {"Allow": "GET, HEAD, POST"})
     content_type = event.headers.get("Content-Type", "")
-    status, answer, headers = clip_client.classify(event.body, content_type, urlencode(list(event.query.items(multi=True))), request_id)
+    query = urlencode(list(event.query.items(multi=True)))
+    status, answer, headers = clip_client.classify(event.body, content_type, query, request_id)
     answer.setdefault("request_id", request_id)
     if _wants_html(event, content_type):
         return _page(status, {"answer": answer, "form": _form_fields(event.body, content_type)}, headers)
