@@ -166,22 +166,35 @@ def sigterm_and_watch(fn, socks):
     return not readable
 
 
-def test_sigterm_lets_8_requests_being_processed_finish(clip_env, tmp_path):
-    picture = big_picture()
-    fn = FunctionProcess("clip", tmp_path, clip_env).start()
+def answers_across_sigterm(fn, raw_requests, held_back=0.0, pause=0.0):
+    """Send each request (all but its last `held_back` fraction), SIGTERM, check the lock file goes before
+    any answer and the process stays, send the rest after `pause`; -> (answers, exit status)."""
+    cut = [len(raw) - int(len(raw) * held_back) for raw in raw_requests]
     socks = []
     try:
-        for _ in range(8):
+        for raw, at in zip(raw_requests, cut):
             sock = socket.create_connection(("127.0.0.1", fn.port), timeout=120)
-            sock.sendall(http_request(fn.port, [picture] * 4))  # each takes a second or more of decoding
+            sock.sendall(raw[:at])
             socks.append(sock)
+        time.sleep(0.3)  # let the host read what was sent
         assert fn.healthy()
         assert sigterm_and_watch(fn, socks), "an answer arrived before the lock file went"
+        time.sleep(pause)
+        assert fn.process.poll() is None, "exited with requests unanswered"
+        for raw, at, sock in zip(raw_requests, cut, socks):
+            sock.sendall(raw[at:])
         answers = [read_response(sock) for sock in socks]
     finally:
         for sock in socks:
             sock.close()
         code = fn.stop(timeout=120)
+    return answers, code
+
+
+def test_sigterm_lets_8_requests_being_processed_finish(clip_env, tmp_path):
+    picture = big_picture()  # 4 per request: each takes a second or more of decoding
+    fn = FunctionProcess("clip", tmp_path, clip_env).start()
+    answers, code = answers_across_sigterm(fn, [http_request(fn.port, [picture] * 4)] * 8)
     assert [status for status, _ in answers] == [200] * 8, answers
     assert all(len(body["results"]) == 4 for _, body in answers)
     assert code == 0
@@ -191,23 +204,7 @@ def test_sigterm_waits_for_requests_still_arriving(clip_env, tmp_path):
     """8 uploads in progress when SIGTERM comes (the host has not seen a whole request yet): the lock
     file goes first, the uploads finish afterwards, each gets its answer, and the process exits 0."""
     fn = FunctionProcess("clip", tmp_path, clip_env).start()
-    requests_ = [http_request(fn.port, [noise_image("PNG", size=(256, 256), seed=i)]) for i in range(8)]
-    socks = []
-    try:
-        for raw in requests_:
-            sock = socket.create_connection(("127.0.0.1", fn.port), timeout=60)
-            sock.sendall(raw[:len(raw) // 2])
-            socks.append(sock)
-        time.sleep(0.3)  # let the host read the first halves
-        assert sigterm_and_watch(fn, socks)
-        time.sleep(1)  # a slow client: the rest of each upload comes well after SIGTERM
-        assert fn.process.poll() is None  # still draining
-        for raw, sock in zip(requests_, socks):
-            sock.sendall(raw[len(raw) // 2:])
-        answers = [read_response(sock) for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
-        code = fn.stop(timeout=120)
+    raw = [http_request(fn.port, [noise_image("PNG", size=(256, 256), seed=i)]) for i in range(8)]
+    answers, code = answers_across_sigterm(fn, raw, held_back=0.5, pause=1.0)  # a slow client's second half
     assert [status for status, _ in answers] == [200] * 8, answers
     assert code == 0
