@@ -25,6 +25,7 @@ LOG = logging.getLogger("gateway")
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "content-length",
                "content-encoding", "host"}
 UPSTREAM_TIMEOUT_S = float(os.environ.get("GATEWAY_UPSTREAM_TIMEOUT_S", "120"))
+CONNECTIONS = int(os.environ.get("GATEWAY_CONNECTIONS", "1000"))  # waitress's default of 100 stalls at 100 idle
 
 
 def json_response(status, code, message):
@@ -80,13 +81,21 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=int(os.environ.get("GATEWAY_PORT", "8080")))
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--build-dir", default=str(ROOT / "build" / "serve"))
+    parser.add_argument("--build-dir", default=None, help="default: build/serve-PORT (one per instance)")
     args = parser.parse_args()
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    functions = {}
+    # The port first: a busy one is a clear error before any function process exists.
+    try:
+        server = create_server(make_app(functions), host=args.host, port=args.port, threads=32,
+                               max_request_body_size=256 * 1024 * 1024, ident="gateway",
+                               connection_limit=CONNECTIONS, asyncore_use_poll=True)
+    except OSError as exc:
+        sys.exit(f"gateway: cannot listen on {args.host}:{args.port} ({exc.strerror or exc}); "
+                 "is another scripts/serve running there? Choose another with --port.")
 
     env = dict(os.environ)
-    build_root = Path(args.build_dir)
-    functions = {}
+    build_root = Path(args.build_dir or ROOT / "build" / f"serve-{args.port}")
     if env.get("CLIP_URL"):
         LOG.info("CLIP_URL=%s: running index only", env["CLIP_URL"])  # fronting a remote clip
     else:
@@ -105,9 +114,6 @@ def main():
             LOG.error("%s exited with status %s; its log is above", fn.name, status)
     for fn in functions.values():
         threading.Thread(target=watch, args=(fn,), daemon=True).start()
-
-    server = create_server(make_app(functions), host=args.host, port=args.port, threads=32,
-                           max_request_body_size=256 * 1024 * 1024, ident="gateway")
 
     def stop(signum, frame):
         def finish():

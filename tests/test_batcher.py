@@ -67,3 +67,64 @@ def test_requests_over_the_queue_limit_are_refused_before_any_work_and_expired_o
     assert batcher.admitted == 0
     with batcher.admit(3):  # everything released: the whole limit is free again
         pass
+
+
+def test_a_request_that_gave_up_cannot_kill_the_model_thread():
+    """The request behind a slow one times out and cancels; the worker must skip it, not die."""
+    batcher = Batcher(RecordingEncoder(delay=0.6), max_batch=8, max_wait_s=0.01, max_queue=64)
+    slow = batcher.submit([torch.ones(1)], time.monotonic() + 10)[0]  # occupies the model
+    time.sleep(0.05)
+    behind = batcher.submit([torch.ones(1)], time.monotonic() + 0.2)[0]
+    with pytest.raises(DeadlineExceeded):
+        from clip.batcher import wait
+        wait(behind, time.monotonic() + 0.2)
+    assert behind.cancelled()
+    assert slow.result(timeout=5) is not None
+    after = batcher.submit([torch.full((1,), 3.0)], time.monotonic() + 10)[0]
+    assert torch.equal(after.result(timeout=5), torch.full((1,), 6.0))
+    assert batcher.healthy() and batcher.problem() is None
+
+
+def test_an_encoding_error_fails_only_its_batch():
+    calls = []
+
+    def encode(batch):
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise RuntimeError("out of memory")
+        return torch.stack(batch).flatten(1)
+    batcher = Batcher(encode, max_batch=1)
+    with pytest.raises(RuntimeError):
+        batcher.submit([torch.ones(1)], time.monotonic() + 10)[0].result(5)
+    assert batcher.submit([torch.ones(1)], time.monotonic() + 10)[0].result(5) is not None
+
+
+def test_jobs_are_bounded_by_their_deadline_and_skipped_once_given_up():
+    gate = threading.Event()
+    batcher = Batcher(lambda b: (gate.wait(10), torch.stack(b).flatten(1))[1], max_batch=1)
+    batcher.submit([torch.zeros(1)], time.monotonic() + 60)  # holds the model thread
+    time.sleep(0.05)
+    ran = []
+    with pytest.raises(DeadlineExceeded):
+        batcher.call(lambda: ran.append(1), deadline=time.monotonic() + 0.1)
+    gate.set()
+    assert batcher.call(lambda: "next", deadline=time.monotonic() + 5) == "next"
+    assert ran == []  # the job its caller gave up on never ran
+
+
+def test_a_stalled_or_dead_model_thread_is_reported_unhealthy():
+    gate = threading.Event()
+    batcher = Batcher(lambda b: (gate.wait(10), torch.stack(b).flatten(1))[1], max_batch=1, stall_s=0.2)
+    assert batcher.healthy()
+    batcher.submit([torch.zeros(1)], time.monotonic() + 60)
+    time.sleep(0.4)
+    assert not batcher.healthy() and "over 0.2 s" in batcher.problem()
+    gate.set()
+    time.sleep(0.1)
+    assert batcher.healthy()
+    batcher._next = None  # a bug in the loop itself: the thread dies on its next turn
+    batcher.submit([torch.zeros(1)], time.monotonic() + 60)
+    deadline = time.monotonic() + 5
+    while batcher.healthy() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not batcher.healthy() and "died" in batcher.problem()

@@ -10,13 +10,20 @@ before any work is spent on it. Admitted requests decode and preprocess in paral
 a tensor. One worker thread takes whatever is queued, up to `max_batch`; it waits up to `max_wait`
 for more only while admitted requests are still preparing or the last batch was bigger, so a lone
 request goes at once.
+
+No request can stop the model thread: a future its request gave up on (cancelled after a deadline)
+is skipped, an exception fails only its own batch, and `healthy()` turns False if the loop ever dies
+or stays on one piece of work longer than `stall_s`, so the host can take the replica out of service.
 """
+import logging
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 
+LOG = logging.getLogger("batcher")
 
 
 class QueueFull(Exception):
@@ -28,8 +35,9 @@ class DeadlineExceeded(Exception):
 
 
 class Batcher:
-    def __init__(self, encode, max_batch=8, max_wait_s=0.004, max_queue=64):
+    def __init__(self, encode, max_batch=8, max_wait_s=0.004, max_queue=64, stall_s=120.0):
         self.encode = encode
+        self.stall_s = stall_s
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
@@ -42,7 +50,10 @@ class Batcher:
         self._cond = threading.Condition()
         self.batches = 0
         self.images = 0
-        threading.Thread(target=self._run, name="batcher", daemon=True).start()
+        self._busy_since = None   # when the piece of work in hand started (None: idle)
+        self.failure = None       # why the loop died, if it did
+        self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
+        self._thread.start()
 
     @contextmanager
     def admit(self, images):
@@ -67,13 +78,29 @@ class Batcher:
             ticket["counted"] = False
             self._preparing -= 1
 
-    def call(self, fn):
-        """Run fn() on the model thread, between batches; returns its result (or raises its error)."""
+    def call(self, fn, deadline=None):
+        """Run fn() on the model thread, between batches; returns its result (or raises its error).
+        With a deadline (time.monotonic()), raises DeadlineExceeded when it has not run by then."""
         future = Future()
         with self._cond:
-            self._jobs.append((fn, future))
+            self._jobs.append((fn, future, deadline))
             self._cond.notify_all()
-        return future.result()
+        return wait(future, deadline)
+
+    def healthy(self):
+        """False once the loop has died or has been on one piece of work for longer than stall_s."""
+        busy_since = self._busy_since
+        stalled = busy_since is not None and time.monotonic() - busy_since > self.stall_s
+        return self._thread.is_alive() and not stalled
+
+    def problem(self):
+        if self.failure is not None:
+            return f"the model thread died: {self.failure!r}"
+        if not self._thread.is_alive():
+            return "the model thread is gone"
+        if not self.healthy():
+            return f"the model thread has been on one batch for over {self.stall_s:g} s"
+        return None
 
     def submit(self, items, deadline, ticket=None):
         """Queue prepared images; returns one Future per image (its feature row)."""
@@ -116,31 +143,60 @@ class Batcher:
             return None, batch
 
     def _run(self):
-        while True:
-            job, batch = self._next()
-            if job:
-                fn, future = job
-                try:
-                    future.set_result(fn())
-                except Exception as exc:
-                    future.set_exception(exc)
-                continue
-            now = time.monotonic()
-            live = []
-            for item in batch:
-                if item[2] < now:
-                    item[1].set_exception(DeadlineExceeded())
+        try:
+            while True:
+                job, batch = self._next()
+                self._busy_since = time.monotonic()
+                if job:
+                    self._run_job(*job)
                 else:
-                    live.append(item)
-            if not live:
-                continue
-            try:
-                features = self.encode([t for t, _, _ in live])
-            except Exception as exc:  # e.g. out of memory: fail these requests, keep serving
-                for _, future, _ in live:
-                    future.set_exception(exc)
-                continue
-            self.batches += 1
-            self.images += len(live)
-            for row, (_, future, _) in zip(features, live):
-                future.set_result(row)
+                    self._run_batch(batch)
+                self._busy_since = None
+        except BaseException as exc:  # a bug in the loop itself: say so; healthy() turns False
+            self.failure = exc
+            LOG.critical("model thread died: %r", exc, exc_info=True)
+
+    @staticmethod
+    def _run_job(fn, future, deadline):
+        if not future.set_running_or_notify_cancel():
+            return  # its caller gave up
+        if deadline is not None and deadline < time.monotonic():
+            future.set_exception(DeadlineExceeded())
+            return
+        try:
+            future.set_result(fn())
+        except Exception as exc:
+            future.set_exception(exc)
+
+    def _run_batch(self, batch):
+        now = time.monotonic()
+        live = []
+        for item, future, deadline in batch:
+            if not future.set_running_or_notify_cancel():
+                continue  # its request gave up (deadline): nobody is waiting
+            if deadline < now:
+                future.set_exception(DeadlineExceeded())
+            else:
+                live.append((item, future))
+        if not live:
+            return
+        try:
+            features = self.encode([item for item, _ in live])
+        except Exception as exc:  # e.g. out of memory: fail these requests, keep serving
+            for _, future in live:
+                future.set_exception(exc)
+            return
+        self.batches += 1
+        self.images += len(live)
+        for row, (_, future) in zip(features, live):
+            future.set_result(row)
+
+
+def wait(future, deadline):
+    """The future's result, waiting no later than deadline (None: no limit); past it, the future is
+    cancelled (skipped if not started) and DeadlineExceeded raised."""
+    try:
+        return future.result(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+    except FutureTimeout:
+        future.cancel()
+        raise DeadlineExceeded() from None

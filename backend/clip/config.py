@@ -2,6 +2,8 @@
 import os
 from dataclasses import dataclass, field
 
+from .structure import Limits
+
 
 def _env(name, default):
     value = os.environ.get(name, "").strip()
@@ -36,6 +38,16 @@ class Settings:
     url_allow_hosts: tuple = field(default=())
     url_timeout_s: float = 5.0
     url_max_bytes: int = 20 * 1024 * 1024
+    stall_s: float = 120.0                # model thread on one piece of work longer: replica taken out
+    decode_memory_mb: int = 1024          # decoded pixels held at once by concurrent decodes
+    heavy_pixels: int = 4_000_000         # pictures bigger than this never take the last decoder
+    max_jpeg_segments: int = Limits.max_segments
+    max_jpeg_fill_bytes: int = Limits.max_fill_bytes
+    max_scan_pixels: int = Limits.max_scan_pixels
+    max_rle_pixels: int = Limits.max_rle_pixels
+
+    def structure_limits(self):
+        return Limits(self.max_jpeg_segments, self.max_jpeg_fill_bytes, self.max_scan_pixels, self.max_rle_pixels)
 
 
 def from_env():
@@ -54,6 +66,7 @@ def from_env():
         max_pixels=int(_env("CLIP_MAX_PIXELS", Settings.max_pixels)),
         max_images=int(_env("CLIP_MAX_IMAGES", Settings.max_images)),
         max_labels=int(_env("CLIP_MAX_LABELS", Settings.max_labels)),
+        max_label_chars=int(_env("CLIP_MAX_LABEL_CHARS", Settings.max_label_chars)),
         label_cache_size=int(_env("CLIP_LABEL_CACHE_SIZE", Settings.label_cache_size)),
         top_k=int(_env("CLIP_TOP_K", Settings.top_k)),
         threads=int(_env("CLIP_THREADS", Settings.threads)),
@@ -61,4 +74,11 @@ def from_env():
         url_allow_hosts=tuple(h.lower() for h in _list("CLIP_URL_ALLOW_HOSTS")),
         url_timeout_s=float(_env("CLIP_URL_TIMEOUT_S", Settings.url_timeout_s)),
         url_max_bytes=int(_env("CLIP_URL_MAX_BYTES", Settings.url_max_bytes)),
+        stall_s=float(_env("CLIP_STALL_S", Settings.stall_s)),
+        decode_memory_mb=int(_env("CLIP_DECODE_MEMORY_MB", Settings.decode_memory_mb)),
+        heavy_pixels=int(_env("CLIP_HEAVY_PIXELS", Settings.heavy_pixels)),
+        max_jpeg_segments=int(_env("CLIP_MAX_JPEG_SEGMENTS", Settings.max_jpeg_segments)),
+        max_jpeg_fill_bytes=int(_env("CLIP_MAX_JPEG_FILL_BYTES", Settings.max_jpeg_fill_bytes)),
+        max_scan_pixels=int(_env("CLIP_MAX_SCAN_PIXELS", Settings.max_scan_pixels)),
+        max_rle_pixels=int(_env("CLIP_MAX_RLE_PIXELS", Settings.max_rle_pixels)),
     )

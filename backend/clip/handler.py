@@ -10,7 +10,7 @@ from .intake import ClientError, parse_request
 LOG = logging.getLogger("clip")
 SETTINGS = config.from_env()
 READY_PATHS = ("/ready", "/_/ready")
-REQUEST_ID = re.compile(r"^[\w.-]{1,64}$")
+REQUEST_ID = re.compile(r"[\w.-]{1,64}", re.ASCII)  # echoed in a header: ASCII only, fullmatch
 SERVICE = None  # set once by init(); requests before that answer 503
 
 
@@ -21,10 +21,18 @@ def init():
     SERVICE = Service(SETTINGS)
 
 
+def alive():
+    """Polled by the template host: False takes the replica out of service (lock removed, exit 1)."""
+    problem = SERVICE.batcher.problem() if SERVICE is not None else None
+    if problem:
+        LOG.critical("clip cannot serve any more: %s", problem)
+    return problem is None
+
+
 def handle(event, context):
     started = time.perf_counter()
     request_id = event.headers.get("X-Request-Id", "")
-    request_id = request_id if REQUEST_ID.match(request_id) else uuid.uuid4().hex
+    request_id = request_id if REQUEST_ID.fullmatch(request_id) else uuid.uuid4().hex
     try:
         status, body, headers = 200, route(event), {}
     except ClientError as error:

@@ -6,12 +6,19 @@ import json
 import re
 import struct
 import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
 from werkzeug.datastructures import MultiDict
+from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.formparser import FormDataParser
 from werkzeug.http import parse_options_header
+
+from . import structure
+from .decode_gate import decode_cost
+from .structure import Limits
 
 # Magic bytes -> Pillow format; nothing else is ever handed to a decoder.
 MAGIC = (
@@ -27,6 +34,7 @@ SUPPORTED = "JPEG, PNG, WebP, GIF, BMP or TIFF"
 MAX_ASPECT = 4  # longer/shorter side kept before the model's resize; the centre crop never sees more
 DATA_URL = re.compile(r"^data:([\w.+/-]*)((?:;[\w=.+-]+)*?)(;base64)?,", re.I)
 OPTION_KEYS = ("top_k", "labels", "label_set")
+FORM_EXTRA_PARTS = 8  # form parts beyond the images: options, a url, a browser's submit button
 
 
 class ClientError(Exception):
@@ -66,28 +74,37 @@ def parse_request(event, max_images):
     mimetype, params = parse_options_header(event.headers.get("Content-Type", ""))
     body = event.body
     if mimetype == "multipart/form-data":
-        _from_form(intake, body, mimetype, params)
+        _from_form(intake, body, mimetype, params, max_images)
     elif sniff(body):  # raw image bytes, whatever the Content-Type says
         intake.images.append(body)
-    elif mimetype == "application/x-www-form-urlencoded" and _from_form(intake, body, mimetype, params):
+    elif mimetype == "application/x-www-form-urlencoded" and _from_form(intake, body, mimetype, params, max_images):
         pass
     elif mimetype == "application/json" or body.lstrip()[:1] == b"{":
-        _from_json(intake, body)
+        _from_json(intake, body, max_images)
     elif body.strip():  # base64 or a data URL (curl -d sends these as a urlencoded "form")
         intake.images.append(decode_text(body))
     if not intake.images and not intake.urls:
         raise ClientError(400, "missing_image", "No image in the request: send image bytes, a multipart "
                           "field named 'image', base64 or a data URL, or JSON {\"image\": …}.")
     if len(intake.images) + len(intake.urls) > max_images:
-        raise ClientError(400, "too_many_images", f"At most {max_images} images per request.")
+        raise _too_many(max_images)
     return intake
 
 
-def _from_form(intake, body, mimetype, params):
+def _too_many(max_images):
+    return ClientError(400, "too_many_images", f"At most {max_images} images per request.")
+
+
+def _from_form(intake, body, mimetype, params, max_images):
     """Adds the form's images, URLs and options; False if it held neither image nor url field."""
-    parser = FormDataParser(max_form_memory_size=len(body) + 1, silent=False)
+    # Parts are counted while parsing: 300,000 tiny parts are refused at the first one too many.
+    parser = FormDataParser(max_form_memory_size=len(body) + 1, silent=False,
+                            max_form_parts=max_images + FORM_EXTRA_PARTS)
     try:
         _, form, files = parser.parse(io.BytesIO(body), mimetype, len(body), params)
+    except RequestEntityTooLarge:
+        raise ClientError(400, "too_many_parts", f"The form has more than {max_images + FORM_EXTRA_PARTS} "
+                          f"parts; send at most {max_images} images and the options.") from None
     except ValueError as exc:
         raise ClientError(400, "invalid_form", f"The form data could not be parsed ({exc}).") from None
     for key in OPTION_KEYS:
@@ -104,9 +121,13 @@ def _from_form(intake, body, mimetype, params):
     return "image" in files or "image" in form or "url" in form
 
 
-def _from_json(intake, body):
+def _from_json(intake, body, max_images):
     try:
         doc = json.loads(body)
+        if b"\\u" in body:  # "\ud800" is valid JSON but no text: refuse lone surrogates anywhere
+            json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ClientError(400, "invalid_json", "The JSON holds a string that is not valid Unicode text.") from None
     except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: "[[[[…" nested 100,000 deep
         raise ClientError(400, "invalid_json", "The body is not valid JSON.") from None
     if not isinstance(doc, dict):
@@ -121,6 +142,8 @@ def _from_json(intake, body):
         if not isinstance(doc["images"], list):
             raise ClientError(400, "invalid_json", "'images' must be a list of base64 strings or data URLs.")
         items.extend(doc["images"])
+    if len(items) > max_images:  # counted before any is decoded: a million-item list costs nothing more
+        raise _too_many(max_images)
     for item in items:
         if not isinstance(item, str):
             raise ClientError(400, "invalid_json", "Each image must be a base64 string or a data URL.")
@@ -154,12 +177,25 @@ def decode_text(text):
 
 # ---- bytes -> RGB image ------------------------------------------------------------------------
 
-def load_image(data, max_pixels, image_size, crop_extremes=True):
-    """Decode untrusted bytes into an upright RGB image, refusing bombs before decoding pixels."""
+@dataclass
+class Opened:
+    """A picture whose header is read and checked, pixels not yet decoded."""
+    image: Image.Image
+    fmt: str
+    pixels: int     # as it will decode (after a JPEG's DCT-domain downscale)
+    cost: int       # peak bytes its decoding will take (decode_gate.decode_cost)
+
+
+def open_image(data, max_pixels, image_size, limits=Limits()):
+    """Read and check untrusted bytes' header: bombs and oversized pictures are refused here, before
+    any pixel is decoded."""
     fmt = sniff(data)
     if fmt is None:
         raise ClientError(400, "invalid_image", f"The data is not an image we can read ({SUPPORTED}).")
-    try:
+    with _decoder_errors(fmt, max_pixels):
+        problem = structure.problem(fmt, data, limits)
+        if problem:
+            raise ClientError(400, "image_too_complex", problem)
         image = Image.open(io.BytesIO(data), formats=[fmt])
         width, height = image.size
         if width < 1 or height < 1:
@@ -171,15 +207,35 @@ def load_image(data, max_pixels, image_size, crop_extremes=True):
             raise ClientError(400, "invalid_image", "The PNG file is corrupt: a chunk's checksum does not match.")
         if fmt == "JPEG" and min(width, height) >= 2 * image_size:
             image.draft("RGB", (image_size, image_size))  # DCT-domain downscale, short side stays >= model size
-        image = ImageOps.exif_transpose(image)
+        width, height = image.size
+        return Opened(image, fmt, width * height, decode_cost(image.mode, width, height))
+
+
+def decode(opened, crop_extremes=True):
+    """Decode an opened picture into an upright RGB image."""
+    with _decoder_errors(opened.fmt, None):
+        image = ImageOps.exif_transpose(opened.image)
         image = _to_rgb(image)
         if crop_extremes:
             image = _crop_extreme_aspect(image)
         return image
+
+
+def load_image(data, max_pixels, image_size, crop_extremes=True, limits=Limits()):
+    """Decode untrusted bytes into an upright RGB image, refusing bombs before decoding pixels."""
+    return decode(open_image(data, max_pixels, image_size, limits), crop_extremes)
+
+
+@contextmanager
+def _decoder_errors(fmt, max_pixels):
+    """Whatever a decoder raises on bad data becomes a plain-worded ClientError."""
+    try:
+        yield
     except ClientError:
         raise
     except (Image.DecompressionBombError, MemoryError):
-        raise ClientError(413, "image_too_large", f"The image is over the limit of {max_pixels:,} pixels.") from None
+        limit = f"the limit of {max_pixels:,} pixels" if max_pixels else "the memory limit"
+        raise ClientError(413, "image_too_large", f"The image is over {limit}.") from None
     except Image.UnidentifiedImageError:  # its message names a Python object: say it plainly instead
         raise ClientError(400, "invalid_image", f"The data starts like a {fmt} file but is not a valid one.") \
             from None
@@ -210,10 +266,14 @@ def _to_rgb(image):
     if image.mode == "RGB":
         image.load()
         return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit and float greyscale: scale, don't clip
-        pixels = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
-        pixels = np.clip(pixels * (255.0 / peak), 0, 255).astype(np.uint8)
+    if image.mode.startswith("I;16"):  # 16-bit greyscale: scale, don't clip; integers, no float copy
+        pixels = (np.asarray(image).astype(np.uint32) * 255 // 65535).astype(np.uint8)
+        return Image.fromarray(pixels, "L").convert("RGB")
+    if image.mode in ("I", "F"):  # 32-bit greyscale: scale when it goes past 8 bits, else clip
+        pixels = np.asarray(image, dtype=np.float32)
+        if pixels.max() > 255:
+            pixels *= 255.0 / 65535.0
+        pixels = np.clip(pixels, 0, 255, out=pixels).astype(np.uint8)
         return Image.fromarray(pixels, "L").convert("RGB")
     if image.mode == "P" and "transparency" in image.info or image.mode in ("PA", "LA", "La", "RGBa"):
         image = image.convert("RGBA")

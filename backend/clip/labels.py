@@ -3,14 +3,17 @@ import json
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from open_clip import zero_shot_metadata as imagenet
 
+from .batcher import DeadlineExceeded
 from .model import cache_key
 
 LOG = logging.getLogger("labels")
@@ -61,10 +64,11 @@ class LabelStore:
     """Embeddings (numpy [N, D]) of the built-in sets (disk-cached) and of custom labels (bounded LRU per label)."""
 
     def __init__(self, model, cache_dir, custom_templates="simple", lru_size=4096, run=None, chunk=256):
-        """run: executes a callable where torch may run (the service's model thread); chunk: prompts
-        encoded per call, small in a live service so image batches interleave with a long build."""
+        """run(fn, deadline): executes a callable where torch may run (the service's model thread), by
+        the deadline; chunk: prompts encoded per call, small in a live service so image batches
+        interleave with a long build."""
         self.model = model
-        self.encode_texts = (lambda texts: run(lambda: model.encode_texts(texts))) if run else model.encode_texts
+        self.run = run or (lambda fn, deadline: fn())
         self.chunk = chunk
         self.cache_dir = os.path.join(cache_dir, "embeddings")
         self.custom_templates = CIFAR_TEMPLATES if custom_templates == "cifar" else SIMPLE_TEMPLATES
@@ -91,7 +95,7 @@ class LabelStore:
                 LOG.warning("ignoring unreadable embedding cache %s", path)
         if embeddings is None or embeddings.shape[0] != len(label_set.classes):
             LOG.info("encoding %d prompts for %s", len(label_set.classes) * len(label_set.templates), name)
-            embeddings = class_embeddings(self.encode_texts, label_set.labels, label_set.templates, self.chunk)
+            embeddings = class_embeddings(self._encoder(None), label_set.labels, label_set.templates, self.chunk)
             os.makedirs(self.cache_dir, exist_ok=True)
             tmp = f"{path}.{os.getpid()}.tmp"
             torch.save(embeddings, tmp)
@@ -123,9 +127,18 @@ class LabelStore:
             with self._lock:
                 self._building.discard(name)
 
-    def custom(self, labels):
+    def _encoder(self, deadline):
+        return lambda texts: self.run(lambda: self.model.encode_texts(texts), deadline)
+
+    def uncached(self, labels):
+        """How many of these labels have no embedding yet (what encoding them will cost)."""
+        with self._lock:
+            return sum(label not in self._lru for label in dict.fromkeys(labels))
+
+    def custom(self, labels, deadline=None):
         """Embeddings for user labels; each label is encoded once and kept in a bounded LRU. A label
-        another request is encoding right now is waited for, not encoded a second time."""
+        another request is encoding right now is waited for, not encoded a second time. Past the
+        deadline (time.monotonic()), raises DeadlineExceeded."""
         unique = list(dict.fromkeys(labels))
         with self._lock:
             rows = {label: self._lru[label] for label in unique if label in self._lru}
@@ -137,7 +150,7 @@ class LabelStore:
                 self._encoding[label] = future
         if mine:
             try:
-                fresh = dict(zip(mine, class_embeddings(self.encode_texts, mine, self.custom_templates,
+                fresh = dict(zip(mine, class_embeddings(self._encoder(deadline), mine, self.custom_templates,
                                                         self.chunk).numpy()))
             except BaseException as exc:
                 self._forget_encoding(mine)
@@ -147,7 +160,10 @@ class LabelStore:
             future.set_result(fresh)
             rows.update(fresh)
         for label, pending in others.items():
-            rows[label] = pending.result()[label]
+            try:
+                rows[label] = pending.result(None if deadline is None else max(0.0, deadline - time.monotonic()))[label]
+            except FutureTimeout:
+                raise DeadlineExceeded() from None
         with self._lock:
             self._remember(rows)
         return np.stack([rows[label] for label in labels])

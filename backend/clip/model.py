@@ -129,7 +129,7 @@ def create(name, pretrained, device="auto", cache_dir=None, threads=0):
     image_size = crop[0] if isinstance(crop, (tuple, list)) else int(crop)
     return ClipModel(
         model=model, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(name), device=dev, dtype=dtype,
-        name=_display_name(name), pretrained="none" if untrained else (pretrained if ":" not in name else name),
+        name=_display_name(name), pretrained=_display_pretrained(name, pretrained, untrained),
         untrained=untrained, weights_id=weights_id(name, pretrained), image_size=image_size,
         logit_scale=float(model.logit_scale.detach().float().exp().item()))
 
@@ -138,6 +138,17 @@ def _display_name(name):
     if name.startswith("local-dir:"):  # the folder's name, e.g. local-dir:/models/ViT-B-32 -> ViT-B-32
         return os.path.basename(os.path.normpath(name[len("local-dir:"):]))
     return name
+
+
+def _display_pretrained(name, pretrained, untrained):
+    """What answers show of the weights: never a server's file paths."""
+    if untrained:
+        return "none"
+    if name.startswith("local-dir:"):
+        return "local-dir:" + _display_name(name)
+    if name.startswith("hf-hub:"):
+        return name
+    return os.path.basename(pretrained) if os.path.sep in pretrained else pretrained
 
 
 def cache_key(*parts):

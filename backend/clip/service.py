@@ -1,21 +1,39 @@
 """The warm classifier: model, label embeddings and batcher, created once; classify() per request."""
 import logging
 import os
-import threading
 import time
-from concurrent.futures import TimeoutError as FutureTimeout
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
 from . import model as model_module
 from . import remote
-from .batcher import Batcher, DeadlineExceeded, QueueFull
-from .intake import ClientError, load_image
+from .batcher import Batcher, DeadlineExceeded, QueueFull, wait
+from .decode_gate import DecodeGate
+from .intake import ClientError, decode, open_image
 from .labels import LABEL_SETS, LabelStore
 from .options import parse_options
 
 LOG = logging.getLogger("clip")
+
+
+@dataclass
+class Item:
+    """One picture of a request, from what was sent to its result: bytes or a URL in, then a
+    preprocessed array, then features, or the error that stopped it on the way."""
+    data: bytes | None = None
+    url: str | None = None
+    error: ClientError | None = None
+    prepared: np.ndarray | None = None
+    features: object = None
+
+    def result(self, rank, labels, embeddings, top_k):
+        if self.error:
+            return {"error": {"code": self.error.code, "message": self.error.message}}
+        return {"predictions": rank(self.features, labels, embeddings, top_k)}
 
 
 class Service:
@@ -25,10 +43,13 @@ class Service:
         self.model = model_module.create(settings.model, settings.pretrained, settings.device,
                                          settings.cache_dir, settings.threads)
         self.batcher = Batcher(self.model.encode_prepared, settings.max_batch, settings.max_wait_ms / 1000,
-                               settings.max_queue)
+                               settings.max_queue, settings.stall_s)
         # Decoding beyond the cores only slows the forward pass and holds more pixels in memory.
         self.decoder_count = settings.decoders or settings.threads or os.cpu_count() or 1
-        self.decoders = threading.BoundedSemaphore(self.decoder_count)
+        self.gate = DecodeGate(self.decoder_count, settings.decode_memory_mb << 20, settings.heavy_pixels)
+        self.limits = settings.structure_limits()
+        # A batch request's pictures wait for the gate side by side; the gate decides who decodes.
+        self.pool = ThreadPoolExecutor(max_workers=max(1, settings.max_queue), thread_name_prefix="decode")
         self.labels = LabelStore(self.model, settings.cache_dir, settings.custom_templates,
                                  settings.label_cache_size, run=self.batcher.call, chunk=32)
         for name in settings.preload_label_sets:
@@ -49,8 +70,10 @@ class Service:
                            "max_pixels": s.max_pixels, "max_images": s.max_images, "max_labels": s.max_labels,
                            "max_label_chars": s.max_label_chars,
                            "max_batch": s.max_batch, "max_wait_ms": s.max_wait_ms, "max_queue": s.max_queue,
-                           "decoders": self.decoder_count,
-                           "deadline_s": s.deadline_s},
+                           "decoders": self.decoder_count, "decode_memory_mb": s.decode_memory_mb,
+                           "heavy_pixels": s.heavy_pixels, "max_scan_pixels": s.max_scan_pixels,
+                           "max_jpeg_segments": s.max_jpeg_segments, "max_jpeg_fill_bytes": s.max_jpeg_fill_bytes,
+                           "max_rle_pixels": s.max_rle_pixels, "deadline_s": s.deadline_s},
                 "url_input": bool(s.url_allow_hosts),
                 "stats": {"batches": self.batcher.batches, "images": self.batcher.images,
                           "queued": self.batcher.depth, "admitted": self.batcher.admitted}}
@@ -63,9 +86,9 @@ class Service:
             answer["warning"] = "Random, untrained weights (CLIP_PRETRAINED=none): predictions are meaningless."
         return answer
 
-    def label_matrix(self, options):
+    def label_matrix(self, options, deadline):
         if options.labels:
-            return options.labels, self.labels.custom(options.labels)
+            return options.labels, self.labels.custom(options.labels, deadline)
         embeddings = self.labels.get_set(options.label_set)
         if embeddings is None:
             raise ClientError(503, "label_set_warming",
@@ -73,61 +96,62 @@ class Service:
                               headers={"Retry-After": "30"})
         return LABEL_SETS[options.label_set].labels, embeddings
 
+    def admission(self, items, options):
+        """What a request takes of the queue: its images, plus its new labels (a slot per text chunk)."""
+        text = -(-self.labels.uncached(options.labels) // self.labels.chunk) if options.labels else 0
+        return min(len(items) + text, self.batcher.max_queue)  # never more than the whole queue
+
     def classify(self, intake):
         """Raises ClientError for request-wide problems; per-image problems land in their result."""
         s = self.settings
         deadline = time.monotonic() + s.deadline_s
         options = parse_options(intake.options, s)
-        labels, embeddings = self.label_matrix(options)
-        top_k = min(options.top_k, len(labels))
-        items = list(intake.images) + list(intake.urls)
+        items = [Item(error=x) if isinstance(x, ClientError) else Item(data=x) for x in intake.images]
+        items += [Item(url=url) for url in intake.urls]
         try:
-            with self.batcher.admit(len(items)) as ticket:  # refused before any decoding when full
-                results = self._classify_admitted(items, deadline, ticket, labels, embeddings, top_k)
+            with self.batcher.admit(self.admission(items, options)) as ticket:  # refused before any work
+                labels, embeddings = self.label_matrix(options, deadline)
+                self._prepare_all(items, deadline)
+                self._encode(items, deadline, ticket)
         except QueueFull:
             raise ClientError(429, "queue_full", "The classifier is at capacity; retry shortly.",
                               headers={"Retry-After": "1"}) from None
+        except DeadlineExceeded:
+            raise ClientError(504, "deadline_exceeded",
+                              f"No answer within the {s.deadline_s:g} s deadline; the classifier is busy.") from None
+        if len(items) == 1 and items[0].error:
+            raise items[0].error
+        results = [item.result(self.rank, labels, embeddings, min(options.top_k, len(labels))) for item in items]
         answer = {"label_set": options.label_set, **self.identity()}
-        if len(items) == 1:
-            answer = {**results[0], **answer}
-        else:
-            answer = {"results": results, **answer}
-        return answer
+        return {**results[0], **answer} if len(items) == 1 else {"results": results, **answer}
 
-    def _classify_admitted(self, items, deadline, ticket, labels, embeddings, top_k):
+    def _prepare_all(self, items, deadline):
+        """Fetch, decode and preprocess every picture, a batch's pictures in parallel."""
+        if len(items) == 1:
+            self._prepare(items[0], deadline)
+        else:
+            for done in [self.pool.submit(self._prepare, item, deadline) for item in items]:
+                done.result()  # each is bounded by the deadline itself
+
+    def _prepare(self, item, deadline):
+        if item.error:
+            return
         s = self.settings
-        futures, prepared, slots = [], [], []
-        for item in items:
-            try:
-                if isinstance(item, ClientError):
-                    raise item
-                if isinstance(item, str):  # a URL: downloaded outside the decoders' limit
-                    item = remote.fetch(item, s.url_allow_hosts, s.url_timeout_s, s.url_max_bytes)
-                with self.decoders:
-                    prepared.append(self.model.prepare(load_image(item, s.max_pixels, self.model.image_size)))
-                slots.append(len(futures))
-                futures.append(None)
-            except ClientError as error:
-                if len(items) == 1:
-                    raise
-                futures.append(error)
-        if prepared:
-            for slot, future in zip(slots, self.batcher.submit(prepared, deadline, ticket)):
-                futures[slot] = future
-        results = []
-        for future in futures:
-            if isinstance(future, ClientError):
-                results.append({"error": {"code": future.code, "message": future.message}})
-                continue
-            try:
-                features = future.result(timeout=max(0.0, deadline - time.monotonic()))
-            except (FutureTimeout, DeadlineExceeded):
-                future.cancel()
-                raise ClientError(504, "deadline_exceeded",
-                                  f"No answer within the {s.deadline_s:g} s deadline; the classifier is busy.") \
-                    from None
-            results.append({"predictions": self.rank(features, labels, embeddings, top_k)})
-        return results
+        try:
+            data = item.data if item.url is None else remote.fetch(item.url, s.url_allow_hosts, s.url_timeout_s,
+                                                                   s.url_max_bytes)
+            opened = open_image(data, s.max_pixels, self.model.image_size, self.limits)
+            with self.gate.enter(opened.pixels, opened.cost, deadline):
+                item.prepared = self.model.prepare(decode(opened))
+        except ClientError as error:
+            item.error = error
+
+    def _encode(self, items, deadline, ticket):
+        ready = [item for item in items if item.prepared is not None]
+        if ready:
+            for item, future in zip(ready, self.batcher.submit([i.prepared for i in ready], deadline, ticket)):
+                item.prepared = None  # the batcher holds it now; the request need not
+                item.features = wait(future, deadline)
 
     def rank(self, features, labels, embeddings, top_k):
         """softmax(logit_scale × cosine) over all labels, in numpy: request threads never run torch."""

@@ -16,7 +16,7 @@ from . import clip_client
 TEMPLATES = Environment(loader=FileSystemLoader(os.path.join(os.path.dirname(__file__), "templates")),
                         autoescape=select_autoescape(default=True, default_for_string=True))
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
-REQUEST_ID = re.compile(r"^[\w.-]{1,64}$")
+REQUEST_ID = re.compile(r"[\w.-]{1,64}", re.ASCII)  # echoed in a header: ASCII only, fullmatch
 # Everything the page needs is inline or from this function: nothing from another host, ever.
 CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data: blob:; "
        "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'self'")
@@ -30,7 +30,7 @@ TEMPLATES.filters["short_name"] = lambda name: re.sub(r"(^|local-dir:)/\S*/", r"
 
 def handle(event, context):
     request_id = event.headers.get("X-Request-Id", "")
-    request_id = request_id if REQUEST_ID.match(request_id) else uuid.uuid4().hex
+    request_id = request_id if REQUEST_ID.fullmatch(request_id) else uuid.uuid4().hex
     if event.path in ("/ready", "/_/ready"):
         return _json(200, {"ready": True})
     if event.method in ("GET", "HEAD"):

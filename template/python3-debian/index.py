@@ -4,6 +4,8 @@ The handler stays pure: handle(event, context) -> {"statusCode", "body", "header
 An optional handler.init() runs once in the background; the watchdog's lock file
 ($TMPDIR/.lock, suppress_lock=true) is written only after it returns, and removed
 first thing on SIGTERM, so /_/health and Kubernetes readiness follow the function.
+An optional handler.alive() is polled once ready: False (a function that can no longer
+serve) removes the lock and exits non-zero, so the platform replaces the replica.
 """
 import json
 import logging
@@ -26,6 +28,11 @@ PORT = int(os.environ.get("FUNCTION_PORT", "5000"))  # not $PORT: Knative sets t
 THREADS = int(os.environ.get("FUNCTION_THREADS", "48"))  # idle threads cost little; clip needs > CLIP_MAX_QUEUE
 MAX_BODY = int(os.environ.get("MAX_BODY_BYTES", str(32 * 1024 * 1024)))
 DRAIN_TIMEOUT = float(os.environ.get("DRAIN_TIMEOUT_S", "60"))
+# Open connections served at once; waitress's default of 100 stalls a proxy that keeps more upstream
+# connections (a watchdog or load balancer under 256 concurrent requests). poll(), not select(),
+# so more than 1,024 sockets are possible.
+CONNECTIONS = int(os.environ.get("FUNCTION_CONNECTIONS", "1000"))
+ALIVE_INTERVAL = float(os.environ.get("FUNCTION_ALIVE_INTERVAL_S", "1"))
 LOCK_FILE = os.path.join(tempfile.gettempdir(), ".lock")
 
 
@@ -132,6 +139,18 @@ def warm_up():
         os._exit(1)
     write_lock()
     LOG.info("ready: lock file %s written", LOCK_FILE)
+    while getattr(handler, "alive", None):
+        time.sleep(ALIVE_INTERVAL)
+        try:
+            alive = handler.alive()
+        except Exception:
+            LOG.exception("handler.alive() failed")
+            alive = False
+        if not alive:
+            remove_lock()
+            LOG.critical("the function reports it can no longer serve; exiting so the platform replaces it")
+            logging.shutdown()
+            os._exit(1)
 
 
 def unfinished(server):
@@ -149,6 +168,7 @@ def main():
     remove_lock()
     server = create_server(app, host=HOST, port=PORT, threads=THREADS,
                            max_request_body_size=MAX_BODY + 1, channel_timeout=120, ident="function",
+                           connection_limit=CONNECTIONS, asyncore_use_poll=True,
                            inbuf_overflow=8 * 1024 * 1024)  # photo-sized bodies stay in memory, not a temp file
 
     def drain(signum, frame):
