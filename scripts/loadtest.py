@@ -19,6 +19,12 @@ client then waits as told). Any other status or code is unexpected; a body that 
 JSON is a contract violation; a requests exception is a connection error. The resident memory of the
 clip process (and its children) is sampled every second.
 
+Hostile phase (unless --no-hostile, --hostile-duration s, default 30): the same clients, half of their
+requests bombs and floods (JPEGs padded with fill bytes or empty segments or 500 scans, an RLE BMP, a
+48-megapixel 16-bit PNG, a million-item JSON list, 300,000 form parts, a lone surrogate, 400 new labels):
+no 5xx, the normal requests' p99 within the overload bound below, and clip's RSS after 5 s idle within
+15 % of where the main phase ended.
+
 Overload phase (unless --no-overload): --overload-clients clients (default 64, more than the function
 admits) on the same process: it must shed load with 429 + Retry-After, and the 200s' p99 must stay
 bounded: <= 1.5 × (ceil(max_queue / max_batch) + 1) × the main phase's p50 (a request admitted among
@@ -151,6 +157,43 @@ def payloads():
                 codes=("method_not_allowed",)),
     ]
     return good, bad
+
+
+def hostile_payloads():
+    """Bombs and floods an attacker would send: each refused (4xx) or served, never a 5xx."""
+    import io
+
+    from PIL import Image
+    small = jpeg(photo(224, 224, seed=1))
+    buffer = io.BytesIO()
+    Image.linear_gradient("L").resize((2000, 2000)).convert("RGB").save(buffer, "JPEG", progressive=True)
+    progressive = buffer.getvalue()
+    last_scan = progressive[progressive.rindex(b"\xff\xda"):-2]
+    buffer = io.BytesIO()
+    Image.new("I;16", (8000, 6000), 40000).save(buffer, "PNG")  # 48 MP at 16 bits: 96 MB decoded
+    info = struct.pack("<IiiHHIIiiII", 40, 50_000, 1_000, 1, 8, 1, 16, 0, 0, 256, 0)
+    rle_bmp = (b"BM" + struct.pack("<IHHI", 1094, 0, 0, 1078) + info + bytes(1024) + b"\x00\x00" * 8)
+    part = b'--b\r\nContent-Disposition: form-data; name="x"\r\n\r\n1\r\n'
+    complex_ = {"statuses": (400, 429), "codes": ("image_too_complex", "queue_full")}
+    labels = {"labels": ",".join(f"hostile label {i}" for i in range(400))}
+    return [
+        Payload("jpeg_fill_bytes", False, small[:2] + b"\xff" * 3_000_000 + small[2:], "image/jpeg", **complex_),
+        Payload("jpeg_empty_segments", False, small[:2] + b"\xff\xec\x00\x02" * 1_000_000 + small[2:],
+                "image/jpeg", **complex_),
+        Payload("jpeg_500_scans", False, progressive[:-2] + last_scan * 500 + progressive[-2:], "image/jpeg",
+                **complex_),
+        Payload("rle_bmp_bomb", False, rle_bmp, "image/bmp", **complex_),
+        Payload("png_48mp_16bit", False, buffer.getvalue(), "image/png", statuses=(200, 429),
+                codes=("queue_full",)),
+        Payload("json_million_images", False, b'{"images": [' + b'"x",' * 1_000_000 + b'"x"]}', "application/json",
+                statuses=(400,), codes=("too_many_images",)),
+        Payload("form_300k_parts", False, part * 300_000 + b"--b--\r\n", "multipart/form-data; boundary=b",
+                statuses=(400,), codes=("too_many_parts",)),
+        Payload("lone_surrogate", False, b'{"image": "\\ud800"}', "application/json", statuses=(400,),
+                codes=("invalid_json",)),
+        Payload("400_new_labels", False, small, "image/jpeg", params=labels, statuses=(200, 429, 504),
+                codes=("queue_full", "deadline_exceeded"), top_k=5, label_set="custom"),
+    ]
 
 
 def check_body(payload, response):
@@ -468,6 +511,21 @@ def main_phase(args, stack, good, bad):
     return result
 
 
+def hostile_phase(args, stack, good, hostile, main):
+    """Half the requests hostile: normal clients keep a bounded p99, memory comes back, no 5xx."""
+    print(f"hostile phase: {args.clients} clients, {args.hostile_duration:g} s, half of them bombs and floods",
+          file=sys.stderr, flush=True)
+    process = stack.clip_process()
+    with RssSampler(process, interval=0.5) as sampler:
+        records, elapsed = run_load(stack.urls, good, hostile, args.clients, args.hostile_duration, 0.5,
+                                    args.seed + 2)
+    time.sleep(5)  # idle: what the decodes took is given back
+    result = summarize(records, elapsed)
+    result["rss"] = {"before_mb": main["rss"]["end_mb"], "peak_mb": sampler.peak / 2**20,
+                     "after_idle_mb": tree_rss(process) / 2**20}
+    return result
+
+
 def overload_phase(args, stack, good, bad, label):
     print(f"overload ({label}): {args.overload_clients} clients, {args.overload_duration:g} s",
           file=sys.stderr, flush=True)
@@ -537,6 +595,8 @@ def main():
                         help="CLIP_CACHE_DIR (label embeddings), shared with scripts/bench")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 20 s main phase, 5 s overload")
     parser.add_argument("--no-overload", action="store_true", help="skip the overload phase")
+    parser.add_argument("--no-hostile", action="store_true", help="skip the hostile-heavy phase")
+    parser.add_argument("--hostile-duration", type=float, default=30)
     parser.add_argument("--overload-clients", type=int, default=64)
     parser.add_argument("--overload-duration", type=float, default=10)
     parser.add_argument("--no-backoff", action="store_true",
@@ -546,6 +606,7 @@ def main():
     args = parser.parse_args()
     if args.quick:
         args.duration, args.overload_duration = min(args.duration, 20), min(args.overload_duration, 5)
+        args.hostile_duration = min(args.hostile_duration, 10)
     out = Path(args.json or ROOT / "bench-results" / f"loadtest-{time.strftime('%Y%m%d-%H%M%S')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -580,6 +641,22 @@ def main():
             ("clip RSS growth, mid -> end (%)", round(rss["growth_pct"], 2), "< 10", rss["growth_pct"] < 10),
         ]
         limits = stack.describe().get("limits") or {}
+        if not args.no_hostile:
+            hostile = report["hostile"] = hostile_phase(args, stack, good, hostile_payloads(), first)
+            prefix, rss = "hostile: ", hostile["rss"]
+            p50, p99 = first["latency_ms"]["p50"], hostile["latency_ms"]["p99"]
+            queue, max_batch = limits.get("max_queue", 32), limits.get("max_batch", 8)
+            bound = 1.5 * (math.ceil(queue / max_batch) + 1) * p50 if p50 is not None else float("nan")
+            rows += rows_for(hostile, prefix, limits=True)
+            rows += [
+                (f"{prefix}p99 of normal 200s (ms)", "-" if p99 is None else f"{p99:,.0f}", f"≤ {bound:,.0f}",
+                 p99 is not None and p99 <= bound),
+                (f"{prefix}clip RSS before / peak / after 5 s idle (MB)",
+                 f"{rss['before_mb']:.0f} / {rss['peak_mb']:.0f} / {rss['after_idle_mb']:.0f}", "", ""),
+                (f"{prefix}RSS after idle vs before (%)",
+                 round((rss["after_idle_mb"] / rss["before_mb"] - 1) * 100, 1), "< 15",
+                 rss["after_idle_mb"] < 1.15 * rss["before_mb"]),
+            ]
         if not args.no_overload:
             over = report["overload"] = overload_phase(args, stack, good, bad, "default settings")
             prefix = "overload: "
@@ -604,7 +681,7 @@ def main():
     report["ok"] = all(ok for _, _, l, ok in rows if l)
     print_table(["figure", "value", "limit", "ok"],
                 [(f, v, l, "" if not l else ("ok" if ok else "FAIL")) for f, v, l, ok in rows])
-    for phase in ("main", "overload"):
+    for phase in ("main", "hostile", "overload"):
         for kind, examples in (report.get(phase) or {}).get("examples", {}).items():
             for example in examples[:5]:
                 print(f"{phase}: {kind}: {example}")

@@ -99,7 +99,7 @@ class Service:
     def admission(self, items, options):
         """What a request takes of the queue: its images, plus its new labels (a slot per text chunk)."""
         text = -(-self.labels.uncached(options.labels) // self.labels.chunk) if options.labels else 0
-        return min(len(items) + text, self.batcher.max_queue)  # never more than the whole queue
+        return len(items) + min(text, max(0, self.batcher.max_queue - len(items)))  # labels alone always fit
 
     def classify(self, intake):
         """Raises ClientError for request-wide problems; per-image problems land in their result."""
