@@ -346,3 +346,28 @@ def test_two_local_stacks_keep_their_own_working_folders():
         for process in (first, second):
             process.terminate()
             process.wait(60)
+
+
+# ---- the first minute without internet access ---------------------------------------------------------------
+
+def test_weights_that_cannot_be_downloaded_are_one_clear_message(tmp_path):
+    env = {"CLIP_MODEL": "ViT-B-32", "CLIP_PRETRAINED": "laion2b_s34b_b79k", "CLIP_CACHE_DIR": str(tmp_path / "c"),
+           "HF_HUB_OFFLINE": "1"}  # offline: the download fails at once, as it does on an air-gapped machine
+    fn = FunctionProcess("clip", tmp_path, env).start(wait_ready=False)
+    try:
+        def described():
+            try:
+                return requests.get(fn.url, timeout=5).json()
+            except requests.RequestException:
+                return {}
+        wait_until(lambda: "error" in described(), 300, 0.5, "clip to say why it is not ready")
+        info = described()
+        assert info["ready"] is False and "CLIP_PRETRAINED=none" in info["error"] and "local-dir:" in info["error"]
+        answer = requests.post(fn.url, data=PNG, timeout=10)
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "model_unavailable"
+        assert "CLIP_PRETRAINED=none" in answer.json()["error"]["message"]
+        assert fn.process.poll() is None and not fn.lock.exists()  # up, never ready
+        log = fn.output()
+        assert "function init failed, not ready" in log and "Traceback" not in log
+    finally:
+        fn.stop()

@@ -1,5 +1,6 @@
 """clip function: CLIP zero-shot classification. Pure handle(event, context); the model loads in init()."""
 import logging
+import os
 import re
 import time
 import uuid
@@ -12,13 +13,19 @@ SETTINGS = config.from_env()
 READY_PATHS = ("/ready", "/_/ready")
 REQUEST_ID = re.compile(r"[\w.-]{1,64}", re.ASCII)  # echoed in a header: ASCII only, fullmatch
 SERVICE = None  # set once by init(); requests before that answer 503
+LOAD_ERROR = None  # why init() failed, said in every answer instead of "still loading"
 
 
 def init():
     """Called once by the template host before the lock file is written: load everything."""
-    global SERVICE
+    global SERVICE, LOAD_ERROR
+    from .model import WeightsUnavailable
     from .service import Service  # torch and open_clip load here, not at import
-    SERVICE = Service(SETTINGS)
+    try:
+        SERVICE = Service(SETTINGS)
+    except WeightsUnavailable as exc:
+        LOAD_ERROR = str(exc)
+        raise
 
 
 def alive():
@@ -46,19 +53,32 @@ def handle(event, context):
                         "Cache-Control": "no-store", **headers}}
 
 
+def _shown(setting):
+    """A setting as answers may show it: a local path only by its last part."""
+    prefix = "local-dir:" if setting.startswith("local-dir:") else ""
+    path = setting[len(prefix):]
+    return prefix + os.path.basename(path.rstrip("/")) if prefix or path.startswith(("/", ".")) else setting
+
+
+def not_loaded():
+    if LOAD_ERROR:
+        return ClientError(503, "model_unavailable", LOAD_ERROR)
+    return ClientError(503, "loading", "The model is still loading; try again in a few seconds.", {"Retry-After": "5"})
+
+
 def route(event):
     if event.method in ("GET", "HEAD"):
         if event.path in READY_PATHS:
             if SERVICE is None:
-                raise ClientError(503, "loading", "The model is still loading.", {"Retry-After": "5"})
+                raise not_loaded()
             return {"ready": True}
         if SERVICE is None:
-            return {"ready": False, "model": SETTINGS.model, "pretrained": SETTINGS.pretrained}
+            return {"ready": False, "model": _shown(SETTINGS.model), "pretrained": _shown(SETTINGS.pretrained),
+                    **({"error": LOAD_ERROR} if LOAD_ERROR else {})}
         return {"ready": True, **SERVICE.describe()}
     if event.method != "POST":
         raise ClientError(405, "method_not_allowed", f"{event.method[:10]} is not supported; POST an image, "
                           "or GET for a description.", {"Allow": "GET, HEAD, POST"})
     if SERVICE is None:
-        raise ClientError(503, "loading", "The model is still loading; try again in a few seconds.",
-                          {"Retry-After": "5"})
+        raise not_loaded()
     return SERVICE.classify(parse_request(event, SETTINGS.max_images))

@@ -266,8 +266,12 @@ def _to_rgb(image):
     if image.mode == "RGB":
         image.load()
         return image
-    if image.mode.startswith("I;16"):  # 16-bit greyscale: scale, don't clip; integers, no float copy
-        pixels = (np.asarray(image).astype(np.uint32) * 255 // 65535).astype(np.uint8)
+    if image.mode.startswith("I;16"):  # 16-bit greyscale: scale, don't clip; in bands, no float copy
+        wide, pixels = np.asarray(image), np.empty((image.height, image.width), np.uint8)
+        del image  # the decoded frame: only the array is needed now
+        for top in range(0, len(wide), 512):
+            pixels[top:top + 512] = wide[top:top + 512].astype(np.uint32) * 255 // 65535
+        del wide
         return Image.fromarray(pixels, "L").convert("RGB")
     if image.mode in ("I", "F"):  # 32-bit greyscale: scale when it goes past 8 bits, else clip
         pixels = np.asarray(image, dtype=np.float32)

@@ -11,6 +11,10 @@ import torch
 RANDOM_SEED = 0  # CLIP_PRETRAINED=none: same random weights every start, so caches stay valid
 
 
+class WeightsUnavailable(RuntimeError):
+    """The weights can be neither found nor downloaded: a setup problem with a known way out."""
+
+
 @dataclass
 class ClipModel:
     model: torch.nn.Module
@@ -115,9 +119,18 @@ def create(name, pretrained, device="auto", cache_dir=None, threads=0):
     if untrained:
         torch.manual_seed(RANDOM_SEED)
     weights_dir = os.path.join(cache_dir, "weights") if cache_dir else None
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        name, pretrained=None if untrained or name.startswith(("local-dir:", "hf-hub:")) else pretrained,
-        cache_dir=weights_dir)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=None if untrained or name.startswith(("local-dir:", "hf-hub:")) else pretrained,
+            cache_dir=weights_dir)
+    except RuntimeError as exc:
+        if "download" not in str(exc).lower():
+            raise
+        raise WeightsUnavailable(
+            f"The weights of {name} ({pretrained}) could not be downloaded and are not in {weights_dir}. "
+            "Without internet access: point CLIP_MODEL=local-dir:/path at a folder holding "
+            "open_clip_config.json and the weights, or try the service with CLIP_PRETRAINED=none "
+            "(random weights: predictions are meaningless).") from None
     model.eval()
     if "MobileCLIP" in name:  # reparameterise MobileOne blocks for inference, as open_clip documents
         from timm.utils import reparameterize_model

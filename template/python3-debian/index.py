@@ -1,7 +1,8 @@
 """Template host: serves function/handler.py over WSGI (waitress) behind of-watchdog (mode=http).
 
 The handler stays pure: handle(event, context) -> {"statusCode", "body", "headers"}.
-An optional handler.init() runs once in the background; the watchdog's lock file
+An optional handler.init() runs once in the background (if it raises, the function stays up but
+never ready, and says why in one log line); the watchdog's lock file
 ($TMPDIR/.lock, suppress_lock=true) is written only after it returns, and removed
 first thing on SIGTERM, so /_/health and Kubernetes readiness follow the function.
 An optional handler.alive() is polled once ready: False (a function that can no longer
@@ -134,9 +135,10 @@ def warm_up():
     try:
         if hasattr(handler, "init"):
             handler.init()
-    except Exception:
-        LOG.exception("function init failed; exiting so the platform restarts it")
-        os._exit(1)
+    except Exception as exc:  # up but never ready: the handler answers why; liveness probes restart it
+        LOG.error("function init failed, not ready: %s", exc)
+        LOG.debug("init failure", exc_info=True)
+        return
     write_lock()
     LOG.info("ready: lock file %s written", LOCK_FILE)
     while getattr(handler, "alive", None):
