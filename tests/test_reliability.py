@@ -224,27 +224,55 @@ def test_structure_limits_are_settings(clip_server):
 
 # ---- memory and cores: what concurrent decodes may take ------------------------------------------------------
 
-def test_big_decodes_wait_for_memory_and_small_ones_keep_a_decoder():
-    gate = DecodeGate(slots=2, memory_bytes=1000, heavy_pixels=100)
-    far = time.monotonic() + 30
-    log = []
+class Decodes:
+    """Threads going through a DecodeGate, logging when each starts and ends."""
 
-    def decode(name, pixels, cost, hold):
-        with gate.enter(pixels, cost, far):
-            log.append(("start", name))
-            time.sleep(hold)
-        log.append(("end", name))
-    big = threading.Thread(target=decode, args=("big", 500, 800, 0.5))
-    big.start()
-    time.sleep(0.05)
-    second_big = threading.Thread(target=decode, args=("big2", 500, 800, 0))
-    second_big.start()  # heavy, and over the memory left: waits for the first
-    time.sleep(0.05)
-    decode("small", 50, 10, 0)  # the kept slot: decodes while the big one runs
-    big.join()
-    second_big.join()
-    assert log.index(("start", "small")) < log.index(("end", "big")) < log.index(("start", "big2"))
-    assert gate.bytes_in_use == 0
+    def __init__(self, gate):
+        self.gate, self.log, self.threads = gate, [], []
+
+    def run(self, name, pixels, cost, hold, background=True):
+        def decode():
+            with self.gate.enter(pixels, cost, time.monotonic() + 30):
+                self.log.append(("start", name))
+                time.sleep(hold)
+            self.log.append(("end", name))
+        if not background:
+            return decode()
+        self.threads.append(threading.Thread(target=decode))
+        self.threads[-1].start()
+        time.sleep(0.05)
+
+    def order(self, *events):
+        for thread in self.threads:
+            thread.join()
+        return [self.log.index(event) for event in events]
+
+
+def test_big_decodes_wait_for_memory():
+    decodes = Decodes(DecodeGate(slots=4, memory_bytes=1000, heavy_pixels=10_000))
+    decodes.run("big", 500, 800, 0.3)
+    decodes.run("big2", 500, 800, 0)  # over the memory left: waits for the first
+    decodes.run("small", 50, 10, 0, background=False)  # fits beside the first
+    first, second, third = decodes.order(("start", "small"), ("end", "big"), ("start", "big2"))
+    assert first < second < third and decodes.gate.bytes_in_use == 0
+
+
+def test_a_decoder_is_kept_for_small_pictures():
+    decodes = Decodes(DecodeGate(slots=3, memory_bytes=10_000, heavy_pixels=100))
+    for name in ("big", "big2", "big3"):  # two decode, the third waits: the last slot is not theirs
+        decodes.run(name, 500, 10, 0.3)
+    decodes.run("small", 50, 10, 0, background=False)
+    first, second, third = decodes.order(("start", "small"), ("end", "big"), ("start", "big3"))
+    assert first < second < third
+
+
+def test_small_pictures_go_first_when_a_slot_frees():
+    decodes = Decodes(DecodeGate(slots=1, memory_bytes=10_000, heavy_pixels=100))
+    decodes.run("big", 500, 10, 0.3)
+    decodes.run("big2", 500, 10, 0)  # waiting before the small one arrives...
+    decodes.run("small", 50, 10, 0)
+    first, second = decodes.order(("start", "small"), ("start", "big2"))
+    assert first < second  # ...and still after it
 
 
 def test_a_decode_waiting_past_its_deadline_gives_up():

@@ -1,5 +1,6 @@
 """How many images decode at once: by count (the cores), by memory (what the decoded pixels will
-cost, known from the header), and with one slot kept for small pictures while big ones decode.
+cost, known from the header), and small pictures first: they go ahead of big ones whenever a slot
+frees, and with three or more slots one is always kept for them.
 
 Counting images alone lets two 50-megapixel 16-bit PNGs take gigabytes at once; counting slots alone
 lets two slow decodes hold every core while a normal photo waits behind them.
@@ -35,27 +36,33 @@ def _malloc_trim():
 class DecodeGate:
     def __init__(self, slots: int, memory_bytes: int, heavy_pixels: int, trim_bytes: int = 64 << 20):
         self.slots = max(1, slots)
-        self.heavy_slots = max(1, self.slots - 1)  # with 2+ slots, one is always left for small pictures
+        # With 3+ slots one is always left for small pictures; with fewer, keeping one would halve the
+        # rate of big ones, so small pictures only go first whenever a slot frees.
+        self.heavy_slots = self.slots - 1 if self.slots > 2 else self.slots
         self.memory_bytes = memory_bytes
         self.heavy_pixels = heavy_pixels
         self.trim_bytes = trim_bytes
         self._trim = _malloc_trim()
         self._cond = threading.Condition()
-        self._busy = self._heavy = self._bytes = 0
+        self._busy = self._heavy = self._bytes = self._small_waiting = 0
 
     def _fits(self, cost, heavy):
-        if self._busy == 0:
-            return True  # alone, anything within the pixel limit may decode
-        if self._busy >= self.slots or (heavy and self._heavy >= self.heavy_slots):
+        if self._busy >= self.slots or (heavy and (self._heavy >= self.heavy_slots or self._small_waiting)):
             return False
-        return self._bytes + cost <= self.memory_bytes
+        return self._busy == 0 or self._bytes + cost <= self.memory_bytes  # alone, any picture may decode
 
     @contextmanager
     def enter(self, pixels: int, cost: int, deadline: float):
         """Hold a decoding slot for `cost` bytes; raises DeadlineExceeded if none frees up in time."""
         heavy = pixels > self.heavy_pixels
         with self._cond:
-            if not self._cond.wait_for(lambda: self._fits(cost, heavy), max(0.0, deadline - time.monotonic())):
+            self._small_waiting += not heavy
+            try:
+                fits = self._cond.wait_for(lambda: self._fits(cost, heavy), max(0.0, deadline - time.monotonic()))
+            finally:
+                self._small_waiting -= not heavy
+            if not fits:
+                self._cond.notify_all()  # heavy ones may have waited for this small one
                 raise DeadlineExceeded()
             self._busy += 1
             self._heavy += heavy
