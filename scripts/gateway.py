@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 import requests
+import waitress.utilities
 from waitress import create_server
 from werkzeug.wrappers import Request, Response
 
@@ -31,6 +32,14 @@ CONNECTIONS = int(os.environ.get("GATEWAY_CONNECTIONS", "1000"))  # waitress's d
 def json_response(status, code, message):
     return Response(json.dumps({"error": {"code": code, "message": message}}), status=status,
                     content_type="application/json")
+
+
+def protocol_error_as_json(self, ident=None):
+    """waitress answers protocol errors itself (duplicate Content-Length, headers too large): JSON, like
+    every other answer of the gateway and the functions."""
+    body = json.dumps({"error": {"code": "bad_request" if self.code == 400 else "http_error",
+                                 "message": f"{self.reason}: {self.body}"[:300]}}).encode()
+    return f"{self.code} {self.reason}", [("Content-Type", "application/json")], body
 
 
 def make_app(functions):
@@ -84,6 +93,7 @@ def main():
     parser.add_argument("--build-dir", default=None, help="default: build/serve-PORT (one per instance)")
     args = parser.parse_args()
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    waitress.utilities.Error.to_response = protocol_error_as_json
     functions = {}
     # The port first: a busy one is a clear error before any function process exists.
     try:

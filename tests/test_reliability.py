@@ -399,3 +399,20 @@ def test_weights_that_cannot_be_downloaded_are_one_clear_message(tmp_path):
         assert "function init failed, not ready" in log and "Traceback" not in log
     finally:
         fn.stop()
+
+
+@pytest.mark.parametrize("raw", [
+    b"POST /function/clip HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+    b"GET /function/clip HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (256 * 1024) + b"\r\n\r\n",
+], ids=["duplicate Content-Length", "headers too large"])
+def test_the_local_gateways_own_protocol_errors_are_json(stack, raw):
+    with socket.create_connection(("127.0.0.1", stack.port), timeout=10) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        sock.sendall(raw)
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.split(b" ")[1][:1] == b"4" and b"application/json" in head.lower()
+    assert json.loads(body)["error"]["message"]
