@@ -455,7 +455,7 @@ def main():
     auto = precision.choose("auto", "cuda" if torch.cuda.is_available() else "cpu")
     report.update(dtypes=dtypes, auto={"dtype": auto.name, "reason": auto.reason})
     print(f"processor: {report['machine']['cpu']}; CLIP_DTYPE=auto -> {auto.name}: {auto.reason}")
-    if "bf16" not in dtypes:
+    if "bf16" not in dtypes and not args.numerics:
         print("bf16: not measured, this processor has no native bf16 (emulated bf16 is many times slower than "
               "fp32); force it with --dtypes fp32,bf16")
 
