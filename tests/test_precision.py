@@ -1,4 +1,9 @@
 """CLIP_DTYPE: what auto picks on which processor, and what bf16 costs in accuracy against fp32."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import requests
@@ -7,7 +12,7 @@ import torch
 from clip import model as model_module
 from clip import precision
 from clip.intake import load_image
-from clip.labels import LABEL_SETS, SIMPLE_TEMPLATES, class_embeddings
+from clip.labels import LABEL_SETS, SIMPLE_TEMPLATES, LabelStore, class_embeddings
 from clip.precision import CpuFeatures, choose
 from support.images import noise_image
 from support.servers import FunctionProcess
@@ -119,7 +124,6 @@ def test_bf16_computes_in_bf16_and_stays_close_to_fp32(both):
 
 
 def test_label_caches_are_keyed_by_dtype(both, tmp_path):
-    from clip.labels import LabelStore
     paths = {name: LabelStore(clip, str(tmp_path)).cache_path(LABEL_SETS["cifar10"])
              for name, (clip, _, _) in both.items()}
     assert paths["fp32"] != paths["bf16"]
@@ -153,6 +157,21 @@ def test_served_bf16_scores_stay_close_to_fp32(clip_server, bf16_server, clip_en
         bound = MAX_PROBABILITY_DELTA["1 prompt" if "labels" in params else "18 prompts"]
         assert max(abs(fp32[label] - bf16[label]) for label in fp32) <= bound
     # the bf16 function encoded its own cifar10 embeddings rather than loading the fp32 ones
-    from pathlib import Path
     assert len(list((Path(clip_env["CLIP_CACHE_DIR"]) / "embeddings").glob("cifar10-*.pt"))) == 2
     assert "encoding 180 prompts for cifar10" in bf16_server.output()
+
+
+def test_build_ahead_bakes_each_dtype_asked_for(tiny_model, tmp_path):
+    """warm.py: auto bakes fp32 (plus bf16 only where this processor runs it natively); --dtypes both."""
+    env = {**os.environ, "CLIP_MODEL": f"local-dir:{tiny_model}", "CLIP_CACHE_DIR": str(tmp_path), "CLIP_DEVICE": "cpu"}
+    backend = Path(__file__).resolve().parents[1] / "backend"
+    for extra, expected in (([], 2 if precision.cpu_features().native_bf16 else 1), (["--dtypes", "fp32,bf16"], 2)):
+        for old in tmp_path.glob("embeddings/*"):
+            old.unlink()
+        run = subprocess.run([sys.executable, "-m", "clip.warm", "--label-sets", "cifar10", *extra], cwd=backend,
+                             env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr
+        assert len(list(tmp_path.glob("embeddings/cifar10-*.pt"))) == expected, run.stdout
+    bad = subprocess.run([sys.executable, "-m", "clip.warm", "--dtypes", "int8"], cwd=backend, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "unknown dtypes" in bad.stderr
