@@ -21,7 +21,8 @@ def tiny_model(tmp_path_factory):
 def clip_env(tiny_model, tmp_path_factory):
     """Environment for a clip function on the tiny model, with its own embedding cache."""
     return {"CLIP_MODEL": f"local-dir:{tiny_model}", "CLIP_CACHE_DIR": str(tmp_path_factory.mktemp("cache")),
-            "CLIP_PRELOAD_LABEL_SETS": "cifar100,cifar10"}
+            "CLIP_PRELOAD_LABEL_SETS": "cifar100,cifar10",
+            "CLIP_DTYPE": "fp32"}  # parity with open_clip's fp32 at 1e-4, whatever auto picks on this CPU
 
 
 @pytest.fixture(scope="session")

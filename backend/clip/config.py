@@ -19,11 +19,12 @@ class Settings:
     model: str = "ViT-B-32"
     pretrained: str = "datacomp_xl_s13b_b90k"
     device: str = "auto"
+    dtype: str = "auto"                   # auto|fp32|bf16|fp16 (precision.py)
     cache_dir: str = os.path.expanduser("~/.cache/clip-function")
     default_label_set: str = "cifar100"
     preload_label_sets: tuple = ("cifar100",)
     custom_templates: str = "simple"      # "simple" (1 prompt per label) or "cifar" (the 18)
-    max_batch: int = 8
+    max_batch: int = 0                    # 0 = the default for the device and dtype (precision.py)
     max_wait_ms: float = 25.0
     max_queue: int = 32                   # images admitted at once (decoding, queued, encoding)
     deadline_s: float = 30.0
@@ -55,6 +56,7 @@ def from_env():
         model=_env("CLIP_MODEL", Settings.model),
         pretrained=_env("CLIP_PRETRAINED", Settings.pretrained),
         device=_env("CLIP_DEVICE", Settings.device),
+        dtype=_env("CLIP_DTYPE", Settings.dtype).lower(),
         cache_dir=_env("CLIP_CACHE_DIR", Settings.cache_dir),
         default_label_set=_env("CLIP_LABEL_SET", Settings.default_label_set),
         preload_label_sets=tuple(_list("CLIP_PRELOAD_LABEL_SETS", _env("CLIP_LABEL_SET", "cifar100"))),

@@ -80,7 +80,9 @@ class LabelStore:
         self._lock = threading.Lock()
 
     def cache_path(self, label_set):
-        key = cache_key(self.model.weights_id, label_set.labels, _templates_id(label_set.templates))
+        # keyed by dtype too: bf16 embeddings differ from fp32 ones (and fp16 from both)
+        key = cache_key(self.model.weights_id, str(self.model.dtype), label_set.labels,
+                        _templates_id(label_set.templates))
         return os.path.join(self.cache_dir, f"{label_set.name}-{key}.pt")
 
     def build(self, name):

@@ -1,6 +1,7 @@
 """The CLIP model: created once per process through open_clip's own factory, then only encodes."""
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 
@@ -8,6 +9,9 @@ import numpy as np
 import open_clip
 import torch
 
+from . import precision
+
+LOG = logging.getLogger("model")
 RANDOM_SEED = 0  # CLIP_PRETRAINED=none: same random weights every start, so caches stay valid
 
 
@@ -28,6 +32,9 @@ class ClipModel:
     weights_id: str             # identifies the weights, for cache keys
     image_size: int
     logit_scale: float
+    dtype_setting: str = "fp32"     # CLIP_DTYPE as given
+    dtype_reason: str = ""          # why this dtype (GET /, logs, scripts/bench)
+    max_batch: int = 8              # CLIP_MAX_BATCH's default for this device and dtype
 
     def __post_init__(self):
         # Split open_clip's transform at ToTensor: the PIL half (resize, crop, mode) runs in request
@@ -75,7 +82,8 @@ class ClipModel:
 
     def describe(self):
         return {"model": self.name, "pretrained": self.pretrained, "device": str(self.device),
-                "dtype": str(self.dtype).replace("torch.", ""), "untrained": self.untrained,
+                "dtype": str(self.dtype).replace("torch.", ""), "dtype_setting": self.dtype_setting,
+                "dtype_reason": self.dtype_reason, "untrained": self.untrained,
                 "image_size": self.image_size}
 
 
@@ -111,8 +119,9 @@ def weights_id(name, pretrained):
     return f"{name}:{pretrained}"
 
 
-def create(name, pretrained, device="auto", cache_dir=None, threads=0):
-    """One factory: open_clip name + tag, `local-dir:`, `hf-hub:`, a checkpoint path, or `none`."""
+def create(name, pretrained, device="auto", cache_dir=None, threads=0, dtype="auto"):
+    """One factory: open_clip name + tag, `local-dir:`, `hf-hub:`, a checkpoint path, or `none`;
+    dtype: CLIP_DTYPE (auto|fp32|bf16|fp16, see precision.py)."""
     if threads > 0:
         torch.set_num_threads(threads)
     untrained = pretrained.lower() == "none" and not name.startswith(("local-dir:", "hf-hub:"))
@@ -136,15 +145,18 @@ def create(name, pretrained, device="auto", cache_dir=None, threads=0):
         from timm.utils import reparameterize_model
         model = reparameterize_model(model)
     dev = pick_device(device)
-    dtype = torch.float16 if dev.type == "cuda" else torch.float32
-    model = model.to(dev, dtype)
+    chosen = precision.choose(dtype, dev.type, cuda_bf16=dev.type != "cuda" or torch.cuda.is_bf16_supported())
+    LOG.info("dtype %s: %s", chosen.name, chosen.reason)
+    logit_scale = float(model.logit_scale.detach().float().exp().item())  # before rounding to bf16/fp16
+    model = model.to(dev, chosen.dtype)
     crop = next(t.size for t in preprocess.transforms if hasattr(t, "size"))  # the model's input size
     image_size = crop[0] if isinstance(crop, (tuple, list)) else int(crop)
     return ClipModel(
-        model=model, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(name), device=dev, dtype=dtype,
+        model=model, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(name), device=dev, dtype=chosen.dtype,
         name=_display_name(name), pretrained=_display_pretrained(name, pretrained, untrained),
         untrained=untrained, weights_id=weights_id(name, pretrained), image_size=image_size,
-        logit_scale=float(model.logit_scale.detach().float().exp().item()))
+        logit_scale=logit_scale, dtype_setting=chosen.setting,
+        dtype_reason=chosen.reason, max_batch=precision.default_max_batch(dev.type, chosen.dtype))
 
 
 def _display_name(name):

@@ -41,8 +41,9 @@ class Service:
         started = time.perf_counter()
         self.settings = settings
         self.model = model_module.create(settings.model, settings.pretrained, settings.device,
-                                         settings.cache_dir, settings.threads)
-        self.batcher = Batcher(self.model.encode_prepared, settings.max_batch, settings.max_wait_ms / 1000,
+                                         settings.cache_dir, settings.threads, settings.dtype)
+        self.max_batch = settings.max_batch or self.model.max_batch  # unset: chosen per device and dtype
+        self.batcher = Batcher(self.model.encode_prepared, self.max_batch, settings.max_wait_ms / 1000,
                                settings.max_queue, settings.stall_s)
         # Decoding beyond the cores only slows the forward pass and holds more pixels in memory.
         self.decoder_count = settings.decoders or settings.threads or os.cpu_count() or 1
@@ -69,7 +70,7 @@ class Service:
                 "limits": {"max_body_bytes": int(os.environ.get("MAX_BODY_BYTES", 32 * 1024 * 1024)),
                            "max_pixels": s.max_pixels, "max_images": s.max_images, "max_labels": s.max_labels,
                            "max_label_chars": s.max_label_chars,
-                           "max_batch": s.max_batch, "max_wait_ms": s.max_wait_ms, "max_queue": s.max_queue,
+                           "max_batch": self.max_batch, "max_wait_ms": s.max_wait_ms, "max_queue": s.max_queue,
                            "decoders": self.decoder_count, "decode_memory_mb": s.decode_memory_mb,
                            "heavy_pixels": s.heavy_pixels, "max_scan_pixels": s.max_scan_pixels,
                            "max_jpeg_segments": s.max_jpeg_segments, "max_jpeg_fill_bytes": s.max_jpeg_fill_bytes,

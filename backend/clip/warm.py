@@ -1,9 +1,13 @@
 """Build ahead (at image build): download the weights and cache the label-set embeddings.
 
-    python -m function.warm [--label-sets cifar100,cifar10,imagenet1k]    (inside the image)
+    python -m function.warm [--label-sets cifar100,cifar10,imagenet1k] [--dtypes fp32,bf16]   (inside the image)
 
 Runs the same model factory and label code as the function, with the same CLIP_* environment,
-so a cold start finds everything in CLIP_CACHE_DIR and downloads nothing.
+so a cold start finds everything in CLIP_CACHE_DIR and downloads nothing. Embedding caches are
+keyed by dtype. CLIP_DTYPE=auto decides on the processor the function runs on: auto bakes fp32,
+plus bf16 where the building processor runs bf16 natively (elsewhere emulated bf16 takes many minutes).
+Building for bf16 nodes on a processor without it: --dtypes fp32,bf16 (slow) or let the first start
+encode (fast on such a node).
 """
 import argparse
 import logging
@@ -11,6 +15,7 @@ import time
 
 from . import config
 from . import model as model_module
+from . import precision
 from .labels import LABEL_SETS, LabelStore
 
 
@@ -18,6 +23,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--label-sets", default=None,
                         help="comma-separated sets to embed (default: CLIP_PRELOAD_LABEL_SETS); 'all' for every set")
+    parser.add_argument("--dtypes", default=None,
+                        help="comma-separated dtypes to embed in (default: CLIP_DTYPE; auto: fp32, and bf16 "
+                             "where this processor runs it natively)")
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(message)s")
     settings = config.from_env()
@@ -26,13 +34,22 @@ def main(argv=None):
     unknown = [n for n in names if n not in LABEL_SETS]
     if unknown:
         parser.error(f"unknown label sets {unknown}; known: {', '.join(LABEL_SETS)}")
-    clip = model_module.create(settings.model, settings.pretrained, settings.device, settings.cache_dir,
-                               settings.threads)
-    store = LabelStore(clip, settings.cache_dir)
-    for name in names:
-        started = time.perf_counter()
-        store.build(name)
-        print(f"{name}: {store.cache_path(LABEL_SETS[name])} ({time.perf_counter() - started:.1f} s)")
+    dtypes = args.dtypes or settings.dtype
+    if dtypes == "auto":
+        dtypes = "fp32,bf16" if precision.cpu_features().native_bf16 else "fp32"
+    dtypes = [d.strip() for d in dtypes.split(",") if d.strip()]
+    wrong = [d for d in dtypes if d not in precision.DTYPES]
+    if wrong:
+        parser.error(f"unknown dtypes {wrong}; known: {', '.join(precision.DTYPES)}")
+    for dtype in dtypes:
+        clip = model_module.create(settings.model, settings.pretrained, settings.device, settings.cache_dir,
+                                   settings.threads, dtype)
+        store = LabelStore(clip, settings.cache_dir)
+        for name in names:
+            started = time.perf_counter()
+            store.build(name)
+            print(f"{name} ({dtype}): {store.cache_path(LABEL_SETS[name])} ({time.perf_counter() - started:.1f} s)")
+        del clip, store
 
 
 if __name__ == "__main__":
