@@ -522,6 +522,15 @@ def test_several_pictures_one_request_errors_in_place(stack, visit, tmp_path):
         assert not spinning(page)
         assert run_axe(page) == []
         shoot(page, "batch")
+
+        # Of two, only one goes out (the other is too large) and clip refuses it: both errors in place.
+        page.set_input_files("#file", files=[{"name": name, "mimeType": "image/png", "buffer": data}
+                                             for name, data in (("broken.png", broken), ("heavy.png", heavy))])
+        expect(page.locator("#status")).to_have_text("Done: 0 of 2 pictures classified.")
+        expect(page.locator("#cards > li.failed")).to_have_count(2)
+        expect(card(page, 0).locator(".card-error")).to_have_text(expected[2]["error"]["message"])
+        expect(page.locator("#error")).to_be_hidden()
+        assert len(v.posts) == 2
         assert v.js_errors == []
 
 
@@ -546,7 +555,8 @@ PASTE = """([bytes, type, text]) => {
     if (bytes) transfer.items.add(new File([new Uint8Array(bytes)], 'image.png', {type}));
     if (text) transfer.setData('text/plain', text);
     const target = document.activeElement || document.body;
-    return target.dispatchEvent(new ClipboardEvent('paste', {clipboardData: transfer, bubbles: true, cancelable: true}));
+    const event = new ClipboardEvent('paste', {clipboardData: transfer, bubbles: true, cancelable: true});
+    return target.dispatchEvent(event);
 }"""
 
 
@@ -659,7 +669,8 @@ def test_by_address_when_clip_allows_it(stack, visit, tmp_path):
 
             field.fill("not an address")  # the browser's own check, before anything is sent
             field.press("Enter")
-            expect(page.locator("#error")).to_have_text("That is not a web address: it starts with https:// or http://.")
+            expect(page.locator("#error")).to_have_text(
+                "That is not a web address: it starts with https:// or http://.")
             assert len(clip.bodies) == 1
     finally:
         clip.close()

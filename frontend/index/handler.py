@@ -59,7 +59,7 @@ def _page(status, answer=None, form=None, headers=None):
     info = clip_client.info()
     html = TEMPLATES.get_template("page.html").render(
         info=info, settings=page.page_settings(info), answer=page.answer_view(answer), form=page.refill(form),
-        cards=page.cards(answer, form), short=page.short)
+        cards=page.cards(answer, form))
     return {"statusCode": status, "body": html,
             "headers": {"Content-Type": "text/html; charset=utf-8", "Content-Security-Policy": CSP,
                         "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", **(headers or {})}}
