@@ -66,3 +66,90 @@ def test_clip_down_gives_a_clear_502_not_a_hang(tmp_path):
         assert response.json()["error"]["code"] == "clip_unreachable"
         page = requests.get(index.url, timeout=30)  # the page itself still renders
         assert page.status_code == 200 and "<form" in page.text
+
+
+def test_label_sets_come_from_clip(stack, tmp_path):
+    described = requests.get(stack.url + "/function/clip", timeout=10).json()
+    page = requests.get(stack.url + "/function/index", timeout=10).text
+    options = re.findall(r'<option value="([^"]*)"( selected)?>', page)
+    assert [name for name, _ in options] == list(described["label_sets"])
+    assert [name for name, selected in options if selected] == [described["default_label_set"]]
+    # clip unreachable: one neutral choice that lets clip pick its default, and the page still renders.
+    env = {"CLIP_URL": f"http://127.0.0.1:{free_port()}/function/clip"}
+    with FunctionProcess("index", tmp_path, env) as index:
+        page = requests.get(index.url, timeout=30).text
+        assert re.findall(r'<option value="([^"]*)"', page) == [""]
+
+
+def multipart(parts):
+    """A multipart body from (name, filename or None, bytes) parts, however many."""
+    boundary = "----flood"
+    chunks = []
+    for name, filename, data in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        chunks.append(f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + data + b"\r\n")
+    return b"".join(chunks) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def test_form_floods_are_refused_before_forwarding(tmp_path):
+    # clip is unreachable here: a 413 (not a 502) shows the form was refused before any forwarding.
+    env = {"CLIP_URL": f"http://127.0.0.1:{free_port()}/function/clip"}
+    with FunctionProcess("index", tmp_path, env) as index:
+        body, content_type = multipart([("x", None, b"1")] * 300_000)  # 300,000 tiny parts, 13 MB
+        response = requests.post(index.url, data=body, headers={"Content-Type": content_type,
+                                                                "Accept": "application/json"}, timeout=60)
+        assert response.status_code == 413 and response.json()["error"]["code"] == "too_many_parts"
+
+        flood = ("a=1&" * 200_000).encode()
+        response = requests.post(index.url, data=flood, timeout=60, headers={
+            "Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"})
+        assert response.status_code == 413 and response.json()["error"]["code"] == "too_many_parts"
+
+        # 17 pictures where clip takes 16 (its default; clip cannot be asked here).
+        body, content_type = multipart([("image", f"{i}.png", noise_image(seed=i)) for i in range(17)])
+        response = requests.post(index.url, data=body, timeout=60, headers={"Content-Type": content_type})
+        assert response.status_code == 400 and response.json()["error"]["code"] == "too_many_images"
+
+        # A 6 MB labels field: refused, and the HTML answer does not echo it.
+        body, content_type = multipart([("image", "a.png", noise_image()), ("labels", None, b"cat," * 1_500_000)])
+        response = requests.post(index.url, data=body, timeout=60,
+                                 headers={"Content-Type": content_type, "Accept": "text/html"})
+        assert response.status_code == 413 and "text/html" in response.headers["Content-Type"]
+        assert "larger than 256 KB" in response.text and len(response.content) < 40_000
+        assert "cat,cat" not in response.text
+
+
+def test_results_page_echoes_at_most_a_screenful(stack):
+    labels = ",".join(f"label number {i} " + "x" * 180 for i in range(60))  # 12 KB, within every limit
+    body, content_type = multipart([("image", "a.png", noise_image(seed=13)), ("labels", None, labels.encode()),
+                                    ("top_k", None, b"1000")])
+    response = requests.post(stack.url + "/function/index", data=body, timeout=60,
+                             headers={"Content-Type": content_type, "Accept": "text/html"})
+    assert response.status_code == 200, response.text[:500]
+    empty_page = requests.get(stack.url + "/function/index", timeout=10).text
+    text_added = len(re.sub(r'src="data:[^"]*"', "", response.text)) - len(empty_page)
+    assert text_added < 12_000  # 20 rows of 200 characters, not 60; the 12 KB field is not refilled
+    assert len(re.findall(r'<span class="label">', response.text)) == 20
+    assert 'value=""' in re.search(r'<input id="labels"[^>]*>', response.text).group(0)
+
+
+def test_plain_form_post_of_several_pictures_renders_a_grid(stack):
+    good, other = noise_image("PNG", seed=14), noise_image("JPEG", seed=15)
+    parts = [("image", "good.png", good), ("image", "broken.png", b"not a picture"), ("image", "other.jpg", other),
+             ("top_k", None, b"3")]
+    body, content_type = multipart(parts)
+    expected = requests.post(stack.url + "/function/clip", data=body, headers={"Content-Type": content_type},
+                             timeout=60).json()["results"]
+    response = requests.post(stack.url + "/function/index", data=body, timeout=60,
+                             headers={"Content-Type": content_type, "Accept": "text/html"})
+    assert response.status_code == 200
+    cards = re.findall(r'<li class="result( failed)?">(.*?)</li>\s*(?=<li class="result|</ul>)', response.text, re.S)
+    assert len(cards) == 3
+    for (failed, card), name, answer in zip(cards, ("good.png", "broken.png", "other.jpg"), expected):
+        assert f'<h3 class="name">{name}</h3>' in card
+        if "error" in answer:
+            assert failed and answer["error"]["message"] in card.replace("&#39;", "'")
+        else:
+            labels = re.findall(r'<span class="label">([^<]*)</span>', card)
+            assert labels == [row["label"] for row in answer["predictions"]] and 'src="data:image/' in card
+    assert "Done: 2 of 3 pictures classified." in response.text

@@ -11,6 +11,7 @@ CONNECT_TIMEOUT_S = float(os.environ.get("CLIP_CONNECT_TIMEOUT_S", "3"))
 TIMEOUT_S = float(os.environ.get("CLIP_TIMEOUT_S", "60"))  # >= clip's own deadline (CLIP_DEADLINE_S)
 INFO_TIMEOUT_S = 2.0   # the page must render fast even when clip is cold or down
 INFO_TTL_S = 30.0
+INFO_RETRY_S = 5.0  # while clip cannot be asked, pages use a fallback instead of waiting each time
 
 _session = requests.Session()
 _session.trust_env = False  # a proxy from the environment must not reroute in-cluster traffic
@@ -59,7 +60,7 @@ def classify(body, content_type, query_string, request_id):
 def info():
     """clip's self-description (model, untrained flag, label sets), cached briefly; None if unreachable."""
     with _info_lock:
-        if time.monotonic() - _info["at"] < INFO_TTL_S and _info["value"] is not None:
+        if time.monotonic() - _info["at"] < (INFO_TTL_S if _info["value"] is not None else INFO_RETRY_S):
             return _info["value"]
     try:
         response = _session.get(CLIP_URL, timeout=(min(CONNECT_TIMEOUT_S, INFO_TIMEOUT_S), INFO_TIMEOUT_S))

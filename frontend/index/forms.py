@@ -1,0 +1,98 @@
+"""Form posts to index, parsed once with limits before anything is forwarded to clip: a flood of parts
+or a huge text field is refused early (werkzeug stops at the first part or byte over the limit)."""
+import io
+import os
+from dataclasses import dataclass, field
+
+from werkzeug.datastructures import FileStorage
+from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.formparser import FormDataParser
+from werkzeug.http import parse_options_header
+
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+MAX_FIELD_BYTES = int(os.environ.get("INDEX_MAX_FIELD_BYTES", str(256 * 1024)))  # 1,000 labels of 200 chars fit
+EXTRA_PARTS = 8  # options, the URL field and the empty file parts a browser sends for unused pickers
+DEFAULT_MAX_IMAGES = 16  # clip's own default, used while clip cannot be asked
+
+
+class Refused(Exception):
+    """A form refused before forwarding: becomes a JSON (or HTML) 4xx."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+@dataclass
+class Form:
+    """What a form post holds: text fields, the non-empty pictures (name, bytes) and the URLs."""
+    fields: dict = field(default_factory=dict)
+    pictures: list = field(default_factory=list)
+    urls: list = field(default_factory=list)
+
+
+def max_images(info: dict | None) -> int:
+    """clip's per-request picture limit, from its self-description (one home for the fact)."""
+    try:
+        return max(1, int(info["limits"]["max_images"]))
+    except (TypeError, KeyError, ValueError):
+        return DEFAULT_MAX_IMAGES
+
+
+def is_form(content_type: str) -> bool:
+    return parse_options_header(content_type)[0] in FORM_TYPES
+
+
+def parse(body: bytes, content_type: str, images_allowed: int) -> Form:
+    """Parse a form post within limits; raise Refused for floods, oversized fields or too many pictures."""
+    mimetype, params = parse_options_header(content_type)
+    max_parts = images_allowed + EXTRA_PARTS
+    if mimetype == "application/x-www-form-urlencoded":
+        # werkzeug reads an urlencoded body whole: bound it before it does.
+        if body.count(b"&") >= max_parts:
+            raise _too_many_parts(max_parts)
+        if len(body) > MAX_FIELD_BYTES:
+            raise _field_too_large()
+    parser = FormDataParser(stream_factory=_in_memory, max_form_memory_size=MAX_FIELD_BYTES,
+                            max_form_parts=max_parts, silent=False)
+    try:
+        _, fields, files = parser.parse(io.BytesIO(body), mimetype, len(body), params)
+    except RequestEntityTooLarge:
+        # werkzeug says only "too large": tell which limit from what was being read when it stopped.
+        raise (_too_many_parts(max_parts) if _part_count(body, params) > max_parts else _field_too_large()) \
+            from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise Refused(400, "invalid_form", f"The form data could not be read ({str(exc)[:80]}).") from None
+    form = Form(fields={key: fields.get(key, "") for key in ("labels", "label_set", "top_k")})
+    for storage in files.getlist("image"):
+        data = storage.stream.read()
+        if data:  # a browser sends an empty part for a picker left empty
+            form.pictures.append((_name(storage, len(form.pictures)), data))
+    form.urls = [url.strip() for url in fields.getlist("url") if url.strip()]
+    count = len(form.pictures) + len(form.urls) + sum(1 for t in fields.getlist("image") if t.strip())
+    if count > images_allowed:
+        raise Refused(400, "too_many_images", f"{count} pictures sent; at most {images_allowed} per request.")
+    return form
+
+
+def _in_memory(total_content_length=None, content_type=None, filename=None, content_length=None):
+    return io.BytesIO()  # the body is in memory already: no temporary files on disk for its parts
+
+
+def _name(storage: FileStorage, index: int) -> str:
+    return (storage.filename or "").strip()[:120] or f"Picture {index + 1}"
+
+
+def _part_count(body: bytes, params: dict) -> int:
+    boundary = params.get("boundary", "").encode("latin-1", "replace")
+    return body.count(b"--" + boundary) - 1 if boundary else 0
+
+
+def _too_many_parts(max_parts: int) -> Refused:
+    return Refused(413, "too_many_parts", f"The form has more than {max_parts} parts; a picture form needs "
+                   "one part per picture and a few options.")
+
+
+def _field_too_large() -> Refused:
+    return Refused(413, "field_too_large", f"A text field of the form (labels?) is larger than "
+                   f"{MAX_FIELD_BYTES // 1024} KB.")
