@@ -64,10 +64,17 @@ def info():
             return _info["value"]
     try:
         response = _session.get(CLIP_URL, timeout=(min(CONNECT_TIMEOUT_S, INFO_TIMEOUT_S), INFO_TIMEOUT_S))
-        value = response.json() if response.ok else None
-        value = value if isinstance(value, dict) and value.get("ready") else None
+        doc = response.json()
     except (requests.RequestException, ValueError):
-        value = None
+        doc = None
+    doc = doc if isinstance(doc, dict) else {}
+    value = doc if doc.get("ready") else None
+    problem = doc.get("error") if isinstance(doc.get("error"), str) else None  # e.g. weights not found
     with _info_lock:
-        _info.update(at=time.monotonic(), value=value)
+        _info.update(at=time.monotonic(), value=value, problem=problem and problem[:500])
     return value
+
+
+def problem():
+    """Why clip says it cannot start (as of the last info()), or None."""
+    return _info.get("problem")

@@ -58,7 +58,7 @@ def _wants_html(event, content_type):
 def _page(status, answer=None, form=None, headers=None):
     info = clip_client.info()
     html = TEMPLATES.get_template("page.html").render(
-        info=info, settings=page.page_settings(info), answer=page.answer_view(answer), form=page.refill(form),
+        info=info, clip_problem=clip_client.problem(), settings=page.page_settings(info), answer=page.answer_view(answer), form=page.refill(form),
         cards=page.cards(answer, form))
     return {"statusCode": status, "body": html,
             "headers": {"Content-Type": "text/html; charset=utf-8", "Content-Security-Policy": CSP,
