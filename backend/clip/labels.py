@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from open_clip import zero_shot_metadata as imagenet
 
+from . import metrics
 from .model import cache_key
 
 LOG = logging.getLogger("labels")
@@ -135,6 +136,7 @@ class LabelStore:
             future = Future()
             for label in mine:
                 self._encoding[label] = future
+        metrics.label_lookups(hits=len(rows), misses=len(mine), shared=len(others))
         if mine:
             try:
                 fresh = dict(zip(mine, class_embeddings(self.encode_texts, mine, self.custom_templates,

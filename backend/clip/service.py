@@ -8,6 +8,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import numpy as np
 from PIL import Image
 
+from . import metrics
 from . import model as model_module
 from . import remote
 from .batcher import Batcher, DeadlineExceeded, QueueFull
@@ -76,6 +77,7 @@ class Service:
     def classify(self, intake):
         """Raises ClientError for request-wide problems; per-image problems land in their result."""
         s = self.settings
+        metrics.note_images(len(intake.images) + len(intake.urls))
         deadline = time.monotonic() + s.deadline_s
         options = parse_options(intake.options, s)
         labels, embeddings = self.label_matrix(options)
@@ -126,6 +128,7 @@ class Service:
                 raise ClientError(504, "deadline_exceeded",
                                   f"No answer within the {s.deadline_s:g} s deadline; the classifier is busy.") \
                     from None
+            metrics.rode(future)
             results.append({"predictions": self.rank(features, labels, embeddings, top_k)})
         return results
 

@@ -11,7 +11,7 @@ from werkzeug.formparser import FormDataParser
 from werkzeug.http import parse_accept_header, parse_options_header
 from werkzeug.datastructures import MIMEAccept
 
-from . import clip_client
+from . import clip_client, metrics
 
 TEMPLATES = Environment(loader=FileSystemLoader(os.path.join(os.path.dirname(__file__), "templates")),
                         autoescape=select_autoescape(default=True, default_for_string=True))
@@ -29,8 +29,19 @@ TEMPLATES.filters["short_name"] = lambda name: re.sub(r"(^|local-dir:)/\S*/", r"
 
 
 def handle(event, context):
+    if event.path == "/metrics" and event.method in ("GET", "HEAD"):
+        return metrics.exposition(event)
     request_id = event.headers.get("X-Request-Id", "")
     request_id = request_id if REQUEST_ID.match(request_id) else uuid.uuid4().hex
+    return metrics.observe(event, request_id, lambda: respond(event, request_id))
+
+
+def shutdown():
+    """Called by the template host when it drains this worker."""
+    metrics.worker_exiting()
+
+
+def respond(event, request_id):
     if event.path in ("/ready", "/_/ready"):
         return _json(200, {"ready": True})
     if event.method in ("GET", "HEAD"):
@@ -42,6 +53,7 @@ def handle(event, context):
     query = urlencode(list(event.query.items(multi=True)))
     status, answer, headers = clip_client.classify(event.body, content_type, query, request_id)
     answer.setdefault("request_id", request_id)
+    metrics.note_answer(answer)
     if _wants_html(event, content_type):
         return _page(status, {"answer": answer, "form": _form_fields(event.body, content_type)}, headers)
     return _json(status, answer, headers)
