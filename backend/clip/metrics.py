@@ -51,6 +51,8 @@ MODEL = Gauge("clip_model_info", "The model served (always 1; the labels carry t
               ["model", "pretrained", "device", "dtype", "untrained"], multiprocess_mode="livemax")
 
 _samplers = []  # callables that set gauges from live state
+_refresh_lock = threading.Lock()
+_sampler_pid = [None]
 _local = threading.local()
 _batch_lock = threading.Lock()
 _batch_seq = [0]
@@ -60,6 +62,7 @@ _batch_seq = [0]
 
 def exposition(event) -> dict:
     """The answer to GET /metrics: every metric, in the format the scraper asked for."""
+    _ensure_sampler()
     refresh()
     registry = REGISTRY
     if MULTIPROCESS_DIR:
@@ -71,17 +74,26 @@ def exposition(event) -> dict:
 
 
 def refresh() -> None:
-    for sampler in list(_samplers):
-        try:
-            sampler()
-        except Exception:  # a figure missing from one scrape is better than a failed scrape
-            LOG.debug("sampler failed", exc_info=True)
+    with _refresh_lock:
+        for sampler in list(_samplers):
+            try:
+                sampler()
+            except Exception:  # a figure missing from one scrape is better than a failed scrape
+                LOG.debug("sampler failed", exc_info=True)
+
+
+def _ensure_sampler():
+    """In multiprocess mode, one sampler thread per worker process (a worker forked from a parent that
+    imported this module inherits no threads)."""
+    if MULTIPROCESS_DIR and _sampler_pid[0] != os.getpid():
+        _sampler_pid[0] = os.getpid()
+        threading.Thread(target=_sample_forever, name="metrics-sampler", daemon=True).start()
 
 
 def _sample_forever():
     while True:
-        time.sleep(SAMPLE_INTERVAL_S)
         refresh()
+        time.sleep(SAMPLE_INTERVAL_S)
 
 
 def _process_figures():
@@ -90,20 +102,22 @@ def _process_figures():
                    registry=None, multiprocess_mode="livesum")
     cpu = Counter("process_cpu_seconds_total", "CPU time of the function's workers, summed", registry=None)
     page = os.sysconf("SC_PAGE_SIZE")
-    spent = [0.0]
+    spent = {"pid": None, "cpu": 0.0}
 
     def sample():
         with open("/proc/self/statm") as f:
             memory.set(int(f.read().split()[1]) * page)
+        if spent["pid"] != os.getpid():  # a forked worker's CPU times start at 0
+            spent.update(pid=os.getpid(), cpu=0.0)
         now = sum(os.times()[:2])
-        cpu.inc(max(0.0, now - spent[0]))
-        spent[0] = now
+        cpu.inc(max(0.0, now - spent["cpu"]))
+        spent["cpu"] = now
     _samplers.append(sample)
 
 
 if MULTIPROCESS_DIR:
     _process_figures()
-    threading.Thread(target=_sample_forever, name="metrics-sampler", daemon=True).start()
+    _ensure_sampler()
 
 
 def worker_exiting() -> None:
@@ -186,6 +200,7 @@ def counts_fetches(fetch):
 def observe(event, request_id: str, answer) -> dict:
     """Run answer() (the handler's work) for one request; count it and log one line about it."""
     started = time.perf_counter()
+    _ensure_sampler()
     _local.record = record = {"images": None, "batches": []}
     result = {"statusCode": 500, "body": {"error": {"code": "internal_error"}}}
     try:

@@ -35,7 +35,9 @@ UPSTREAM_FAILURES = Counter("index_upstream_failures_total", "Calls to clip that
                             "(no connection), timeout, 5xx, bad_answer (not JSON)", ["kind"])
 FAILURE_KINDS = ("refused", "timeout", "5xx", "bad_answer")
 
-_samplers = []
+_samplers = []  # callables that set gauges from live state
+_refresh_lock = threading.Lock()
+_sampler_pid = [None]
 _local = threading.local()
 
 
@@ -58,8 +60,8 @@ for _kind in FAILURE_KINDS:  # every kind exported from the start, at 0: rate() 
 
 def exposition(event) -> dict:
     """The answer to GET /metrics: every metric, in the format the scraper asked for."""
-    for sampler in _samplers:
-        sampler()
+    _ensure_sampler()
+    refresh()
     registry = REGISTRY
     if MULTIPROCESS_DIR:
         registry = CollectorRegistry()
@@ -75,25 +77,42 @@ def _process_figures():
                    registry=None, multiprocess_mode="livesum")
     cpu = Counter("process_cpu_seconds_total", "CPU time of the function's workers, summed", registry=None)
     page = os.sysconf("SC_PAGE_SIZE")
-    spent = [0.0]
+    spent = {"pid": None, "cpu": 0.0}
 
     def sample():
         with open("/proc/self/statm") as f:
             memory.set(int(f.read().split()[1]) * page)
+        if spent["pid"] != os.getpid():  # a forked worker's CPU times start at 0
+            spent.update(pid=os.getpid(), cpu=0.0)
         now = sum(os.times()[:2])
-        cpu.inc(max(0.0, now - spent[0]))
-        spent[0] = now
+        cpu.inc(max(0.0, now - spent["cpu"]))
+        spent["cpu"] = now
     _samplers.append(sample)
 
-    def sample_forever():
-        while True:
-            sample()
-            time.sleep(SAMPLE_INTERVAL_S)
-    threading.Thread(target=sample_forever, name="metrics-sampler", daemon=True).start()
+
+def refresh() -> None:
+    with _refresh_lock:
+        for sampler in _samplers:
+            sampler()
+
+
+def _ensure_sampler():
+    """In multiprocess mode, one sampler thread per worker process (a worker forked from a parent that
+    imported this module inherits no threads)."""
+    if MULTIPROCESS_DIR and _sampler_pid[0] != os.getpid():
+        _sampler_pid[0] = os.getpid()
+        threading.Thread(target=_sample_forever, name="metrics-sampler", daemon=True).start()
+
+
+def _sample_forever():
+    while True:
+        refresh()
+        time.sleep(SAMPLE_INTERVAL_S)
 
 
 if MULTIPROCESS_DIR:
     _process_figures()
+    _ensure_sampler()
 
 
 def worker_exiting() -> None:
@@ -108,6 +127,7 @@ def observe(event, request_id: str, answer) -> dict:
     """Run answer() (the handler's work) for one request; count it and log one line about it. The
     answer carries the request id in X-Request-Id, the one clip got and logged too."""
     started = time.perf_counter()
+    _ensure_sampler()
     _local.answer = None
     result = {"statusCode": 500, "body": {"error": {"code": "internal_error"}}}
     try:
