@@ -37,6 +37,9 @@ scripts/serve (e.g. CLIP_MAX_QUEUE=8 scripts/loadtest).
 The functions run with CLIP_PRELOAD_LABEL_SETS=cifar100,cifar10 (the inputs use both), LOG_LEVEL=WARNING.
 Through the gateway (--target index/both), index reaches clip's process directly, as scripts/serve runs it.
 
+The batch-size and queue-wait distributions of each phase come from clip's GET /metrics (the
+clip_batch_size and clip_queue_wait_seconds histograms, scraped before and after the phase).
+
 Prints a table (figure, value, limit, ok) and writes JSON (bench-results/loadtest-<time>.json);
 exits 1 when a limit fails.
 """
@@ -61,6 +64,7 @@ from pathlib import Path
 
 import psutil
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 from urllib3.filepost import encode_multipart_formdata
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -473,6 +477,44 @@ def server_stats(stack):
     return (stats["batches"], stats["images"]) if stats else None
 
 
+def clip_metrics(stack):
+    """clip's GET /metrics, parsed: {(sample name, labels): value}; None when it does not answer."""
+    try:
+        text = requests.get(stack.clip_url + "/metrics", timeout=10).text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+    except (requests.RequestException, ValueError):
+        return None
+
+
+def histogram_figures(before, after, name, scale=1.0):
+    """What a histogram saw between two scrapes: count, mean, p50/p90/p99 as bucket bounds (the true
+    value is at most that), and the share of observations in each bucket."""
+    if before is None or after is None:
+        return None
+    cumulative = sorted((float(dict(labels)["le"]), after[(n, labels)] - before.get((n, labels), 0.0))
+                        for n, labels in after if n == f"{name}_bucket")
+    count = after.get((f"{name}_count", ()), 0.0) - before.get((f"{name}_count", ()), 0.0)
+    total = after.get((f"{name}_sum", ()), 0.0) - before.get((f"{name}_sum", ()), 0.0)
+    if not count:
+        return {"count": 0}
+
+    def bound(q):
+        return next((le * scale for le, seen in cumulative if seen >= q * count), math.inf)
+    shares, previous = {}, 0.0
+    for le, seen in cumulative:
+        if seen > previous:
+            shares["+Inf" if math.isinf(le) else f"{le * scale:g}"] = round((seen - previous) / count, 3)
+        previous = seen
+    return {"count": int(count), "mean": total / count * scale, "p50_le": bound(0.5), "p90_le": bound(0.9),
+            "p99_le": bound(0.99), "shares_by_le": shares}
+
+
+def metric_figures(before, after):
+    return {"batch_size": histogram_figures(before, after, "clip_batch_size"),
+            "queue_wait_ms": histogram_figures(before, after, "clip_queue_wait_seconds", scale=1000)}
+
+
 def batch_figures(before, after):
     if before is None or after is None:
         return {"batches": None, "images": None, "mean_batch": None}
@@ -487,7 +529,7 @@ def main_phase(args, stack, good, bad):
     warm_problems = [r for r in warm if r.kind]
     for r in warm_problems:
         print(f"warm-up: {r.payload}: {r.problem}", file=sys.stderr)
-    stats0 = server_stats(stack)
+    stats0, metrics0 = server_stats(stack), clip_metrics(stack)
     process = stack.clip_process()
     rss_ready = tree_rss(process)
     print(f"main phase: {args.clients} clients, {args.duration:g} s, {args.bad_fraction:.0%} bad, "
@@ -495,8 +537,9 @@ def main_phase(args, stack, good, bad):
     with RssSampler(process) as sampler:
         records, elapsed = run_load(stack.urls, good, bad, args.clients, args.duration, args.bad_fraction,
                                     args.seed)
-    stats1 = server_stats(stack)
+    stats1, metrics1 = server_stats(stack), clip_metrics(stack)
     result = summarize(records, elapsed)
+    result["metrics"] = metric_figures(metrics0, metrics1)
     result["warm_up_problems"] = [{"payload": r.payload, "status": r.status, "problem": r.problem}
                                   for r in warm_problems]
     mid_t = args.duration / 2
@@ -529,12 +572,13 @@ def hostile_phase(args, stack, good, hostile, main):
 def overload_phase(args, stack, good, bad, label):
     print(f"overload ({label}): {args.overload_clients} clients, {args.overload_duration:g} s",
           file=sys.stderr, flush=True)
-    stats0 = server_stats(stack)
+    stats0, metrics0 = server_stats(stack), clip_metrics(stack)
     with RssSampler(stack.clip_process(), interval=0.5) as sampler:
         records, elapsed = run_load(stack.urls, good, bad, args.overload_clients, args.overload_duration,
                                     args.bad_fraction, args.seed + 1, honor_retry_after=not args.no_backoff)
-    stats1 = server_stats(stack)
+    stats1, metrics1 = server_stats(stack), clip_metrics(stack)
     result = summarize(records, elapsed)
+    result["metrics"] = metric_figures(metrics0, metrics1)
     result["label"] = label
     result["rss_peak_mb"] = sampler.peak / 2**20
     result["server"] = batch_figures(stats0, stats1)
@@ -576,6 +620,16 @@ def rows_for(result, prefix, limits):
     server = result["server"]
     rows.append((f"{prefix}server batches, mean batch (images)", "- (clip did not answer GET)"
                  if server["batches"] is None else f"{server['batches']}, {server['mean_batch']:.2f}", "", ""))
+    for key, title in (("batch_size", "batch size (images)"), ("queue_wait_ms", "queue wait (ms)")):
+        figures = result["metrics"][key]
+        if not figures or not figures["count"]:
+            rows.append((f"{prefix}{title}, from /metrics", "-", "", ""))
+            continue
+        rows.append((f"{prefix}{title}, from /metrics: mean; p50 / p90 / p99 at most",
+                     f"{figures['mean']:.1f}; {figures['p50_le']:g} / {figures['p90_le']:g} / {figures['p99_le']:g}",
+                     "", ""))
+        rows.append((f"{prefix}{title}: share per bucket (upper bound: share)",
+                     ", ".join(f"{le}: {share:.0%}" for le, share in figures["shares_by_le"].items()), "", ""))
     return rows
 
 

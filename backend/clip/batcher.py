@@ -50,6 +50,7 @@ class Batcher:
         self._cond = threading.Condition()
         self.batches = 0
         self.images = 0
+        self.on_batch = None  # hook: on_batch(futures, started, encode_s) after each forward pass (metrics)
         self._busy_since = None   # when the piece of work in hand started (None: idle)
         self.failure = None       # why the loop died, if it did
         self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
@@ -106,6 +107,9 @@ class Batcher:
         """Queue prepared images; returns one Future per image (its feature row)."""
         with self._cond:
             futures = [Future() for _ in items]
+            queued_at = time.monotonic()
+            for future in futures:
+                future.queued_at = queued_at  # for the queue-wait metric
             self._queue.extend((t, f, deadline) for t, f in zip(items, futures))
             self._release(ticket)  # queued and no longer preparing: the worker sees both at once
             self._cond.notify_all()
@@ -188,6 +192,8 @@ class Batcher:
             return
         self.batches += 1
         self.images += len(live)
+        if self.on_batch:
+            self.on_batch([future for _, future in live], now, time.monotonic() - now)
         for row, (_, future) in zip(features, live):
             future.set_result(row)
 

@@ -5,7 +5,7 @@ import re
 import time
 import uuid
 
-from . import config
+from . import config, metrics
 from .intake import ClientError, parse_request
 
 LOG = logging.getLogger("clip")
@@ -26,6 +26,12 @@ def init():
     except WeightsUnavailable as exc:
         LOAD_ERROR = str(exc)
         raise
+    metrics.watch(SERVICE)
+
+
+def shutdown():
+    """Called by the template host when it drains this worker."""
+    metrics.worker_exiting()
 
 
 def alive():
@@ -37,9 +43,15 @@ def alive():
 
 
 def handle(event, context):
-    started = time.perf_counter()
+    if event.path == "/metrics" and event.method in ("GET", "HEAD"):
+        return metrics.exposition(event)
     request_id = event.headers.get("X-Request-Id", "")
     request_id = request_id if REQUEST_ID.fullmatch(request_id) else uuid.uuid4().hex
+    return metrics.observe(event, request_id, lambda: respond(event, request_id))
+
+
+def respond(event, request_id):
+    started = time.perf_counter()
     try:
         status, body, headers = 200, route(event), {}
     except ClientError as error:

@@ -14,6 +14,7 @@ import torch
 from open_clip import zero_shot_metadata as imagenet
 
 from .batcher import DeadlineExceeded
+from . import metrics
 from .model import cache_key
 
 LOG = logging.getLogger("labels")
@@ -150,6 +151,7 @@ class LabelStore:
             future = Future()
             for label in mine:
                 self._encoding[label] = future
+        metrics.label_lookups(hits=len(rows), misses=len(mine), shared=len(others))
         if mine:
             try:
                 fresh = dict(zip(mine, class_embeddings(self._encoder(deadline), mine, self.custom_templates,

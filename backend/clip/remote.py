@@ -17,6 +17,7 @@ import threading
 import time
 from urllib.parse import urljoin, urlsplit
 
+from . import metrics
 from .intake import ClientError
 
 MAX_REDIRECTS = 3
@@ -73,6 +74,7 @@ def check_url(url, allow_hosts, resolve=socket.getaddrinfo, address_ok=public_ad
     return parts, addresses
 
 
+@metrics.counts_fetches
 def fetch(url, allow_hosts, timeout_s, max_bytes, resolve=socket.getaddrinfo, address_ok=public_address):
     """Download an image, re-checking every redirect hop, within a size and an overall time limit."""
     if not allow_hosts:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from . import metrics
 from . import model as model_module
 from . import remote
 from .batcher import Batcher, DeadlineExceeded, QueueFull, wait
@@ -105,6 +106,7 @@ class Service:
     def classify(self, intake):
         """Raises ClientError for request-wide problems; per-image problems land in their result."""
         s = self.settings
+        metrics.note_images(len(intake.images) + len(intake.urls))
         deadline = time.monotonic() + s.deadline_s
         options = parse_options(intake.options, s)
         items = [Item(error=x) if isinstance(x, ClientError) else Item(data=x) for x in intake.images]
@@ -153,6 +155,7 @@ class Service:
             for item, future in zip(ready, self.batcher.submit([i.prepared for i in ready], deadline, ticket)):
                 item.prepared = None  # the batcher holds it now; the request need not
                 item.features = wait(future, deadline)
+                metrics.rode(future)
 
     def rank(self, features, labels, embeddings, top_k):
         """softmax(logit_scale × cosine) over all labels, in numpy: request threads never run torch."""

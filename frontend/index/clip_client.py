@@ -6,6 +6,8 @@ import time
 import requests
 from requests.adapters import HTTPAdapter
 
+from . import metrics
+
 CLIP_URL = os.environ.get("CLIP_URL", "http://gateway.openfaas:8080/function/clip")
 CONNECT_TIMEOUT_S = float(os.environ.get("CLIP_CONNECT_TIMEOUT_S", "3"))
 TIMEOUT_S = float(os.environ.get("CLIP_TIMEOUT_S", "60"))  # >= clip's own deadline (CLIP_DEADLINE_S)
@@ -31,16 +33,21 @@ def classify(body, content_type, query_string, request_id):
     url = CLIP_URL + (f"?{query_string}" if query_string else "")
     headers = {"Content-Type": content_type or "application/octet-stream", "Accept": "application/json",
                "X-Request-Id": request_id}
+    started = time.perf_counter()
     try:
         response = _session.post(url, data=body, headers=headers, timeout=(CONNECT_TIMEOUT_S, TIMEOUT_S))
     except requests.ConnectTimeout:
+        metrics.upstream(started, "timeout")
         return _error(503, "clip_unavailable", "The classifier did not accept the connection in time; "
                       "it may be starting. Please try again.", retry_after=5)
     except requests.Timeout:
+        metrics.upstream(started, "timeout")
         return _error(504, "clip_timeout", f"The classifier did not answer within {TIMEOUT_S:g} s.")
     except requests.RequestException:
+        metrics.upstream(started, "refused")
         return _error(502, "clip_unreachable", "The classifier could not be reached. Please try again shortly.",
                       retry_after=5)
+    metrics.upstream(started, "5xx" if response.status_code >= 500 else None)
     try:
         answer = response.json()
         if not isinstance(answer, dict):
@@ -51,6 +58,7 @@ def classify(body, content_type, query_string, request_id):
             return _error(503 if response.status_code != 504 else 504, "clip_unavailable",
                           "The classifier is not available right now (it may be scaling up). Please try again.",
                           retry_after=5)
+        metrics.upstream_failed("bad_answer")
         return _error(502, "clip_bad_answer", f"The classifier answered HTTP {response.status_code} "
                       "without a JSON body.")
     passed = {k: v for k, v in response.headers.items() if k in ("Retry-After",)}

@@ -8,7 +8,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from werkzeug.http import parse_accept_header
 from werkzeug.datastructures import MIMEAccept
 
-from . import clip_client, forms, page
+from . import clip_client, forms, metrics, page
 
 TEMPLATES = Environment(loader=FileSystemLoader(os.path.join(os.path.dirname(__file__), "templates")),
                         autoescape=select_autoescape(default=True, default_for_string=True))
@@ -21,8 +21,19 @@ TEMPLATES.filters["short_name"] = lambda name: re.sub(r"(^|local-dir:)/\S*/", r"
 
 
 def handle(event, context):
+    if event.path == "/metrics" and event.method in ("GET", "HEAD"):
+        return metrics.exposition(event)
     request_id = event.headers.get("X-Request-Id", "")
     request_id = request_id if REQUEST_ID.fullmatch(request_id) else uuid.uuid4().hex
+    return metrics.observe(event, request_id, lambda: respond(event, request_id))
+
+
+def shutdown():
+    """Called by the template host when it drains this worker."""
+    metrics.worker_exiting()
+
+
+def respond(event, request_id):
     if event.path in ("/ready", "/_/ready"):
         return _json(200, {"ready": True})
     if event.method in ("GET", "HEAD"):
@@ -42,6 +53,7 @@ def handle(event, context):
     query = urlencode(list(event.query.items(multi=True)))
     status, answer, headers = clip_client.classify(event.body, content_type, query, request_id)
     answer.setdefault("request_id", request_id)
+    metrics.note_answer(answer)
     if html:
         return _page(status, answer, form, headers)
     return _json(status, answer, headers)
@@ -58,8 +70,8 @@ def _wants_html(event, content_type):
 def _page(status, answer=None, form=None, headers=None):
     info = clip_client.info()
     html = TEMPLATES.get_template("page.html").render(
-        info=info, clip_problem=clip_client.problem(), settings=page.page_settings(info), answer=page.answer_view(answer), form=page.refill(form),
-        cards=page.cards(answer, form))
+        info=info, clip_problem=clip_client.problem(), settings=page.page_settings(info),
+        answer=page.answer_view(answer), form=page.refill(form), cards=page.cards(answer, form))
     return {"statusCode": status, "body": html,
             "headers": {"Content-Type": "text/html; charset=utf-8", "Content-Security-Policy": CSP,
                         "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", **(headers or {})}}

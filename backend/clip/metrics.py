@@ -1,0 +1,258 @@
+"""What the clip function says about itself: Prometheus metrics (GET /metrics) and one log line per request.
+
+The handler stays pure: handle() routes /metrics to exposition() and wraps each request in observe();
+the service reports through small hooks (note_images, rode, on_batch, fetch and label-cache counts).
+
+With PROMETHEUS_MULTIPROC_DIR set (the template host sets it when it runs several worker processes),
+every worker writes its samples to that directory and a scrape, whichever worker answers it, reads them
+all: the figures are the function's, not one worker's. Gauges say how workers combine (multiprocess_mode),
+and a sampler thread keeps each worker's gauges current, since a scrape cannot call into other workers.
+"""
+import functools
+import json
+import logging
+import os
+import sys
+import threading
+import time
+
+from prometheus_client import (REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics,
+                               multiprocess)
+from prometheus_client.exposition import choose_encoder
+
+disable_created_metrics()  # the *_created series double the output and no dashboard reads them
+
+FUNCTION = "clip"
+MULTIPROCESS_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+SAMPLE_INTERVAL_S = 2.0
+LATENCY_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
+LOG = logging.getLogger("clip.metrics")
+
+REQUESTS = Counter("clip_requests_total", "Requests answered, by method, HTTP status and error code "
+                   "(code is empty on success)", ["method", "status", "code"])
+DURATION = Histogram("clip_request_duration_seconds", "Time inside the function per POST (classification) "
+                     "request, any status", buckets=LATENCY_BUCKETS)
+IMAGES = Counter("clip_images_classified_total", "Images answered with predictions")
+SHED = Counter("clip_shed_images_total", "Images refused with 429: the admission limit (CLIP_MAX_QUEUE) was reached")
+BATCH_SIZE = Histogram("clip_batch_size", "Images per forward pass", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64))
+QUEUE_WAIT = Histogram("clip_queue_wait_seconds", "Per image: from its submission to the start of the "
+                       "forward pass it rode in", buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5,
+                                                           5, 10, 30))
+ENCODE = Histogram("clip_encode_seconds", "Duration of one forward pass (one batch)", buckets=LATENCY_BUCKETS)
+ADMITTED = Gauge("clip_images_admitted", "Images admitted now (decoding, queued or being encoded)",
+                 multiprocess_mode="livesum")
+QUEUED = Gauge("clip_images_queued", "Images waiting for a forward pass", multiprocess_mode="livesum")
+LABEL_SET_READY = Gauge("clip_label_set_ready", "1 when the label set's embeddings are loaded (in every worker)",
+                        ["label_set"], multiprocess_mode="livemin")
+LABEL_CACHE = Counter("clip_custom_label_lookups_total", "Custom labels looked up in the embedding cache: hit, "
+                      "miss (encoded now) or shared (being encoded for another request)", ["result"])
+URL_FETCHES = Counter("clip_url_fetches_total", "URL inputs fetched, by outcome (ok or the error code)", ["outcome"])
+MODEL = Gauge("clip_model_info", "The model served (always 1; the labels carry the facts)",
+              ["model", "pretrained", "device", "dtype", "untrained"], multiprocess_mode="livemax")
+
+_samplers = []  # callables that set gauges from live state
+_refresh_lock = threading.Lock()
+_sampler_pid = [None]
+_local = threading.local()
+_batch_lock = threading.Lock()
+_batch_seq = [0]
+
+
+# ---- exposition ------------------------------------------------------------------------------------
+
+def exposition(event) -> dict:
+    """The answer to GET /metrics: every metric, in the format the scraper asked for."""
+    _ensure_sampler()
+    refresh()
+    registry = REGISTRY
+    if MULTIPROCESS_DIR:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    encoder, content_type = choose_encoder(event.headers.get("Accept", ""))
+    return {"statusCode": 200, "body": encoder(registry),
+            "headers": {"Content-Type": content_type, "Cache-Control": "no-store"}}
+
+
+def refresh() -> None:
+    with _refresh_lock:
+        for sampler in list(_samplers):
+            try:
+                sampler()
+            except Exception:  # a figure missing from one scrape is better than a failed scrape
+                LOG.debug("sampler failed", exc_info=True)
+
+
+def _ensure_sampler():
+    """In multiprocess mode, one sampler thread per worker process (a worker forked from a parent that
+    imported this module inherits no threads)."""
+    if MULTIPROCESS_DIR and _sampler_pid[0] != os.getpid():
+        _sampler_pid[0] = os.getpid()
+        threading.Thread(target=_sample_forever, name="metrics-sampler", daemon=True).start()
+
+
+def _sample_forever():
+    while True:
+        refresh()
+        time.sleep(SAMPLE_INTERVAL_S)
+
+
+def _process_figures():
+    """Multiprocess mode has no process collector: each worker reports its own memory and CPU."""
+    memory = Gauge("process_resident_memory_bytes", "Resident memory of the function's live workers, summed",
+                   registry=None, multiprocess_mode="livesum")
+    cpu = Counter("process_cpu_seconds_total", "CPU time of the function's workers, summed", registry=None)
+    page = os.sysconf("SC_PAGE_SIZE")
+    spent = {"pid": None, "cpu": 0.0}
+
+    def sample():
+        with open("/proc/self/statm") as f:
+            memory.set(int(f.read().split()[1]) * page)
+        if spent["pid"] != os.getpid():  # a forked worker's CPU times start at 0
+            spent.update(pid=os.getpid(), cpu=0.0)
+        now = sum(os.times()[:2])
+        cpu.inc(max(0.0, now - spent["cpu"]))
+        spent["cpu"] = now
+    _samplers.append(sample)
+
+
+if MULTIPROCESS_DIR:
+    _process_figures()
+    _ensure_sampler()
+
+
+def worker_exiting() -> None:
+    """A worker's live gauges leave the function's sums when it exits (called on the host's drain)."""
+    if MULTIPROCESS_DIR:
+        multiprocess.mark_process_dead(os.getpid())
+
+
+# ---- the service's hooks -------------------------------------------------------------------------
+
+def watch(service) -> None:
+    """Gauges that read the warm service: queue, admission, label sets, model."""
+    info = service.model.describe()
+    MODEL.labels(info["model"], info["pretrained"], info["device"], info["dtype"],
+                 str(info["untrained"]).lower()).set(1)
+    service.batcher.on_batch = on_batch
+
+    from .labels import LABEL_SETS  # torch is loaded by now; importing it earlier would slow start-up
+
+    def sample():
+        ADMITTED.set(service.batcher.admitted)
+        QUEUED.set(service.batcher.depth)
+        for name in LABEL_SETS:
+            LABEL_SET_READY.labels(name).set(1 if service.labels.ready(name) else 0)
+    _samplers.append(sample)
+    refresh()
+
+
+def on_batch(futures, started: float, encode_s: float) -> None:
+    """Called by the batcher's thread after each forward pass, before the results are handed out."""
+    try:
+        with _batch_lock:
+            _batch_seq[0] += 1
+            batch = (_batch_seq[0], len(futures))
+        BATCH_SIZE.observe(len(futures))
+        ENCODE.observe(encode_s)
+        for future in futures:
+            future.batch = batch
+            QUEUE_WAIT.observe(max(0.0, started - getattr(future, "queued_at", started)))
+    except Exception:  # never take the model thread down
+        LOG.exception("batch metrics failed")
+
+
+def note_images(count: int) -> None:
+    record = getattr(_local, "record", None)
+    if record is not None:
+        record["images"] = count
+
+
+def rode(future) -> None:
+    """The request on this thread got a row from `future`: remember which batch carried it."""
+    record = getattr(_local, "record", None)
+    batch = getattr(future, "batch", None)
+    if record is not None and batch is not None and batch not in record["batches"]:
+        record["batches"].append(batch)
+
+
+def label_lookups(hits: int, misses: int, shared: int) -> None:
+    for result, count in (("hit", hits), ("miss", misses), ("shared", shared)):
+        if count:
+            LABEL_CACHE.labels(result).inc(count)
+
+
+def counts_fetches(fetch):
+    """Decorates remote.fetch: every URL input counted by outcome."""
+    @functools.wraps(fetch)
+    def counted(*args, **kwargs):
+        try:
+            data = fetch(*args, **kwargs)
+        except Exception as error:
+            URL_FETCHES.labels(getattr(error, "code", "error")).inc()
+            raise
+        URL_FETCHES.labels("ok").inc()
+        return data
+    return counted
+
+
+# ---- per request: counters and the log line ------------------------------------------------------
+
+def observe(event, request_id: str, answer) -> dict:
+    """Run answer() (the handler's work) for one request; count it and log one line about it."""
+    started = time.perf_counter()
+    _ensure_sampler()
+    _local.record = record = {"images": None, "batches": []}
+    result = {"statusCode": 500, "body": {"error": {"code": "internal_error"}}}
+    try:
+        result = answer()
+        return result
+    finally:
+        _local.record = None
+        elapsed = time.perf_counter() - started
+        status = int(result.get("statusCode", 200))
+        body = result.get("body")
+        error = body.get("error") if isinstance(body, dict) else None
+        code = error.get("code", "") if isinstance(error, dict) else ""
+        classified = _predictions(body)
+        images = record["images"] if record["images"] is not None else classified
+        REQUESTS.labels(event.method, str(status), code).inc()
+        if event.method == "POST":
+            DURATION.observe(elapsed)
+        if classified:
+            IMAGES.inc(classified)
+        if status == 429 and images:
+            SHED.inc(images)
+        log_request(request_id, event.method, status, code, images, len(event.body or b""), elapsed,
+                    record["batches"])
+
+
+def _predictions(body) -> int:
+    if not isinstance(body, dict):
+        return 0
+    if "predictions" in body:
+        return 1
+    results = body.get("results")
+    return sum(1 for r in results if isinstance(r, dict) and "predictions" in r) if isinstance(results, list) else 0
+
+
+ACCESS = logging.getLogger("clip.access")  # its own handler: the line is the whole record, JSON or text
+ACCESS.propagate = False
+_access_handler = logging.StreamHandler(sys.stderr)
+ACCESS.addHandler(_access_handler)  # at INFO: LOG_LEVEL=WARNING (the host's) silences it
+JSON_LOGS = os.environ.get("LOG_FORMAT", "text").strip().lower() == "json"
+_access_handler.setFormatter(logging.Formatter("%(message)s" if JSON_LOGS else "%(asctime)s %(message)s"))
+
+
+def log_request(request_id, method, status, code, images, bytes_in, elapsed_s, batches) -> None:
+    """One line per request. Never image bytes, labels or URLs: only sizes, counts and codes."""
+    fields = {"request_id": request_id, "function": FUNCTION, "method": method, "status": status,
+              "code": code or None, "images": images, "bytes_in": bytes_in, "ms": round(elapsed_s * 1000, 1),
+              "batches": [{"id": seq, "size": size} for seq, size in batches], "pid": os.getpid()}
+    if JSON_LOGS:
+        fields = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z", "level": "info",
+                  "msg": "request", **fields}
+        ACCESS.info(json.dumps(fields, separators=(",", ":")))
+        return
+    fields["batches"] = ",".join(f"{seq}x{size}" for seq, size in batches) or None
+    fields = {key: "-" if value is None else value for key, value in fields.items()}
+    ACCESS.info("request " + " ".join(f"{key}={value}" for key, value in fields.items()))
