@@ -1,4 +1,5 @@
 """The warm classifier: model, label embeddings and batcher, created once; classify() per request."""
+import io
 import logging
 import os
 import threading
@@ -8,6 +9,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import numpy as np
 from PIL import Image
 
+from . import device_decode
 from . import model as model_module
 from . import remote
 from .batcher import Batcher, DeadlineExceeded, QueueFull
@@ -24,8 +26,9 @@ class Service:
         self.settings = settings
         self.model = model_module.create(settings.model, settings.pretrained, settings.device,
                                          settings.cache_dir, settings.threads)
-        self.batcher = Batcher(self.model.encode_prepared, settings.max_batch, settings.max_wait_ms / 1000,
-                               settings.max_queue)
+        self.device_decoder = _device_decoder(self.model, settings.device_decode)
+        encode = self.device_decoder.encode if self.device_decoder else self.model.encode_prepared
+        self.batcher = Batcher(encode, settings.max_batch, settings.max_wait_ms / 1000, settings.max_queue)
         # Decoding beyond the cores only slows the forward pass and holds more pixels in memory.
         self.decoder_count = settings.decoders or settings.threads or os.cpu_count() or 1
         self.decoders = threading.BoundedSemaphore(self.decoder_count)
@@ -36,6 +39,9 @@ class Service:
         # One forward pass now, so the first user does not pay for lazy allocations.
         self.batcher.submit([self.model.prepare(Image.new("RGB", (self.model.image_size,) * 2))],
                             time.monotonic() + 600)[0].result()
+        if self.device_decoder:  # and one through the device decoder (nvJPEG's first call is slow)
+            self.batcher.submit([self.device_decoder.accept(_blank_jpeg(), settings.max_pixels)],
+                                time.monotonic() + 600)[0].result()
         LOG.info("ready in %.1f s: %s", time.perf_counter() - started, self.model.describe())
 
     def describe(self):
@@ -52,6 +58,7 @@ class Service:
                            "decoders": self.decoder_count,
                            "deadline_s": s.deadline_s},
                 "url_input": bool(s.url_allow_hosts),
+                "device_decode": bool(self.device_decoder),
                 "stats": {"batches": self.batcher.batches, "images": self.batcher.images,
                           "queued": self.batcher.depth, "admitted": self.batcher.admitted}}
 
@@ -103,8 +110,7 @@ class Service:
                     raise item
                 if isinstance(item, str):  # a URL: downloaded outside the decoders' limit
                     item = remote.fetch(item, s.url_allow_hosts, s.url_timeout_s, s.url_max_bytes)
-                with self.decoders:
-                    prepared.append(self.model.prepare(load_image(item, s.max_pixels, self.model.image_size)))
+                prepared.append(self.prepare(item))
                 slots.append(len(futures))
                 futures.append(None)
             except ClientError as error:
@@ -121,6 +127,14 @@ class Service:
                 continue
             try:
                 features = future.result(timeout=max(0.0, deadline - time.monotonic()))
+                if isinstance(features, device_decode.Refused):  # the device could not decode it: Pillow's answer
+                    features = self.batcher.submit([self.prepare_with_pillow(features.data)], deadline)[0].result(
+                        timeout=max(0.0, deadline - time.monotonic()))
+            except ClientError as error:
+                if len(items) == 1:
+                    raise
+                results.append({"error": {"code": error.code, "message": error.message}})
+                continue
             except (FutureTimeout, DeadlineExceeded):
                 future.cancel()
                 raise ClientError(504, "deadline_exceeded",
@@ -129,6 +143,19 @@ class Service:
             results.append({"predictions": self.rank(features, labels, embeddings, top_k)})
         return results
 
+    def prepare(self, data):
+        """Image bytes -> what the batcher encodes: the bytes themselves when the device decodes them
+        (header checked here), else an array prepared with Pillow."""
+        if self.device_decoder:
+            job = self.device_decoder.accept(data, self.settings.max_pixels)
+            if job is not None:
+                return job
+        return self.prepare_with_pillow(data)
+
+    def prepare_with_pillow(self, data):
+        with self.decoders:
+            return self.model.prepare(load_image(data, self.settings.max_pixels, self.model.image_size))
+
     def rank(self, features, labels, embeddings, top_k):
         """softmax(logit_scale × cosine) over all labels, in numpy: request threads never run torch."""
         logits = self.model.logit_scale * np.einsum("nd,d->n", embeddings, features.numpy())
@@ -136,3 +163,19 @@ class Service:
         probs /= probs.sum()
         order = np.argsort(-probs, kind="stable")[:top_k]
         return [{"label": labels[i], "score": round(float(probs[i]), 6)} for i in order]
+
+
+def _device_decoder(model, mode):
+    if not device_decode.enabled(mode, model.device):
+        return None
+    try:
+        return device_decode.DeviceDecoder(model)
+    except device_decode.Unsupported as why:
+        LOG.warning("JPEGs decode with Pillow: the device decoder does not reproduce this model's %s", why)
+        return None
+
+
+def _blank_jpeg():
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (128, 128, 128)).save(buffer, "JPEG")
+    return buffer.getvalue()
