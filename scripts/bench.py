@@ -2,6 +2,7 @@
 
     scripts/bench                 # the speed figures (ViT-B-32, random weights: same compute as real ones)
     scripts/bench --models        # the model-choice table (raw latency / throughput per architecture)
+    scripts/bench --gpu           # the GPU figures (scripts/bench_gpu.py; says so and skips without CUDA)
 
 Prints a table (figure, value, reference, ratio) and writes JSON (bench-results/*.json).
 """
@@ -282,17 +283,25 @@ def machine():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", action="store_true", help="the model-choice table instead")
+    parser.add_argument("--gpu", action="store_true", help="the GPU figures instead (scripts/bench_gpu.py)")
     parser.add_argument("--model", default="ViT-B-32")
     parser.add_argument("--runs", type=int, default=40, help="timed runs per latency figure")
     parser.add_argument("--concurrent-requests", type=int, default=25, help="requests per client, 8 clients")
     parser.add_argument("--cache-dir", default=str(ROOT / "bench-results" / "cache"))
     parser.add_argument("--out", default=None)
+    import bench_gpu
+    bench_gpu.add_arguments(parser)
     args = parser.parse_args()
-    out = Path(args.out or ROOT / "bench-results" / ("models.json" if args.models else "bench.json"))
+    out = Path(args.out or ROOT / "bench-results" / (
+        "models.json" if args.models else "gpu.json" if args.gpu else "bench.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {"machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
 
-    if args.models:
+    if args.gpu:
+        report["gpu"] = bench_gpu.run(args)
+        if report["gpu"] is None:
+            return
+    elif args.models:
         rows, report["models"] = [], {}
         for name, tag, accuracy in MODELS:
             clip, raw = raw_model(name, runs=max(5, args.runs // 4))
