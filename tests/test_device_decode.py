@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 import requests
 import torch
+from hypothesis import event, given
 from PIL import Image, ImageOps
 
 from support.images import image_bytes, noise_image
 from support.servers import FunctionProcess
+from test_fuzz import fuzz
+from test_fuzz import image_bytes as fuzzed_images
 from test_hostile_input import HOSTILE, UNUSUAL, encode, jpeg_with_random_scan, picture
 
 sys.path.insert(0, str(os.path.join(os.path.dirname(__file__), "..", "scripts")))
@@ -172,3 +175,27 @@ def test_a_jpeg_the_device_refuses_fails_alone_in_its_batch(decoder):
     assert torch.allclose(rows[0], rows[2], atol=1e-5)
     if DEVICE == "cpu":  # libjpeg-turbo refuses this scan (nvJPEG may decode it: then Pillow never sees it)
         assert isinstance(rows[1], Refused) and rows[1].data == bad
+
+
+@pytest.fixture(scope="module")
+def two_services(tiny_model, clip_env):
+    from support.inprocess import service
+    return {mode: service(tiny_model, clip_env["CLIP_CACHE_DIR"], device_decode=mode, device=DEVICE)
+            for mode in ("on", "off")}
+
+
+@fuzz(120)
+@given(fuzzed_images)
+def test_fuzzed_images_get_the_pillow_status(two_services, data):
+    from clip import handler
+    from support.inprocess import Event
+    previous, statuses = handler.SERVICE, {}
+    try:
+        for mode, svc in two_services.items():
+            handler.SERVICE = svc
+            answer = handler.handle(Event(data, "application/octet-stream"), None)
+            statuses[mode] = (answer["statusCode"], answer["body"].get("error", {}).get("code"))
+    finally:
+        handler.SERVICE = previous
+    event(f"{statuses['on']}")
+    assert statuses["on"] == statuses["off"]
