@@ -2,6 +2,7 @@
 against the Pillow path of the same function. Runs on the CPU here (torchvision's decoder and resize
 kernels run there too); scripts/gpu-check runs it on a GPU with CLIP_TEST_DEVICE=cuda (nvJPEG)."""
 import io
+import math
 import os
 import sys
 
@@ -144,6 +145,17 @@ def test_orientation_is_exif_transpose_pixel_for_pixel(orientation):
     expected = np.asarray(ImageOps.exif_transpose(image))
     got = orient(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1), orientation).permute(1, 2, 0)
     assert np.array_equal(got.numpy(), expected)
+
+
+@pytest.mark.parametrize("size", [(448, 448), (447, 900), (640, 480), (1024, 768), (4000, 3000), (3584, 1800),
+                                  (5000, 460)])
+def test_the_device_shrinks_by_the_factor_pillows_draft_uses(size):
+    from clip.device_decode import draft_scale
+    image = Image.open(io.BytesIO(image_bytes("JPEG", size=size)))
+    if min(size) >= 2 * 224:  # intake.load_image's rule
+        image.draft("RGB", (224, 224))
+    scale = draft_scale(*size, 224)
+    assert image.size == tuple(math.ceil(side / scale) for side in size)
 
 
 ROUTES = {

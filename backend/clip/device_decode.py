@@ -154,10 +154,22 @@ class DeviceDecoder:
     def _transform(self, image, orientation):
         """uint8 CHW -> normalised float CHW, as open_clip's Resize/CenterCrop/ToTensor/Normalize do."""
         image = orient(image, orientation).unsqueeze(0).float()
+        scale = draft_scale(image.shape[-1], image.shape[-2], self.model.image_size)
+        if scale > 1:  # what Pillow's draft() does while decoding, as a box average of the same factor
+            image = torch.nn.functional.avg_pool2d(image, scale, ceil_mode=True)
         image = F.resize(image, [self.resize], self.interpolation, antialias=True)
         image = F.center_crop(image, [self.crop, self.crop])
         image = image.round_().clamp_(0, 255)  # Pillow resizes to uint8: the same rounding
         return ((image - self.mean) / self.std)[0]
+
+
+def draft_scale(width: int, height: int, image_size: int) -> int:
+    """The factor (1, 2, 4 or 8) by which intake.load_image's JPEG draft() shrinks this picture while
+    decoding: Pillow's own rule for draft("RGB", (image_size, image_size)), used from twice that size."""
+    if min(width, height) < 2 * image_size:
+        return 1
+    fits = min(width // image_size, height // image_size)
+    return 8 if fits >= 8 else 4 if fits >= 4 else 2
 
 
 def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
