@@ -4,6 +4,7 @@
     scripts/bench --models        # the model-choice table (raw latency / throughput per architecture)
     scripts/bench --dtypes fp32,bf16   # both dtypes side by side (the default where bf16 is native)
     scripts/bench --numerics      # only bf16 against fp32: feature cosines and CIFAR-100 |Δp|
+    scripts/bench --gpu           # the GPU figures (scripts/bench_gpu.py; says so and skips without CUDA)
 
 Prints tables (figure, value, reference, ratio; a per-stage breakdown of one request; bf16 against
 fp32) and writes JSON (bench-results/*.json). Every figure names the dtype and why it was chosen.
@@ -429,7 +430,7 @@ def sweep(name, dtypes, runs):
         table[d] = {b: b / median_time(lambda: clip.encode_images(x[:b]), max(3, runs // b), warmup=1)
                     for b in (1, 2, 4, 8, 16, 32)}
         print(f"{d}: {table[d]}", file=sys.stderr, flush=True)
-        del clip
+        clip = None  # freed before the next dtype loads
     return table
 
 
@@ -440,13 +441,17 @@ def main():
     parser.add_argument("--sweep", action="store_true", help="only raw images/s per batch size and dtype")
     parser.add_argument("--dtypes", default=None,
                         help="comma-separated, e.g. fp32,bf16 (default: fp32,bf16 where bf16 is native, else fp32)")
+    parser.add_argument("--gpu", action="store_true", help="the GPU figures instead (scripts/bench_gpu.py)")
     parser.add_argument("--model", default="ViT-B-32")
     parser.add_argument("--runs", type=int, default=40, help="timed runs per latency figure")
     parser.add_argument("--concurrent-requests", type=int, default=25, help="requests per client, 8 clients")
     parser.add_argument("--cache-dir", default=str(ROOT / "bench-results" / "cache"))
     parser.add_argument("--out", default=None)
+    import bench_gpu
+    bench_gpu.add_arguments(parser)
     args = parser.parse_args()
-    mode = "models" if args.models else "numerics" if args.numerics else "sweep" if args.sweep else "bench"
+    mode = ("models" if args.models else "gpu" if args.gpu else "numerics" if args.numerics
+            else "sweep" if args.sweep else "bench")
     out = Path(args.out or ROOT / "bench-results" / f"{mode}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {"machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -459,7 +464,11 @@ def main():
         print("bf16: not measured, this processor has no native bf16 (emulated bf16 is many times slower than "
               "fp32); force it with --dtypes fp32,bf16")
 
-    if args.numerics:
+    if args.gpu:
+        report["gpu"] = bench_gpu.run(args)
+        if report["gpu"] is None:
+            return
+    elif args.numerics:
         report["numerics"] = numerics(args.model, None if native else SIMPLE_TEMPLATES)
         print(json.dumps(report["numerics"], indent=2))
     elif args.sweep:

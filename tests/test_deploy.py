@@ -3,6 +3,7 @@ template's Dockerfile parse and agree with each other and with the code (no Dock
 The last tests run the build context exactly as faas-cli lays it out and the image runs it: the
 template's fprocess from a directory shaped like the container's /home/app, after the build-ahead
 hook the Dockerfile runs."""
+import math
 import os
 import re
 import shlex
@@ -157,7 +158,14 @@ FUNCTION_THREADS_DEFAULT = int(env_default(HOST_SOURCE, "FUNCTION_THREADS"))
 
 
 def threads(env):
+    """waitress threads per worker process."""
     return int(env.get("FUNCTION_THREADS", FUNCTION_THREADS_DEFAULT))
+
+
+def workers(env):
+    """Host processes (FUNCTION_WORKERS); each has FUNCTION_THREADS threads, CLIP_THREADS torch threads
+    and ceil(CLIP_MAX_QUEUE / workers) of the admission limit."""
+    return int(env.get("FUNCTION_WORKERS", 1))
 
 
 # ------------------------------------------------------------------------------------- the files
@@ -229,8 +237,8 @@ def test_pro_clip_scales_to_zero_on_a_capacity_target_suited_to_batching(name):
     assert seconds(labels["com.openfaas.scale.zero-duration"]) >= 2 * seconds(env["exec_timeout"])
     assert labels["com.openfaas.scale.type"] == "capacity"
     target, batch = int(labels["com.openfaas.scale.target"]), int(env["CLIP_MAX_BATCH"])
-    assert target == 2 * batch, "two batches in flight per replica: one computing, one filling"
-    assert target <= int(env["CLIP_MAX_QUEUE"]) and target <= threads(env)
+    assert target == 2 * batch * workers(env), "two batches in flight per worker: one computing, one filling"
+    assert target <= int(env["CLIP_MAX_QUEUE"]) and target <= threads(env) * workers(env)
     assert 0 < float(labels["com.openfaas.scale.target-proportion"]) <= 1
     assert 1 <= int(labels["com.openfaas.scale.min"]) <= int(labels["com.openfaas.scale.max"])
     annotations = fn["annotations"]
@@ -259,7 +267,8 @@ def test_gpu_variant_gets_its_gpu_from_a_profile():
     resources = profile["spec"]["resources"]
     assert int(resources["limits"]["nvidia.com/gpu"]) == 1
     assert "requests" not in fn and "limits" not in fn, "the function spec's resources would override the Profile's"
-    assert int(fn["environment"]["CLIP_THREADS"]) == cores(resources["limits"]["cpu"])
+    env = fn["environment"]
+    assert int(env["CLIP_THREADS"]) * workers(env) == cores(resources["limits"]["cpu"])
     service = knative("clip-gpu")
     assert int(container(service)["resources"]["limits"]["nvidia.com/gpu"]) == 1
     assert container(service)["resources"] == resources, "the same sizing on both engines"
@@ -301,7 +310,8 @@ def test_openfaas_and_knative_run_the_same_image_the_same_way(name):
             assert cores(c["resources"][kind]["cpu"]) == cores(fn[kind]["cpu"])
         assert mebibytes(fn["requests"]["memory"]) <= mebibytes(fn["limits"]["memory"])
     if "CLIP_THREADS" in env:
-        assert int(env["CLIP_THREADS"]) == cores(c["resources"]["limits"]["cpu"]), "one torch thread per core"
+        assert int(env["CLIP_THREADS"]) * workers(env) == cores(c["resources"]["limits"]["cpu"]), \
+            "one torch thread per core"
     # the watchdog's port, probed where it is served
     (port,) = c["ports"]
     assert port["containerPort"] == 8080 == c["readinessProbe"]["httpGet"]["port"]
@@ -309,12 +319,12 @@ def test_openfaas_and_knative_run_the_same_image_the_same_way(name):
     assert c["readinessProbe"]["httpGet"]["path"] == "/_/health"
     assert "livenessProbe" not in c, "a liveness probe on /_/health would kill a replica still loading"
     spec = service["spec"]["template"]["spec"]
-    assert 0 < spec["containerConcurrency"] <= threads(env)
+    assert 0 < spec["containerConcurrency"] <= threads(env) * workers(env)
     assert c["securityContext"]["runAsNonRoot"] is True
     annotations = service["spec"]["template"]["metadata"]["annotations"]
     if fn["handler"].endswith("clip"):
         assert annotations["autoscaling.knative.dev/min-scale"] == "0"
-        assert spec["containerConcurrency"] == 2 * int(env["CLIP_MAX_BATCH"])
+        assert spec["containerConcurrency"] == 2 * int(env["CLIP_MAX_BATCH"]) * workers(env)
         if "com.openfaas.scale.target" in fn["labels"]:
             assert spec["containerConcurrency"] == int(fn["labels"]["com.openfaas.scale.target"])
             utilisation = float(annotations["autoscaling.knative.dev/target-utilization-percentage"]) / 100
@@ -327,8 +337,9 @@ def test_clip_answers_429_at_once_when_full_rather_than_queueing_in_the_host(nam
     """Admission (CLIP_MAX_QUEUE images) can refuse a request only if a host thread is free to take it:
     with fewer threads, requests wait unbounded in waitress's own queue, never counted, never refused."""
     env = {k: str(v) for k, v in only_function(name)["environment"].items()}
-    assert int(env["CLIP_MAX_QUEUE"]) >= int(env["CLIP_MAX_BATCH"]) * 2
-    assert threads(env) >= int(env["CLIP_MAX_QUEUE"]) + int(env["CLIP_MAX_BATCH"])
+    share = math.ceil(int(env["CLIP_MAX_QUEUE"]) / workers(env))  # each worker's admission limit
+    assert share >= int(env["CLIP_MAX_BATCH"]) * 2
+    assert threads(env) >= share + int(env["CLIP_MAX_BATCH"])
 
 
 def test_index_finds_clip_on_each_engine():

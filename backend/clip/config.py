@@ -1,4 +1,5 @@
 """Every knob of the clip function, read once from the environment (configuration as data)."""
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -26,7 +27,7 @@ class Settings:
     custom_templates: str = "simple"      # "simple" (1 prompt per label) or "cifar" (the 18)
     max_batch: int = 0                    # 0 = the default for the device and dtype (precision.py)
     max_wait_ms: float = 25.0
-    max_queue: int = 32                   # images admitted at once (decoding, queued, encoding)
+    max_queue: int = 32                   # images admitted at once (decoding, queued, encoding), per worker
     deadline_s: float = 30.0
     max_pixels: int = 50_000_000
     max_images: int = 16
@@ -34,8 +35,9 @@ class Settings:
     max_label_chars: int = 200
     label_cache_size: int = 4096
     top_k: int = 5
-    threads: int = 0                      # torch intra-op threads; 0 = all cores
+    threads: int = 0                      # torch intra-op threads per process; 0 = all cores (÷ workers)
     decoders: int = 0                     # images decoded at once; 0 = CLIP_THREADS, else all cores
+    device_decode: str = "auto"           # JPEGs decoded on the model's device: auto (CUDA only), on, off
     url_allow_hosts: tuple = field(default=())
     url_timeout_s: float = 5.0
     url_max_bytes: int = 20 * 1024 * 1024
@@ -51,7 +53,22 @@ class Settings:
         return Limits(self.max_jpeg_segments, self.max_jpeg_fill_bytes, self.max_scan_pixels, self.max_rle_pixels)
 
 
+def workers():
+    """Host processes serving this function (the template's FUNCTION_WORKERS); each has its own model."""
+    try:
+        return max(1, int(os.environ.get("FUNCTION_WORKERS", "1") or 1))
+    except ValueError:
+        return 1
+
+
+def per_worker(total, count):
+    """A function-wide limit as each worker's share, rounded up: the function admits at most
+    count × ceil(total / count), never fewer than `total`."""
+    return max(1, math.ceil(total / count))
+
+
 def from_env():
+    count = workers()
     return Settings(
         model=_env("CLIP_MODEL", Settings.model),
         pretrained=_env("CLIP_PRETRAINED", Settings.pretrained),
@@ -63,7 +80,7 @@ def from_env():
         custom_templates=_env("CLIP_CUSTOM_TEMPLATES", Settings.custom_templates),
         max_batch=int(_env("CLIP_MAX_BATCH", Settings.max_batch)),
         max_wait_ms=float(_env("CLIP_MAX_WAIT_MS", Settings.max_wait_ms)),
-        max_queue=int(_env("CLIP_MAX_QUEUE", Settings.max_queue)),
+        max_queue=per_worker(int(_env("CLIP_MAX_QUEUE", Settings.max_queue)), count),
         deadline_s=float(_env("CLIP_DEADLINE_S", Settings.deadline_s)),
         max_pixels=int(_env("CLIP_MAX_PIXELS", Settings.max_pixels)),
         max_images=int(_env("CLIP_MAX_IMAGES", Settings.max_images)),
@@ -71,8 +88,10 @@ def from_env():
         max_label_chars=int(_env("CLIP_MAX_LABEL_CHARS", Settings.max_label_chars)),
         label_cache_size=int(_env("CLIP_LABEL_CACHE_SIZE", Settings.label_cache_size)),
         top_k=int(_env("CLIP_TOP_K", Settings.top_k)),
-        threads=int(_env("CLIP_THREADS", Settings.threads)),
+        # per process; unset with several workers: the cores shared out, so their pools never oversubscribe
+        threads=int(_env("CLIP_THREADS", 0)) or (max(1, (os.cpu_count() or 1) // count) if count > 1 else 0),
         decoders=int(_env("CLIP_DECODERS", Settings.decoders)),
+        device_decode=_env("CLIP_DEVICE_DECODE", Settings.device_decode).lower(),
         url_allow_hosts=tuple(h.lower() for h in _list("CLIP_URL_ALLOW_HOSTS")),
         url_timeout_s=float(_env("CLIP_URL_TIMEOUT_S", Settings.url_timeout_s)),
         url_max_bytes=int(_env("CLIP_URL_MAX_BYTES", Settings.url_max_bytes)),

@@ -1,4 +1,5 @@
 """The warm classifier: model, label embeddings and batcher, created once; classify() per request."""
+import io
 import logging
 import os
 import time
@@ -9,12 +10,12 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from . import metrics
+from . import device_decode, metrics, structure
 from . import model as model_module
 from . import remote
 from .batcher import Batcher, DeadlineExceeded, QueueFull, wait
 from .decode_gate import DecodeGate
-from .intake import ClientError, decode, open_image
+from .intake import ClientError, decode, open_image, sniff
 from .labels import LABEL_SETS, LabelStore
 from .options import parse_options
 
@@ -44,8 +45,10 @@ class Service:
         self.model = model_module.create(settings.model, settings.pretrained, settings.device,
                                          settings.cache_dir, settings.threads, settings.dtype)
         self.max_batch = settings.max_batch or self.model.max_batch  # unset: chosen per device and dtype
-        self.batcher = Batcher(self.model.encode_prepared, self.max_batch, settings.max_wait_ms / 1000,
-                               settings.max_queue, settings.stall_s)
+        self.device_decoder = _device_decoder(self.model, settings.device_decode)
+        encode = self.device_decoder.encode if self.device_decoder else self.model.encode_prepared
+        self.batcher = Batcher(encode, self.max_batch, settings.max_wait_ms / 1000, settings.max_queue,
+                               settings.stall_s)
         # Decoding beyond the cores only slows the forward pass and holds more pixels in memory.
         self.decoder_count = settings.decoders or settings.threads or os.cpu_count() or 1
         self.gate = DecodeGate(self.decoder_count, settings.decode_memory_mb << 20, settings.heavy_pixels)
@@ -59,6 +62,9 @@ class Service:
         # One forward pass now, so the first user does not pay for lazy allocations.
         self.batcher.submit([self.model.prepare(Image.new("RGB", (self.model.image_size,) * 2))],
                             time.monotonic() + 600)[0].result()
+        if self.device_decoder:  # and one through the device decoder (nvJPEG's first call is slow)
+            self.batcher.submit([self.device_decoder.accept(_blank_jpeg(), settings.max_pixels)],
+                                time.monotonic() + 600)[0].result()
         LOG.info("ready in %.1f s: %s", time.perf_counter() - started, self.model.describe())
 
     def describe(self):
@@ -77,6 +83,7 @@ class Service:
                            "max_jpeg_segments": s.max_jpeg_segments, "max_jpeg_fill_bytes": s.max_jpeg_fill_bytes,
                            "max_rle_pixels": s.max_rle_pixels, "deadline_s": s.deadline_s},
                 "url_input": bool(s.url_allow_hosts),
+                "device_decode": bool(self.device_decoder),
                 "stats": {"batches": self.batcher.batches, "images": self.batcher.images,
                           "queued": self.batcher.depth, "admitted": self.batcher.admitted}}
 
@@ -143,19 +150,40 @@ class Service:
         try:
             data = item.data if item.url is None else remote.fetch(item.url, s.url_allow_hosts, s.url_timeout_s,
                                                                    s.url_max_bytes)
-            opened = open_image(data, s.max_pixels, self.model.image_size, self.limits)
-            with self.gate.enter(opened.pixels, opened.cost, deadline):
-                item.prepared = self.model.prepare(decode(opened))
+            item.prepared = self._for_device(data) or self._with_pillow(data, deadline)
         except ClientError as error:
             item.error = error
 
+    def _for_device(self, data):
+        """The bytes themselves, header-checked, when the model's device decodes them; else None."""
+        if not self.device_decoder:
+            return None
+        problem = structure.problem(sniff(data), data, self.limits)  # before any header parse
+        if problem:
+            raise ClientError(400, "image_too_complex", problem)
+        return self.device_decoder.accept(data, self.settings.max_pixels)
+
+    def _with_pillow(self, data, deadline):
+        opened = open_image(data, self.settings.max_pixels, self.model.image_size, self.limits)
+        with self.gate.enter(opened.pixels, opened.cost, deadline):
+            return self.model.prepare(decode(opened))
+
     def _encode(self, items, deadline, ticket):
         ready = [item for item in items if item.prepared is not None]
-        if ready:
-            for item, future in zip(ready, self.batcher.submit([i.prepared for i in ready], deadline, ticket)):
-                item.prepared = None  # the batcher holds it now; the request need not
-                item.features = wait(future, deadline)
-                metrics.rode(future)
+        if not ready:
+            return
+        for item, future in zip(ready, self.batcher.submit([i.prepared for i in ready], deadline, ticket)):
+            item.prepared = None  # the batcher holds it now; the request need not
+            features = wait(future, deadline)
+            if isinstance(features, device_decode.Refused):  # the device could not decode it: Pillow's answer
+                try:
+                    future = self.batcher.submit([self._with_pillow(features.data, deadline)], deadline)[0]
+                except ClientError as error:
+                    item.error = error
+                    continue
+                features = wait(future, deadline)
+            item.features = features
+            metrics.rode(future)
 
     def rank(self, features, labels, embeddings, top_k):
         """softmax(logit_scale × cosine) over all labels, in numpy: request threads never run torch."""
@@ -164,3 +192,19 @@ class Service:
         probs /= probs.sum()
         order = np.argsort(-probs, kind="stable")[:top_k]
         return [{"label": labels[i], "score": round(float(probs[i]), 6)} for i in order]
+
+
+def _device_decoder(model, mode):
+    if not device_decode.enabled(mode, model.device):
+        return None
+    try:
+        return device_decode.DeviceDecoder(model)
+    except device_decode.Unsupported as why:
+        LOG.warning("JPEGs decode with Pillow: the device decoder does not reproduce this model's %s", why)
+        return None
+
+
+def _blank_jpeg():
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (128, 128, 128)).save(buffer, "JPEG")
+    return buffer.getvalue()

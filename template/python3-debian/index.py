@@ -21,6 +21,7 @@ import waitress.utilities
 from waitress import create_server
 from werkzeug.wrappers import Request, Response
 
+import workers
 from function import handler
 
 LOG = logging.getLogger("host")
@@ -168,7 +169,9 @@ def main():
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     remove_lock()
-    server = create_server(app, host=HOST, port=PORT, threads=THREADS,
+    if workers.is_supervisor():  # FUNCTION_WORKERS > 1: this process only starts and watches them
+        sys.exit(workers.supervise(HOST, PORT, LOCK_FILE, DRAIN_TIMEOUT))
+    server = create_server(app, **workers.listen_args(HOST, PORT), threads=THREADS,
                            max_request_body_size=MAX_BODY + 1, channel_timeout=120, ident="function",
                            connection_limit=CONNECTIONS, asyncore_use_poll=True,
                            inbuf_overflow=8 * 1024 * 1024)  # photo-sized bodies stay in memory, not a temp file

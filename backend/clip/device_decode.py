@@ -1,0 +1,208 @@
+"""JPEG decode and preprocessing on the model's device, batched on the model thread.
+
+On a GPU the Pillow path (one JPEG decode per request thread, under the GIL) caps a process far below
+what the model encodes. Here request threads only read the JPEG's header (the same size and bomb
+checks as intake.load_image) and hand the bytes to the model thread, which decodes a whole batch with
+torchvision's decode_jpeg (nvJPEG on CUDA, libjpeg-turbo on the CPU), then does open_clip's eval
+transform on tensors: EXIF orientation, shortest-side resize (antialiased bicubic), centre crop,
+scale and normalise.
+
+Anything unusual keeps the Pillow path, with its answers and errors: other formats, CMYK, progressive
+or non-8-bit JPEGs, Adobe RGB-coded JPEGs, files not ending in an EOI marker (truncated), very long
+strips, and any JPEG the device decoder refuses (the request thread then decodes it with Pillow).
+"""
+import io
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F
+
+from .intake import MAX_ASPECT, sniff
+
+# torchvision 0.29 deprecates its image codecs in favour of TorchCodec; decode_jpeg still works.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
+
+MODES = ("auto", "on", "off")
+PIXELS_PER_DECODE = 64_000_000  # decoded pixels held at once on the device (3 bytes each)
+ORIENTATION = 0x0112
+
+
+@dataclass(frozen=True)
+class DeviceJpeg:
+    """A JPEG whose header passed the checks: decoded on the model thread."""
+    data: bytes
+    width: int
+    height: int
+    orientation: int
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The feature row of a JPEG the device decoder could not decode: the caller decodes it with Pillow."""
+    data: bytes
+
+
+class Unsupported(Exception):
+    """The model's transform is not one this module reproduces."""
+
+
+def enabled(mode: str, device: torch.device) -> bool:
+    if mode not in MODES:
+        raise ValueError(f"CLIP_DEVICE_DECODE must be one of {', '.join(MODES)}, not {mode!r}")
+    return mode == "on" or (mode == "auto" and device.type == "cuda")
+
+
+class DeviceDecoder:
+    def __init__(self, model):
+        self.model = model
+        self.device = model.device
+        self.resize, self.interpolation, self.crop, mean, std = _read_transform(model.preprocess.transforms)
+        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255
+
+    # ---- request threads: header only, no torch ----
+
+    def accept(self, data: bytes, max_pixels: int):
+        """A DeviceJpeg when the bytes are a plain baseline JPEG within the limits, else None (Pillow path:
+        it gives every refusal, 413 and 400 included, in its own words)."""
+        if sniff(data) != "JPEG" or not data.endswith(b"\xff\xd9"):
+            return None
+        try:
+            image = Image.open(io.BytesIO(data), formats=["JPEG"])
+            width, height = image.size
+            info = image.info
+            if (image.format != "JPEG" or image.mode not in ("RGB", "L") or getattr(image, "bits", 8) != 8
+                    or info.get("progressive") or info.get("progression")
+                    or (image.mode == "RGB" and "adobe" in info and info.get("adobe_transform") == 0)
+                    or not 1 <= width * height <= max_pixels
+                    or max(width, height) > MAX_ASPECT * min(width, height)):
+                return None
+            orientation = image.getexif().get(ORIENTATION, 1)
+        except Exception:  # a header Pillow cannot read: its own path says why
+            return None
+        if orientation not in range(1, 9):
+            orientation = 1
+        return DeviceJpeg(data, width, height, orientation)
+
+    # ---- the model thread ----
+
+    @torch.inference_mode()
+    def encode(self, items: list) -> list:
+        """The batcher's encode: prepared arrays and DeviceJpegs in one forward pass; one row per item, a
+        Refused in place of a JPEG the device could not decode."""
+        jpegs = [i for i, item in enumerate(items) if isinstance(item, DeviceJpeg)]
+        if not jpegs:
+            return self.model.encode_prepared(items)
+        decoded = self.preprocess([items[i] for i in jpegs])
+        rows = [None] * len(items)
+        order, parts = [], []
+        arrays = [i for i, item in enumerate(items) if not isinstance(item, DeviceJpeg)]
+        if arrays:
+            parts.append(self.model.to_batch([items[i] for i in arrays]))
+            order += arrays
+        for i, tensor in zip(jpegs, decoded):
+            if tensor is None:
+                rows[i] = Refused(items[i].data)
+            else:
+                parts.append(tensor.unsqueeze(0))
+                order.append(i)
+        if parts:
+            features = self.model.encode_images(torch.cat(parts))
+            for i, row in zip(order, features):
+                rows[i] = row
+        return rows
+
+    def preprocess(self, jobs: list) -> list:
+        """DeviceJpegs -> normalised CHW float tensors on the device (None where decoding failed)."""
+        out, chunk, pixels = [], [], 0
+        for job in jobs:
+            if chunk and pixels + job.width * job.height > PIXELS_PER_DECODE:
+                out += self._preprocess_chunk(chunk)
+                chunk, pixels = [], 0
+            chunk.append(job)
+            pixels += job.width * job.height
+        if chunk:
+            out += self._preprocess_chunk(chunk)
+        return out
+
+    def _preprocess_chunk(self, jobs):
+        images = self._decode(jobs)
+        out = []
+        for job, image in zip(jobs, images):
+            out.append(None if image is None else self._transform(image, job.orientation))
+        return out
+
+    def _decode(self, jobs):
+        encoded = [torch.frombuffer(bytearray(job.data), dtype=torch.uint8) for job in jobs]
+        try:  # one call: nvJPEG decodes the batch together
+            return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError:  # one bad file fails the call: find it, decode the rest
+            images = []
+            for data in encoded:
+                try:
+                    images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+                except RuntimeError:
+                    images.append(None)
+            return images
+
+    def _transform(self, image, orientation):
+        """uint8 CHW -> normalised float CHW, as open_clip's Resize/CenterCrop/ToTensor/Normalize do."""
+        image = orient(image, orientation).unsqueeze(0).float()
+        scale = draft_scale(image.shape[-1], image.shape[-2], self.model.image_size)
+        if scale > 1:  # what Pillow's draft() does while decoding, as a box average of the same factor
+            image = torch.nn.functional.avg_pool2d(image, scale, ceil_mode=True)
+        image = F.resize(image, [self.resize], self.interpolation, antialias=True)
+        image = F.center_crop(image, [self.crop, self.crop])
+        image = image.round_().clamp_(0, 255)  # Pillow resizes to uint8: the same rounding
+        return ((image - self.mean) / self.std)[0]
+
+
+def draft_scale(width: int, height: int, image_size: int) -> int:
+    """The factor (1, 2, 4 or 8) by which intake.load_image's JPEG draft() shrinks this picture while
+    decoding: Pillow's own rule for draft("RGB", (image_size, image_size)), used from twice that size."""
+    if min(width, height) < 2 * image_size:
+        return 1
+    fits = min(width // image_size, height // image_size)
+    return 8 if fits >= 8 else 4 if fits >= 4 else 2
+
+
+def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """What ImageOps.exif_transpose does for EXIF orientation 1-8, on a CHW tensor."""
+    if orientation == 2:
+        return image.flip(-1)
+    if orientation == 3:
+        return image.flip(-2, -1)
+    if orientation == 4:
+        return image.flip(-2)
+    if orientation == 5:
+        return image.transpose(-2, -1)
+    if orientation == 6:
+        return image.rot90(-1, (-2, -1))
+    if orientation == 7:
+        return image.transpose(-2, -1).flip(-2, -1)
+    if orientation == 8:
+        return image.rot90(1, (-2, -1))
+    return image
+
+
+def _read_transform(steps):
+    """(resize, interpolation, crop, mean, std) of an open_clip eval transform of the usual shape:
+    Resize(shortest side) -> CenterCrop -> convert to RGB -> ToTensor -> Normalize."""
+    names = [type(step).__name__ for step in steps]
+    if names[:2] != ["Resize", "CenterCrop"] or names[-1] != "Normalize" or len(steps) > 5:
+        raise Unsupported(f"transform {names}")
+    resize, crop, normalize = steps[0], steps[1], steps[-1]
+    size = resize.size if isinstance(resize.size, int) else (resize.size[0] if len(resize.size) == 1 else None)
+    crop_h, crop_w = (crop.size, crop.size) if isinstance(crop.size, int) else tuple(crop.size)
+    if (size is None or getattr(resize, "max_size", None) or crop_h != crop_w
+            or resize.interpolation not in (InterpolationMode.BICUBIC, InterpolationMode.BILINEAR)):
+        raise Unsupported(f"resize {resize}, crop {crop}")
+    if len(normalize.mean) != 3 or any(math.isnan(v) for v in (*normalize.mean, *normalize.std)):
+        raise Unsupported(f"normalize {normalize}")
+    return size, resize.interpolation, crop_h, tuple(normalize.mean), tuple(normalize.std)

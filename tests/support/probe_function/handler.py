@@ -1,0 +1,18 @@
+"""A function for testing the template host itself (no model): says which process answered, sleeps on
+request, and its init() can be made slow or failing per worker through the environment."""
+import os
+import time
+
+
+def init():
+    worker = os.environ.get("FUNCTION_WORKER", "0")
+    if os.environ.get("PROBE_FAIL_INIT") == worker:
+        raise RuntimeError(f"worker {worker}: init failed on purpose")
+    time.sleep(float(os.environ.get(f"PROBE_INIT_S_{worker}", "0")))
+
+
+def handle(event, context):
+    time.sleep(min(float(event.query.get("sleep", "0") or 0), 10))
+    return {"statusCode": 200, "body": {"pid": os.getpid(), "worker": os.environ.get("FUNCTION_WORKER"),
+                                        "workers": os.environ.get("FUNCTION_WORKERS"),
+                                        "prometheus_dir": os.environ.get("PROMETHEUS_MULTIPROC_DIR")}}

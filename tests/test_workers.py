@@ -1,0 +1,113 @@
+"""FUNCTION_WORKERS: several template-host processes behind the one port, as real processes.
+
+Most tests use a probe function (tests/support/probe_function: no model, says which process answered);
+the last ones run clip itself with two workers."""
+import math
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+
+from support.servers import FunctionProcess, wait_until  # noqa: I001 (puts scripts/ on the path)
+import local_functions  # noqa: E402
+
+local_functions.FUNCTION_DIRS.setdefault("probe", Path(__file__).parent / "support" / "probe_function")
+
+
+def probe(tmp_path, workers=3, **env):
+    return FunctionProcess("probe", tmp_path, {"FUNCTION_WORKERS": str(workers), **env})
+
+
+def worker_processes(fn):
+    return psutil.Process(fn.process.pid).children()
+
+
+def ask(fn, **params):
+    with requests.Session() as session:  # a new connection each time
+        session.trust_env = False
+        response = session.get(fn.url, params=params, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_every_worker_answers_on_the_one_port(tmp_path):
+    with probe(tmp_path, workers=3) as fn:
+        assert len(worker_processes(fn)) == 3
+        answers = [ask(fn) for _ in range(150)]
+        assert {a["worker"] for a in answers} == {"0", "1", "2"}
+        assert {a["workers"] for a in answers} == {"3"}
+        assert {a["pid"] for a in answers} == {p.pid for p in worker_processes(fn)}
+
+
+def test_the_lock_file_waits_for_the_slowest_worker(tmp_path):
+    fn = probe(tmp_path, workers=2, PROBE_INIT_S_1="6").start(wait_ready=False)
+    try:
+        first = fn.tmp / "worker-0" / ".lock"
+        wait_until(first.exists, 120, 0.02, "worker 0 ready")
+        assert not (fn.tmp / "worker-1" / ".lock").exists()
+        assert not fn.lock.exists(), "ready while worker 1 is still in init()"
+        fn.wait_ready()
+        assert (fn.tmp / "worker-1" / ".lock").exists()
+    finally:
+        fn.stop()
+
+
+def test_without_a_prometheus_dir_the_workers_share_a_fresh_one(tmp_path):
+    fn = probe(tmp_path, workers=2)
+    fn.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    with fn:
+        dirs = {ask(fn)["prometheus_dir"] for _ in range(40)}
+        assert len(dirs) == 1 and Path(dirs.pop()).is_dir()
+
+
+def test_sigterm_drains_every_worker(tmp_path):
+    fn = probe(tmp_path, workers=2).start()
+    with ThreadPoolExecutor(8) as pool:
+        slow = [pool.submit(ask, fn, sleep="1.5") for _ in range(8)]
+        time.sleep(0.5)  # all eight are being handled, on both workers
+        children = worker_processes(fn)
+        fn.process.send_signal(signal.SIGTERM)
+        wait_until(lambda: not fn.lock.exists(), 5, 0.01, "lock removed")
+        answers = [f.result() for f in slow]  # every request in flight is answered
+    assert {a["worker"] for a in answers} == {"0", "1"}
+    assert fn.process.wait(30) == 0
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in children)
+    fn.stop()
+
+
+def test_a_worker_that_dies_is_replaced(tmp_path):
+    with probe(tmp_path, workers=2) as fn:
+        victim = worker_processes(fn)[0]
+        victim.kill()
+        wait_until(lambda: victim.pid not in {p.pid for p in worker_processes(fn)} and
+                   len(worker_processes(fn)) == 2, 30, 0.05, "worker replaced")
+        fn.wait_ready()
+        assert fn.process.poll() is None
+        answers = {ask(fn)["pid"] for _ in range(60)}
+        assert victim.pid not in answers and answers == {p.pid for p in worker_processes(fn)}
+
+
+def test_a_worker_whose_init_fails_ends_the_function(tmp_path):
+    fn = probe(tmp_path, workers=2, PROBE_FAIL_INIT="1").start(wait_ready=False)
+    try:
+        assert fn.process.wait(120) == 1, "exits, so the platform restarts it"
+        assert not fn.lock.exists()
+        assert "init failed on purpose" in fn.output()
+    finally:
+        fn.stop()
+
+
+# ---- clip with two workers ------------------------------------------------------------------------
+
+def test_clip_shares_its_queue_limit_among_workers(clip_env, tmp_path):
+    from support.images import image_bytes
+    env = {**clip_env, "FUNCTION_WORKERS": "2", "CLIP_MAX_QUEUE": "7"}
+    with FunctionProcess("clip", tmp_path, env) as fn:
+        shares = {ask(fn)["limits"]["max_queue"] for _ in range(20)}
+        assert shares == {math.ceil(7 / 2)}
+        response = requests.post(fn.url, data=image_bytes("PNG"), timeout=60)
+        assert response.status_code == 200 and response.json()["predictions"]
