@@ -25,6 +25,7 @@ LOG = logging.getLogger("gateway")
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "content-length",
                "content-encoding", "host"}
 UPSTREAM_TIMEOUT_S = float(os.environ.get("GATEWAY_UPSTREAM_TIMEOUT_S", "120"))
+NAMESPACE = "openfaas-fn"  # /function/NAME.openfaas-fn is /function/NAME, as on OpenFaaS (faas-cli invoke)
 
 
 def json_response(status, code, message):
@@ -39,6 +40,8 @@ def make_app(functions):
     def app(environ, start_response):
         request = Request(environ)
         parts = request.path.split("/", 3)  # "", "function", name, rest
+        if len(parts) > 2 and parts[2].endswith("." + NAMESPACE):
+            parts[2] = parts[2][:-len(NAMESPACE) - 1]
         if request.path in ("/", ""):
             response = Response(status=302, headers={"Location": "/function/index"})
         elif request.path == "/healthz":

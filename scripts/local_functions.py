@@ -1,6 +1,6 @@
 """A function as a local process, run from a build context laid out like faas-cli's (template host
 index.py + handler in function/): exactly what a container runs. Used by the local gateway
-(scripts/serve), the tests, the benchmark and the load test. Given the path of fwatchdog (watchdog.py
+(scripts/serve), the tests, the benchmark and the load test. Given the path of fwatchdog (of_watchdog.py
 finds it), the function runs behind the real of-watchdog as in its image: `url` and `port` are then
 the watchdog's, `host_url` the template host's own."""
 import os
@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from layout import ROOT, layout
-from watchdog import watchdog_env
+from of_watchdog import watchdog_env
 
 FUNCTION_DIRS = {"clip": ROOT / "backend" / "clip", "index": ROOT / "frontend" / "index"}
 
