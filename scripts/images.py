@@ -47,6 +47,7 @@ runtime = "runc"
 
 def run(command: Sequence[str], **kwargs) -> subprocess.CompletedProcess:
     print("+", " ".join(command), file=sys.stderr, flush=True)
+    kwargs.setdefault("stdout", sys.stderr)  # stdout says only the images built
     return subprocess.run(list(command), check=True, **kwargs)
 
 
