@@ -21,6 +21,7 @@ from support.servers import free_port, wait_until
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from layout import layout  # noqa: E402
+from of_watchdog import find_fwatchdog  # noqa: E402
 
 TEMPLATE = ROOT / "template" / "python3-debian"
 DOCKERFILE = TEMPLATE / "Dockerfile"
@@ -443,6 +444,17 @@ def test_dockerfile_pins_the_watchdog_and_runs_as_a_non_root_user():
     assert keywords.index("USER") < keywords.index("CMD") and final[-1] == ("CMD", '["fwatchdog"]')
     (healthcheck,) = [rest for keyword, rest in final if keyword == "HEALTHCHECK"]
     assert "/tmp/.lock" in healthcheck
+
+
+def test_the_watchdog_the_tests_run_is_the_one_the_image_pins():
+    """tests/test_watchdog.py and scripts/images use a local fwatchdog: it must be the pinned version."""
+    version = docker_args()["WATCHDOG_IMAGE"].rsplit(":", 1)[1]
+    assert f"of-watchdog {version}" in (ROOT / "docs" / "images.md").read_text()
+    binary = find_fwatchdog()
+    if binary is None:
+        pytest.skip("no fwatchdog here (FWATCHDOG, PATH or ../shared/bin): only the documented pin is checked")
+    said = subprocess.run([binary, "--version"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True).stdout
+    assert f"Version: {version}" in said, said
 
 
 def test_dockerfile_configures_the_watchdog_for_this_template():

@@ -55,7 +55,7 @@ def test_clip_is_ready_only_once_loaded_and_its_healthcheck_passes(clip):
         seen.add((clip.status("/_/health"), clip.status("/_/ready")))
         time.sleep(0.05)
     cold_start = clip.wait_ready()
-    assert seen <= {(None, None), (503, 503)}, seen  # unreachable, then 503 on both, never a dropped /_/ready
+    assert (503, 503) in seen and seen <= {(None, None), (503, 503), (200, 200)}, seen  # never a dropped /_/ready
     assert clip.status("/_/ready") == 200
     assert podman("healthcheck", "run", clip.name, check=False).returncode == 0, clip.logs()
     assert clip.inspect("{{.Config.User}}") == "12000:12000"
@@ -163,9 +163,11 @@ def test_podman_stop_answers_8_requests_in_flight_and_exits_0(images):
 
 
 def big_png(seed):
+    """A 12-megapixel photo-like PNG of about 25 MB: under the body limit, 36 MB of pixels decoded."""
     rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 256, (750, 1000, 3), dtype=np.uint8))
     buffer = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (3000, 4000, 3), dtype=np.uint8)).save(buffer, "PNG", compress_level=1)
+    small.resize((4000, 3000), Image.BILINEAR).save(buffer, "PNG", compress_level=1)
     return buffer.getvalue()
 
 
@@ -173,9 +175,11 @@ def test_clip_under_its_memory_limit_answers_or_sheds_16_large_pngs(clip):
     clip.wait_ready()
     pictures = [big_png(i) for i in range(4)]
     with ThreadPoolExecutor(16) as pool:
-        statuses = list(pool.map(lambda i: requests.post(clip.url, data=pictures[i % 4], timeout=120).status_code,
-                                 range(16)))
-    assert set(statuses) <= {200, 429}, statuses
+        answers = list(pool.map(lambda i: requests.post(clip.url, data=pictures[i % 4], timeout=120), range(16)))
+    # answered, or shed with the contract's JSON (429 queue full, 504 past its own deadline on busy cores)
+    assert {a.status_code for a in answers} <= {200, 429, 504}, [a.text[:200] for a in answers]
+    assert all(a.json().get("predictions") or a.json()["error"]["code"] in ("queue_full", "deadline_exceeded")
+               for a in answers)
     assert clip.running() and clip.inspect("{{.State.OOMKilled}}") == "false", clip.logs()
     peak = podman("stats", "--no-stream", "--format", "json", clip.name).stdout
     record("clip_memory_after_16_large_pngs", json.loads(peak)[0].get("mem_usage", peak[:200]))
