@@ -115,7 +115,11 @@ class Container:
         return (result.stdout + result.stderr)[-6000:]
 
     def remove(self) -> None:
-        podman("rm", "-f", "-t", "5", self.name, check=False)
+        for _ in range(3):  # rm can fail on a stopping container (no systemd for its healthcheck timer)
+            podman("rm", "-f", "-t", "5", self.name, check=False)
+            if podman("container", "exists", self.name, check=False).returncode != 0:
+                return
+            time.sleep(1)
 
     def __enter__(self) -> "Container":
         return self.start()
