@@ -27,6 +27,7 @@ HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "te", "trailer",
                "content-encoding", "host"}
 UPSTREAM_TIMEOUT_S = float(os.environ.get("GATEWAY_UPSTREAM_TIMEOUT_S", "120"))
 CONNECTIONS = int(os.environ.get("GATEWAY_CONNECTIONS", "1000"))  # waitress's default of 100 stalls at 100 idle
+NAMESPACE = "openfaas-fn"  # /function/NAME.openfaas-fn is /function/NAME, as on OpenFaaS (faas-cli invoke)
 
 
 def json_response(status, code, message):
@@ -49,6 +50,8 @@ def make_app(functions):
     def app(environ, start_response):
         request = Request(environ)
         parts = request.path.split("/", 3)  # "", "function", name, rest
+        if len(parts) > 2 and parts[2].endswith("." + NAMESPACE):
+            parts[2] = parts[2][:-len(NAMESPACE) - 1]
         if request.path in ("/", ""):
             response = Response(status=302, headers={"Location": "/function/index"})
         elif request.path == "/healthz":

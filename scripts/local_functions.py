@@ -1,6 +1,8 @@
 """A function as a local process, run from a build context laid out like faas-cli's (template host
 index.py + handler in function/): exactly what a container runs. Used by the local gateway
-(scripts/serve), the tests, the benchmark and the load test."""
+(scripts/serve), the tests, the benchmark and the load test. Given the path of fwatchdog (of_watchdog.py
+finds it), the function runs behind the real of-watchdog as in its image: `url` and `port` are then
+the watchdog's, `host_url` the template host's own."""
 import os
 import signal
 import socket
@@ -10,6 +12,7 @@ import time
 from pathlib import Path
 
 from layout import ROOT, layout
+from of_watchdog import watchdog_env
 
 FUNCTION_DIRS = {"clip": ROOT / "backend" / "clip", "index": ROOT / "frontend" / "index"}
 
@@ -29,23 +32,47 @@ def wait_until(check, timeout=120.0, interval=0.1, what="condition"):
     raise TimeoutError(f"{what} not reached within {timeout} s")
 
 
-class FunctionProcess:
-    """One function, started with the template's fprocess from its own build context."""
+def stop_group(pgid, timeout):
+    """Wait for what is left of a process group to exit; kill it past the timeout."""
+    def gone():
+        try:
+            os.killpg(pgid, 0)
+            return False
+        except ProcessLookupError:
+            return True
+    try:
+        wait_until(gone, timeout, 0.05, "process group exited")
+    except TimeoutError:
+        os.killpg(pgid, signal.SIGKILL)
 
-    def __init__(self, name, workdir, env=None, log_to_file=True):
+
+class FunctionProcess:
+    """One function, started with the template's fprocess from its own build context, alone or behind
+    the of-watchdog binary `watchdog`. env's FUNCTION_PORT, if given, is the port clients use.
+    (of-watchdog 0.11.6 serves its metrics on :8081, always: one watchdog per network namespace.)"""
+
+    def __init__(self, name, workdir, env=None, log_to_file=True, watchdog=None):
         self.name = name
         self.dir = layout(FUNCTION_DIRS[name], Path(workdir) / name)
         self.tmp = self.dir / "tmp"
         self.tmp.mkdir(exist_ok=True)
-        self.port = free_port()
+        env = dict(env or {})
+        self.port = int(env.pop("FUNCTION_PORT", 0)) or free_port()
+        self.watchdog = watchdog
+        self.host_port = free_port() if self.watchdog else self.port
         self.url = f"http://127.0.0.1:{self.port}"
+        self.host_url = f"http://127.0.0.1:{self.host_port}"
         self.lock = self.tmp / ".lock"
-        self.env = {**os.environ, "FUNCTION_PORT": str(self.port), "TMPDIR": str(self.tmp), **(env or {})}
+        self.env = {**os.environ, "FUNCTION_PORT": str(self.host_port), "TMPDIR": str(self.tmp), **env}
+        if self.watchdog:
+            self.env.update(watchdog_env(sys.executable, self.host_port, self.port, free_port(), self.env))
         self.process = None
         self.log = open(self.dir / "function.log", "wb") if log_to_file else None  # None: our stdout
 
     def start(self, wait_ready=True):
-        self.process = subprocess.Popen([sys.executable, "index.py"], cwd=self.dir, env=self.env,
+        command = [self.watchdog] if self.watchdog else [sys.executable, "index.py"]
+        # its own process group: the host the watchdog starts is stopped with it, never left behind
+        self.process = subprocess.Popen(command, cwd=self.dir, env=self.env, start_new_session=True,
                                         stdout=self.log, stderr=subprocess.STDOUT if self.log else None)
         if wait_ready:
             self.wait_ready()
@@ -55,6 +82,14 @@ class FunctionProcess:
         wait_until(lambda: self.lock.exists() or self.process.poll() is not None, timeout, what=f"{self.name} ready")
         if self.process.poll() is not None:
             raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.output()}")
+
+    @property
+    def host_pid(self):
+        """The template host's process id (the watchdog's child when behind one)."""
+        if not self.watchdog:
+            return self.process.pid
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+        return int(children[0])
 
     def healthy(self):
         """What of-watchdog's /_/health answers: the process runs and wrote its lock file."""
@@ -74,6 +109,8 @@ class FunctionProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self.process and self.watchdog:
+            stop_group(self.process.pid, timeout)  # the host exits once its watchdog has
         if self.log:
             self.log.close()
         return self.process.returncode if self.process else None

@@ -23,6 +23,7 @@ from support.servers import free_port, wait_until
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from layout import layout  # noqa: E402
+from of_watchdog import find_fwatchdog  # noqa: E402
 
 TEMPLATE = ROOT / "template" / "python3-debian"
 DOCKERFILE = TEMPLATE / "Dockerfile"
@@ -112,9 +113,14 @@ def names_read(*paths):
     return names
 
 
-def label_sets(warm_args):
-    args = shlex.split(warm_args)
+def label_sets(hook_args):
+    args = shlex.split(hook_args)
     return set(args[args.index("--label-sets") + 1].split(","))
+
+
+def build_env(fn):
+    """The function's build-time settings, BUILD_ENV "KEY=VALUE ..." as the Dockerfile writes them."""
+    return dict(pair.split("=", 1) for pair in fn.get("build_args", {}).get("BUILD_ENV", "").split())
 
 
 def dockerfile():
@@ -290,10 +296,10 @@ def test_model_and_caches_are_baked_at_build_never_set_at_run_time(name):
     runtime = set(fn.get("environment", {})) | set(kenv(knative(SAME_IMAGE[name])))
     assert not runtime & set(BAKED_AT_BUILD), "a different value at run time would miss the baked caches"
     if fn["handler"].endswith("clip"):
-        assert (ROOT / fn["handler"] / "warm.py").is_file()
-        assert {"CLIP_MODEL", "CLIP_PRETRAINED", "WARM_ARGS"} <= set(fn["build_args"])
+        assert (ROOT / fn["handler"] / "build.sh").is_file() and (ROOT / fn["handler"] / "warm.py").is_file()
+        assert {"CLIP_MODEL", "CLIP_PRETRAINED"} <= set(build_env(fn)) and "BUILD_HOOK_ARGS" in fn["build_args"]
         preload = set(fn["environment"]["CLIP_PRELOAD_LABEL_SETS"].split(","))
-        assert preload <= label_sets(fn["build_args"]["WARM_ARGS"]), "a cold start would embed label sets"
+        assert preload <= label_sets(fn["build_args"]["BUILD_HOOK_ARGS"]), "a cold start would embed label sets"
 
 
 @pytest.mark.parametrize("name", CE_STACKS + PRO_STACKS)
@@ -452,15 +458,29 @@ def test_dockerfile_pins_the_watchdog_and_runs_as_a_non_root_user():
     assert "/tmp/.lock" in healthcheck
 
 
+def test_the_watchdog_the_tests_run_is_the_one_the_image_pins():
+    """tests/test_watchdog.py and scripts/images use a local fwatchdog: it must be the pinned version."""
+    version = docker_args()["WATCHDOG_IMAGE"].rsplit(":", 1)[1]
+    assert f"of-watchdog {version}" in (ROOT / "docs" / "images.md").read_text()
+    binary = find_fwatchdog()
+    if binary is None:
+        pytest.skip("no fwatchdog here (FWATCHDOG, PATH or ../shared/bin): only the documented pin is checked")
+    said = subprocess.run([binary, "--version"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True).stdout
+    assert f"Version: {version}" in said, said
+
+
 def test_dockerfile_configures_the_watchdog_for_this_template():
     env = docker_env()
     assert env["fprocess"] == template_fprocess()
     assert env["mode"] == "http" and env["suppress_lock"] == "true" and env["http_buffer_req_body"] == "true"
     assert env["upstream_url"] == "http://127.0.0.1:%s" % env_default(HOST_SOURCE, "FUNCTION_PORT")
-    assert env["ready_path"] == "/ready"
+    # the lock file gates /_/ready; with ready_path set and a buffered body, of-watchdog 0.11.6 drops
+    # /_/ready connections (tests/test_watchdog.py shows the real watchdog answering it)
+    assert "ready_path" not in env
     for key in ("read_timeout", "write_timeout", "exec_timeout", "healthcheck_interval"):
         assert seconds(env[key]) > 0
-    assert 'tempfile.gettempdir(), ".lock"' in HOST_SOURCE, "the lock file the HEALTHCHECK looks for"
+    lifecycle = (TEMPLATE / "lifecycle.py").read_text()
+    assert 'tempfile.gettempdir(), ".lock"' in lifecycle, "the lock file the HEALTHCHECK looks for"
 
 
 def test_dockerfile_installs_torch_from_pytorchs_index_before_the_requirements():
@@ -491,23 +511,31 @@ def test_only_functions_built_on_torch_get_torch(requirements, needs, tmp_path):
     assert (result.returncode == 0) == needs
 
 
-def test_dockerfile_bakes_weights_and_caches_as_the_app_user_at_build_time():
+def build_hook_run():
+    (run,) = [rest for keyword, rest in dockerfile() if keyword == "RUN" and "function/build.sh" in rest]
+    return run
+
+
+def test_dockerfile_runs_the_functions_own_build_hook_as_the_app_user():
     instructions = dockerfile()
     final = instructions[max(i for i, (k, _) in enumerate(instructions) if k == "FROM"):]
-    (warm_at,) = [i for i, (k, rest) in enumerate(final) if k == "RUN" and "function.warm" in rest]
-    warm = final[warm_at][1]
-    assert "[ -f function/warm.py ]" in warm and "${WARM_ARGS}" in warm, "an optional hook"
-    before, after = final[:warm_at], final[warm_at + 1:]
-    assert [k for k, _ in before].count("USER") >= 1 and [r for k, r in before if k == "USER"][-1] != "root"
-    baked = " ".join(r for k, r in before if k == "ENV")
-    assert "CLIP_MODEL=${CLIP_MODEL}" in baked and "CLIP_PRETRAINED=${CLIP_PRETRAINED}" in baked
-    assert "CLIP_CACHE_DIR=" in baked and "HF_HOME=" in baked
-    assert any(k == "ENV" and "HF_HUB_OFFLINE=1" in r for k, r in after), "nothing fetched at run time"
-    assert not any(k == "ENV" and "HF_HUB_OFFLINE" in r for k, r in before), "the build may download"
-    # the hook runs the function's own code, which reads the same settings as the function
-    config = (ROOT / "backend" / "clip" / "config.py").read_text()
-    for name in ("CLIP_MODEL", "CLIP_PRETRAINED", "CLIP_CACHE_DIR"):
-        assert f'_env("{name}"' in config
+    (hook_at,) = [i for i, (k, rest) in enumerate(final) if k == "RUN" and "function/build.sh" in rest]
+    hook = final[hook_at][1]
+    assert "[ -f function/build.sh ]" in hook and "${BUILD_HOOK_ARGS}" in hook, "an optional hook"
+    assert "${BUILD_ENV}" in hook and "> function.env" in hook, "the settings the function then runs with"
+    before = final[:hook_at]
+    assert [r for k, r in before if k == "USER"][-1] != "root"
+    assert 'load_env_file("function.env")' in HOST_SOURCE
+    assert HOST_SOURCE.index('load_env_file("function.env")') < HOST_SOURCE.index("from function import handler")
+
+
+def test_the_template_names_no_function_and_no_function_setting():
+    """The template is generic: each function declares its own build settings and build hook."""
+    words = re.compile(r"\b(clip|CLIP_\w+|HF_\w+|index\.yml|open_?clip|huggingface)\b", re.IGNORECASE)
+    torch_packages = re.compile(r"open(\[[-_.]+\]|[-_.])clip(\[[-_.]+\]|[-_.])torch", re.IGNORECASE)  # needs-torch.sh: packages
+    for path in sorted(p for p in TEMPLATE.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        found = words.findall(torch_packages.sub("", path.read_text()))
+        assert not found, f"{path.relative_to(ROOT)} names {sorted(set(found))}"
 
 
 def test_dockerfile_copies_only_what_the_faas_cli_build_context_holds(tmp_path):
@@ -563,20 +591,28 @@ def test_build_context_starts_with_fprocess_and_classifies_without_building_anyt
     home = tmp_path / "home"
     clip_dir = layout(ROOT / clip_fn["handler"], home / "clip")
     index_dir = layout(ROOT / index_fn["handler"], home / "index")
-    # The image's build environment: the stack's build arguments, with the tiny test model in place
-    # of the real one (no downloads here), and a fresh cache, as a fresh image build has.
-    build_env = {"CLIP_MODEL": f"local-dir:{tiny_model}", "CLIP_PRETRAINED": clip_fn["build_args"]["CLIP_PRETRAINED"],
-                 "CLIP_CACHE_DIR": str(tmp_path / "cache"), "HF_HOME": str(tmp_path / "hf")}
-    warm = subprocess.run([sys.executable, "-m", "function.warm", *shlex.split(clip_fn["build_args"]["WARM_ARGS"])],
-                          cwd=clip_dir, env={**os.environ, **build_env, "CLIP_DEVICE": "cpu"},
-                          capture_output=True, text=True, timeout=300)
-    assert warm.returncode == 0, warm.stdout + warm.stderr
+    # The Dockerfile's build-hook step, run by sh in the build context as the image build runs it: the
+    # stack's build arguments, with the tiny test model in place of the real one (no downloads here)
+    # and a fresh cache, as a fresh image build has.
+    settings = {**build_env(clip_fn), "CLIP_MODEL": f"local-dir:{tiny_model}",
+                "CLIP_CACHE_DIR": str(tmp_path / "cache"), "HF_HOME": str(tmp_path / "hf")}
+    build_args = {"BUILD_ENV": " ".join(f"{k}={v}" for k, v in settings.items()),
+                  "BUILD_HOOK_ARGS": clip_fn["build_args"]["BUILD_HOOK_ARGS"]}
+    bin_dir = tmp_path / "bin"  # the image's `python` is the venv's here
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "python").chmod(0o755)
+    hook = subprocess.run(["sh", "-c", build_hook_run()], cwd=clip_dir, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **build_args, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert hook.returncode == 0, hook.stdout + hook.stderr
     baked = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*") if p.is_file()}
     dtypes = 2 if cpu_features().native_bf16 else 1  # CLIP_DTYPE=auto bakes bf16 too where it is native
     assert len([p for p in baked if "embeddings" in p.parts]) == \
-        dtypes * len(label_sets(clip_fn["build_args"]["WARM_ARGS"]))
+        dtypes * len(label_sets(build_args["BUILD_HOOK_ARGS"]))
+    assert "HF_HUB_OFFLINE=1" in (clip_dir / "function.env").read_text(), "nothing fetched at run time"
 
-    clip, clip_url = start_fprocess(clip_dir, {**build_env, "HF_HUB_OFFLINE": "1", **run_env(clip_fn, {})})
+    # the host reads the baked settings from function.env: the run-time environment is the stack's only
+    clip, clip_url = start_fprocess(clip_dir, run_env(clip_fn, {}))
     try:
         png = noise_image("PNG", seed=5)
         answer = requests.post(clip_url, data=png, headers={"Content-Type": "image/png"}, timeout=60)

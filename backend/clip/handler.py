@@ -2,6 +2,7 @@
 import logging
 import os
 import re
+import threading
 import time
 import uuid
 
@@ -23,9 +24,10 @@ def init():
     from .service import Service  # torch and open_clip load here, not at import
     try:
         SERVICE = Service(SETTINGS)
-    except WeightsUnavailable as exc:
+    except WeightsUnavailable as exc:  # a setup problem a restart cannot fix: stay up, never ready, say why
         LOAD_ERROR = str(exc)
-        raise
+        LOG.error("%s", LOAD_ERROR)
+        threading.Event().wait()  # init never returns: the lock file is never written
     metrics.watch(SERVICE)
 
 

@@ -1,41 +1,37 @@
 """Template host: serves function/handler.py over WSGI (waitress) behind of-watchdog (mode=http).
 
-The handler stays pure: handle(event, context) -> {"statusCode", "body", "headers"}.
-An optional handler.init() runs once in the background (if it raises, the function stays up but
-never ready, and says why in one log line); the watchdog's lock file
-($TMPDIR/.lock, suppress_lock=true) is written only after it returns, and removed
-first thing on SIGTERM, so /_/health and Kubernetes readiness follow the function.
-An optional handler.alive() is polled once ready: False (a function that can no longer
-serve) removes the lock and exits non-zero, so the platform replaces the replica.
+The handler stays pure: handle(event, context) -> {"statusCode", "body", "headers"}; an optional
+handler.init() runs once before the function reports ready, and an optional handler.alive() is polled
+once it is (False: the function can no longer serve; the host takes it out). Readiness, liveness and
+drain: lifecycle.py; several worker processes behind the one port: workers.py.
 """
 import json
 import logging
 import os
 import signal
 import sys
-import tempfile
 import threading
-import time
 
 import waitress.utilities
 from waitress import create_server
 from werkzeug.wrappers import Request, Response
 
+import lifecycle
 import workers
-from function import handler
+
+lifecycle.load_env_file("function.env")  # before the handler reads its settings
+from function import handler  # noqa: E402
 
 LOG = logging.getLogger("host")
 HOST = os.environ.get("FUNCTION_HOST", "127.0.0.1")
 PORT = int(os.environ.get("FUNCTION_PORT", "5000"))  # not $PORT: Knative sets that for the watchdog
-THREADS = int(os.environ.get("FUNCTION_THREADS", "48"))  # idle threads cost little; clip needs > CLIP_MAX_QUEUE
+THREADS = int(os.environ.get("FUNCTION_THREADS", "48"))  # idle threads cost little; keep it above the requests
+# a function admits at once, so one over its limit is answered at once, not queued in waitress
 MAX_BODY = int(os.environ.get("MAX_BODY_BYTES", str(32 * 1024 * 1024)))
-DRAIN_TIMEOUT = float(os.environ.get("DRAIN_TIMEOUT_S", "60"))
 # Open connections served at once; waitress's default of 100 stalls a proxy that keeps more upstream
 # connections (a watchdog or load balancer under 256 concurrent requests). poll(), not select(),
 # so more than 1,024 sockets are possible.
 CONNECTIONS = int(os.environ.get("FUNCTION_CONNECTIONS", "1000"))
-ALIVE_INTERVAL = float(os.environ.get("FUNCTION_ALIVE_INTERVAL_S", "1"))
-LOCK_FILE = os.path.join(tempfile.gettempdir(), ".lock")
 
 
 class Event:
@@ -52,24 +48,7 @@ class Context:
         self.hostname = os.environ.get("HOSTNAME", "localhost")
 
 
-class InFlight:
-    """Counts requests being handled, so SIGTERM can wait for them."""
-
-    def __init__(self):
-        self.count = 0
-        self.cond = threading.Condition()
-
-    def __enter__(self):
-        with self.cond:
-            self.count += 1
-
-    def __exit__(self, *exc):
-        with self.cond:
-            self.count -= 1
-            self.cond.notify_all()
-
-
-IN_FLIGHT = InFlight()
+IN_FLIGHT = lifecycle.InFlight()
 
 
 def json_error(status, code, message):
@@ -120,42 +99,6 @@ def waitress_error_as_json(self, ident=None):
 waitress.utilities.Error.to_response = waitress_error_as_json
 
 
-def write_lock():
-    with open(LOCK_FILE, "w"):
-        pass
-
-
-def remove_lock():
-    try:
-        os.remove(LOCK_FILE)
-    except FileNotFoundError:
-        pass
-
-
-def warm_up():
-    try:
-        if hasattr(handler, "init"):
-            handler.init()
-    except Exception as exc:  # up but never ready: the handler answers why; liveness probes restart it
-        LOG.error("function init failed, not ready: %s", exc)
-        LOG.debug("init failure", exc_info=True)
-        return
-    write_lock()
-    LOG.info("ready: lock file %s written", LOCK_FILE)
-    while getattr(handler, "alive", None):
-        time.sleep(ALIVE_INTERVAL)
-        try:
-            alive = handler.alive()
-        except Exception:
-            LOG.exception("handler.alive() failed")
-            alive = False
-        if not alive:
-            remove_lock()
-            LOG.critical("the function reports it can no longer serve; exiting so the platform replaces it")
-            logging.shutdown()
-            os._exit(1)
-
-
 def unfinished(server):
     """Whether a connection holds a request the app has not seen yet (body still arriving, or queued
     for a worker) or an answer not yet handed to the socket: exiting then would cut it off. (waitress
@@ -168,32 +111,21 @@ def unfinished(server):
 def main():
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    remove_lock()
+    lifecycle.remove_lock()
     if workers.is_supervisor():  # FUNCTION_WORKERS > 1: this process only starts and watches them
-        sys.exit(workers.supervise(HOST, PORT, LOCK_FILE, DRAIN_TIMEOUT))
+        sys.exit(workers.supervise(HOST, PORT, lifecycle.LOCK_FILE, lifecycle.DRAIN_TIMEOUT))
     server = create_server(app, **workers.listen_args(HOST, PORT), threads=THREADS,
                            max_request_body_size=MAX_BODY + 1, channel_timeout=120, ident="function",
                            connection_limit=CONNECTIONS, asyncore_use_poll=True,
                            inbuf_overflow=8 * 1024 * 1024)  # photo-sized bodies stay in memory, not a temp file
 
     def drain(signum, frame):
-        def finish():
-            remove_lock()  # first: readiness goes red before anything else happens
-            LOG.info("SIGTERM: lock removed, draining %d request(s)", IN_FLIGHT.count)
-            time.sleep(0.05)  # let requests already accepted by waitress reach the app
-            deadline = time.monotonic() + DRAIN_TIMEOUT
-            while unfinished(server) and time.monotonic() < deadline:
-                time.sleep(0.02)
-            if hasattr(handler, "shutdown"):
-                handler.shutdown()
-            logging.shutdown()
-            sys.stdout.flush()
-            os._exit(0)
-        threading.Thread(target=finish, name="drain", daemon=True).start()
+        threading.Thread(target=lifecycle.drain_then_exit, args=(lambda: unfinished(server),), name="drain",
+                         daemon=True).start()
 
     signal.signal(signal.SIGTERM, drain)
     signal.signal(signal.SIGINT, drain)
-    threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
+    lifecycle.start_warm_up(getattr(handler, "init", None), getattr(handler, "alive", None))
     LOG.info("serving on http://%s:%d", HOST, PORT)
     server.run()
 

@@ -1,0 +1,110 @@
+"""The host's lifecycle, as of-watchdog (suppress_lock=true) expects it: readiness and drain.
+
+Readiness: the function's optional init() runs once in the background; the lock file ($TMPDIR/.lock)
+is written only after it returns, so the watchdog's /_/health and /_/ready answer 503 until then.
+Drain (SIGTERM): the lock goes first, then the host keeps answering until nothing is in flight and,
+when a watchdog started it, until that watchdog has exited: the watchdog forwards SIGTERM at once
+but holds the connections (bodies still uploading included) and keeps proxying them to this host
+until it has drained them itself.
+"""
+import logging
+import os
+import sys
+import tempfile
+import threading
+import time
+from typing import Callable, Optional
+
+LOG = logging.getLogger("host")
+LOCK_FILE = os.path.join(tempfile.gettempdir(), ".lock")
+DRAIN_TIMEOUT = float(os.environ.get("DRAIN_TIMEOUT_S", "60"))
+ALIVE_INTERVAL = float(os.environ.get("FUNCTION_ALIVE_INTERVAL_S", "1"))
+# of-watchdog passes its own environment to the process it starts: fprocess names this host.
+STARTED_BY_WATCHDOG = bool(os.environ.get("fprocess"))
+
+
+def load_env_file(path: str) -> None:
+    """Settings the image build baked in (function.env, KEY=VALUE lines); the environment wins."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return
+    for line in lines:
+        key, sep, value = line.partition("=")
+        if sep and key.strip() and not key.startswith("#"):
+            os.environ.setdefault(key.strip(), value.strip())
+
+
+class InFlight:
+    """Counts requests being handled, so SIGTERM can wait for them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.cond = threading.Condition()
+
+    def __enter__(self) -> None:
+        with self.cond:
+            self.count += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self.cond:
+            self.count -= 1
+            self.cond.notify_all()
+
+
+def write_lock() -> None:
+    with open(LOCK_FILE, "w"):
+        pass
+
+
+def remove_lock() -> None:
+    try:
+        os.remove(LOCK_FILE)
+    except FileNotFoundError:
+        pass
+
+
+def start_warm_up(init: Optional[Callable[[], None]], alive: Optional[Callable[[], bool]] = None) -> None:
+    """Run init() in the background, then write the lock; a failed init exits so the platform restarts.
+    Once ready, alive() is polled: False (the function can no longer serve) removes the lock and exits 1,
+    so the platform replaces the replica instead of keeping one that looks healthy."""
+    def warm_up() -> None:
+        try:
+            if init is not None:
+                init()
+        except Exception:
+            LOG.exception("function init failed; exiting so the platform restarts it")
+            os._exit(1)
+        write_lock()
+        LOG.info("ready: lock file %s written", LOCK_FILE)
+        while alive is not None:
+            time.sleep(ALIVE_INTERVAL)
+            if not _still_alive(alive):
+                remove_lock()
+                LOG.critical("the function can no longer serve; exiting so the platform replaces it")
+                logging.shutdown()
+                os._exit(1)
+    threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
+
+
+def _still_alive(alive: Callable[[], bool]) -> bool:
+    try:
+        return bool(alive())
+    except Exception:
+        LOG.exception("the function's alive() failed")
+        return False
+
+
+def drain_then_exit(busy: Callable[[], bool]) -> None:
+    """SIGTERM: lock first (readiness red), then wait for busy() and the watchdog, then exit 0."""
+    remove_lock()
+    watchdog = os.getppid() if STARTED_BY_WATCHDOG else None
+    LOG.info("SIGTERM: lock removed, draining%s", " until the watchdog exits" if watchdog else "")
+    time.sleep(0.05)  # let requests already accepted reach the app
+    deadline = time.monotonic() + DRAIN_TIMEOUT
+    while (busy() or (watchdog is not None and os.getppid() == watchdog)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(0)

@@ -1,0 +1,112 @@
+"""The functions behind the real of-watchdog (fwatchdog: $FWATCHDOG, PATH or ../shared/bin), configured
+as the template's image configures it (mode=http, the Dockerfile's ENV, the stack's timeouts): what a
+container answers on its port 8080, without building an image. of-watchdog 0.11.6 always serves its
+metrics on :8081, so one watchdog runs at a time (a container has a network of its own)."""
+import base64
+import socket
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from support.images import noise_image
+from support.servers import FunctionProcess, wait_until
+from test_faults import answers_across_sigterm, http_request
+
+from of_watchdog import find_fwatchdog  # noqa: E402  (scripts/, on sys.path through support.servers)
+
+ROOT = Path(__file__).resolve().parents[1]
+FWATCHDOG = find_fwatchdog()
+
+
+def metrics_port_free():
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", 8081))
+            return True
+        except OSError:
+            return False
+
+
+pytestmark = [
+    pytest.mark.skipif(not FWATCHDOG, reason="no fwatchdog (of-watchdog 0.11.6): set FWATCHDOG, put it on PATH "
+                       "or in ../shared/bin; these tests run the functions behind the real watchdog"),
+    pytest.mark.skipif(FWATCHDOG is not None and not metrics_port_free(),
+                       reason="port 8081 is taken: of-watchdog 0.11.6 serves its metrics there, always"),
+]
+
+
+def stack_environment(name):
+    """The stack's run-time environment: the function's settings and the watchdog's timeouts."""
+    (fn,) = yaml.safe_load((ROOT / f"{name}.yml").read_text())["functions"].values()
+    return {k: str(v) for k, v in fn["environment"].items()}
+
+
+def behind_watchdog(name, workdir, env):
+    return FunctionProcess(name, workdir, {**stack_environment(name), **env}, watchdog=FWATCHDOG)
+
+
+def test_health_and_ready_follow_the_lock_file_and_requests_pass_through(clip_env, tmp_path):
+    fn = behind_watchdog("clip", tmp_path, clip_env).start(wait_ready=False)
+    try:
+        def answering():
+            try:
+                return requests.get(fn.url + "/_/health", timeout=2) is not None
+            except requests.ConnectionError:
+                return False
+        wait_until(answering, 60, what="watchdog up")
+        if not fn.lock.exists():  # still loading (importing torch alone takes seconds)
+            assert requests.get(fn.url + "/_/health", timeout=5).status_code == 503
+            assert requests.get(fn.url + "/_/ready", timeout=5).status_code == 503
+        fn.wait_ready()
+        assert requests.get(fn.url + "/_/health", timeout=5).status_code == 200
+        assert requests.get(fn.url + "/_/ready", timeout=5).status_code == 200  # never a dropped connection
+        png = noise_image("PNG", seed=8)
+        raw = requests.post(fn.url, data=png, headers={"Content-Type": "image/png"}, timeout=60)
+        assert raw.status_code == 200, raw.text
+        form = requests.post(fn.url, files={"image": ("a.png", png, "image/png")}, timeout=60)
+        as_json = requests.post(fn.url, json={"image": base64.b64encode(png).decode()}, timeout=60)
+        assert form.json()["predictions"] == as_json.json()["predictions"] == raw.json()["predictions"]
+        bad = requests.post(fn.url, data=b"not an image", timeout=60)
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_image"
+    finally:
+        code = fn.stop()
+    assert code == 0, fn.output()
+    assert not fn.lock.exists()
+
+
+def test_over_long_body_gets_the_hosts_json_413_through_the_watchdog(clip_env, tmp_path):
+    with behind_watchdog("clip", tmp_path, {**clip_env, "MAX_BODY_BYTES": "100000"}) as fn:
+        response = requests.post(fn.url, data=b"\xff\xd8\xff" + b"\0" * 200_000, timeout=30)
+        assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
+        assert requests.post(fn.url, data=noise_image("PNG"), timeout=30).status_code == 200
+
+
+def test_sigterm_through_the_watchdog_answers_8_requests_in_flight(clip_env, tmp_path):
+    fn = behind_watchdog("clip", tmp_path, clip_env).start()
+    raw = [http_request(fn.port, [noise_image("PNG", size=(640, 480), seed=i)] * 2) for i in range(8)]
+    answers, code = answers_across_sigterm(fn, raw)
+    assert [status for status, _ in answers] == [200] * 8, answers
+    assert code == 0, fn.output()
+
+
+def test_sigterm_through_the_watchdog_waits_for_uploads_still_arriving(clip_env, tmp_path):
+    """The watchdog holds the uploads (it buffers bodies) and forwards SIGTERM at once: the host must
+    keep answering until the watchdog has drained, or the uploads would meet a closed port (502)."""
+    fn = behind_watchdog("clip", tmp_path, clip_env).start()
+    raw = [http_request(fn.port, [noise_image("PNG", size=(256, 256), seed=i)]) for i in range(8)]
+    answers, code = answers_across_sigterm(fn, raw, held_back=0.5, pause=1.0)
+    assert [status for status, _ in answers] == [200] * 8, answers
+    assert code == 0, fn.output()
+
+
+def test_index_behind_the_watchdog_serves_the_page_and_forwards(clip_server, tmp_path):
+    with behind_watchdog("index", tmp_path, {"CLIP_URL": clip_server.url + "/"}) as index:
+        assert requests.get(index.url + "/_/ready", timeout=5).status_code == 200
+        page = requests.get(index.url, timeout=10)
+        assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
+        answer = requests.post(index.url, files={"image": ("a.png", noise_image("PNG"), "image/png")},
+                               headers={"Accept": "application/json"}, timeout=60)
+        assert answer.status_code == 200 and answer.json()["predictions"], answer.text
