@@ -12,7 +12,7 @@ import yaml
 
 from support.images import noise_image
 from support.servers import FunctionProcess, wait_until
-from test_faults import answers_across_sigterm, http_request
+from test_faults import answers_across_sigterm, big_picture, http_request
 
 from of_watchdog import find_fwatchdog  # noqa: E402  (scripts/, on sys.path through support.servers)
 
@@ -86,7 +86,8 @@ def test_over_long_body_gets_the_hosts_json_413_through_the_watchdog(clip_env, t
 
 def test_sigterm_through_the_watchdog_answers_8_requests_in_flight(clip_env, tmp_path):
     fn = behind_watchdog("clip", tmp_path, clip_env).start()
-    raw = [http_request(fn.port, [noise_image("PNG", size=(640, 480), seed=i)] * 2) for i in range(8)]
+    picture = big_picture(3000)  # slow enough to decode that all 8 are still in flight at SIGTERM
+    raw = [http_request(fn.port, [picture] * 2) for _ in range(8)]
     answers, code = answers_across_sigterm(fn, raw)
     assert [status for status, _ in answers] == [200] * 8, answers
     assert code == 0, fn.output()
