@@ -27,7 +27,7 @@ from of_watchdog import find_fwatchdog  # noqa: E402
 
 TEMPLATE = ROOT / "template" / "python3-debian"
 DOCKERFILE = TEMPLATE / "Dockerfile"
-README = ROOT / "README.md"
+DEPLOY_GUIDE = ROOT / "docs" / "deploy.md"
 CE_STACKS = ("clip.yml", "index.yml")
 PRO_STACKS = ("clip.pro.yml", "clip.gpu.yml")
 KNATIVE = {"clip": "deploy/knative/clip.yaml", "index": "deploy/knative/index.yaml",
@@ -414,11 +414,10 @@ def test_timeouts_line_up_on_every_hop():
     assert seconds(docker_env()["exec_timeout"]) > 0
 
 
-def test_readme_timeout_table_matches_the_files():
-    text = README.read_text()
-    section = text[text.index("<!-- deploy:start -->"):text.index("<!-- deploy:end -->")]
-    table = section[section.index("### Timeouts"):]
-    table = table[:table.index("\n### ", 1)]
+def test_deploy_guide_timeout_table_matches_the_files():
+    section = DEPLOY_GUIDE.read_text()
+    table = section[section.index("## Timeouts"):]
+    table = table[:table.index("\n## ", 1)]
     t = timeouts()
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("|")}
 
