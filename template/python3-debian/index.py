@@ -1,8 +1,9 @@
 """Template host: serves function/handler.py over WSGI (waitress) behind of-watchdog (mode=http).
 
 The handler stays pure: handle(event, context) -> {"statusCode", "body", "headers"}; an optional
-handler.init() runs once before the function reports ready, and an optional handler.alive() is polled
-once it is (False: the function can no longer serve; the host takes it out). Readiness, liveness and
+handler.init() runs once before the function reports ready, an optional handler.alive() is polled
+once it is (False: the function can no longer serve; the host takes it out), and an optional
+handler.shutdown() runs last when SIGTERM has drained the requests. Readiness, liveness and
 drain: lifecycle.py; several worker processes behind the one port: workers.py.
 """
 import json
@@ -120,8 +121,8 @@ def main():
                            inbuf_overflow=8 * 1024 * 1024)  # photo-sized bodies stay in memory, not a temp file
 
     def drain(signum, frame):
-        threading.Thread(target=lifecycle.drain_then_exit, args=(lambda: unfinished(server),), name="drain",
-                         daemon=True).start()
+        threading.Thread(target=lifecycle.drain_then_exit, name="drain", daemon=True,
+                         args=(lambda: unfinished(server), getattr(handler, "shutdown", None))).start()
 
     signal.signal(signal.SIGTERM, drain)
     signal.signal(signal.SIGINT, drain)

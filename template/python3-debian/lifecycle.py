@@ -96,8 +96,9 @@ def _still_alive(alive: Callable[[], bool]) -> bool:
         return False
 
 
-def drain_then_exit(busy: Callable[[], bool]) -> None:
-    """SIGTERM: lock first (readiness red), then wait for busy() and the watchdog, then exit 0."""
+def drain_then_exit(busy: Callable[[], bool], shutdown: Optional[Callable[[], None]] = None) -> None:
+    """SIGTERM: lock first (readiness red), then wait for busy() and the watchdog, then the function's
+    optional shutdown() (e.g. a worker leaving shared metrics), then exit 0."""
     remove_lock()
     watchdog = os.getppid() if STARTED_BY_WATCHDOG else None
     LOG.info("SIGTERM: lock removed, draining%s", " until the watchdog exits" if watchdog else "")
@@ -105,6 +106,11 @@ def drain_then_exit(busy: Callable[[], bool]) -> None:
     deadline = time.monotonic() + DRAIN_TIMEOUT
     while (busy() or (watchdog is not None and os.getppid() == watchdog)) and time.monotonic() < deadline:
         time.sleep(0.02)
+    if shutdown is not None:
+        try:
+            shutdown()
+        except Exception:
+            LOG.exception("the function's shutdown() failed")
     logging.shutdown()
     sys.stdout.flush()
     os._exit(0)
