@@ -558,12 +558,15 @@ def hostile_phase(args, stack, good, hostile, main):
     """Half the requests hostile: normal clients keep a bounded p99, memory comes back, no 5xx."""
     print(f"hostile phase: {args.clients} clients, {args.hostile_duration:g} s, half of them bombs and floods",
           file=sys.stderr, flush=True)
-    process = stack.clip_process()
+    process, stats0, metrics0 = stack.clip_process(), server_stats(stack), clip_metrics(stack)
     with RssSampler(process, interval=0.5) as sampler:
         records, elapsed = run_load(stack.urls, good, hostile, args.clients, args.hostile_duration, 0.5,
                                     args.seed + 2)
+    stats1, metrics1 = server_stats(stack), clip_metrics(stack)
     time.sleep(5)  # idle: what the decodes took is given back
     result = summarize(records, elapsed)
+    result["server"] = batch_figures(stats0, stats1)
+    result["metrics"] = metric_figures(metrics0, metrics1)
     result["rss"] = {"before_mb": main["rss"]["end_mb"], "peak_mb": sampler.peak / 2**20,
                      "after_idle_mb": tree_rss(process) / 2**20}
     return result

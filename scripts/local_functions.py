@@ -63,7 +63,8 @@ class FunctionProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.host_url = f"http://127.0.0.1:{self.host_port}"
         self.lock = self.tmp / ".lock"
-        self.env = {**os.environ, "FUNCTION_PORT": str(self.host_port), "TMPDIR": str(self.tmp), **env}
+        self.env = {"MALLOC_ARENA_MAX": "2",  # as the template's image sets it (memory goes back after big decodes)
+                    **os.environ, "FUNCTION_PORT": str(self.host_port), "TMPDIR": str(self.tmp), **env}
         if self.watchdog:
             self.env.update(watchdog_env(sys.executable, self.host_port, self.port, free_port(), self.env))
         self.process = None

@@ -33,6 +33,9 @@ def _malloc_trim():
     return (lambda: trim(0)) if trim else (lambda: None)
 
 
+trim_memory = _malloc_trim()  # also after requests with big bodies (handler.py)
+
+
 class DecodeGate:
     def __init__(self, slots: int, memory_bytes: int, heavy_pixels: int, trim_bytes: int = 64 << 20):
         self.slots = max(1, slots)
@@ -42,7 +45,7 @@ class DecodeGate:
         self.memory_bytes = memory_bytes
         self.heavy_pixels = heavy_pixels
         self.trim_bytes = trim_bytes
-        self._trim = _malloc_trim()
+        self._trim = trim_memory
         self._cond = threading.Condition()
         self._busy = self._heavy = self._bytes = self._small_waiting = 0
 

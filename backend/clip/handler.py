@@ -7,12 +7,14 @@ import time
 import uuid
 
 from . import config, metrics
+from .decode_gate import trim_memory
 from .intake import ClientError, parse_request
 
 LOG = logging.getLogger("clip")
 SETTINGS = config.from_env()
 READY_PATHS = ("/ready", "/_/ready")
 REQUEST_ID = re.compile(r"[\w.-]{1,64}", re.ASCII)  # echoed in a header: ASCII only, fullmatch
+BIG_BODY = 4 << 20
 SERVICE = None  # set once by init(); requests before that answer 503
 LOAD_ERROR = None  # why init() failed, said in every answer instead of "still loading"
 
@@ -59,6 +61,8 @@ def respond(event, request_id):
     except ClientError as error:
         status, headers = error.status, error.headers
         body = {"error": {"code": error.code, "message": error.message}}
+    if len(event.body) >= BIG_BODY:  # its parsing (JSON lists, form parts) left freed memory in glibc's arenas
+        trim_memory()
     body["request_id"] = request_id
     if event.method == "POST":
         body["elapsed_ms"] = round((time.perf_counter() - started) * 1000, 1)
