@@ -45,7 +45,6 @@ class DecodeGate:
         self.memory_bytes = memory_bytes
         self.heavy_pixels = heavy_pixels
         self.trim_bytes = trim_bytes
-        self._trim = trim_memory
         self._cond = threading.Condition()
         self._busy = self._heavy = self._bytes = self._small_waiting = 0
 
@@ -79,7 +78,7 @@ class DecodeGate:
                 self._bytes -= cost
                 self._cond.notify_all()
             if cost >= self.trim_bytes:
-                self._trim()
+                trim_memory()
 
     @property
     def bytes_in_use(self) -> int:
