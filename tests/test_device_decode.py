@@ -17,7 +17,7 @@ from support.images import image_bytes, noise_image
 from support.servers import FunctionProcess
 from test_fuzz import fuzz
 from test_fuzz import image_bytes as fuzzed_images
-from test_hostile_input import HOSTILE, UNUSUAL, encode, jpeg_with_random_scan, picture
+from test_hostile_input import HOSTILE, UNUSUAL, encode, picture
 
 sys.path.insert(0, str(os.path.join(os.path.dirname(__file__), "..", "scripts")))
 from bench import jpeg, photo  # noqa: E402  (the bench images)
@@ -109,6 +109,7 @@ def test_hostile_bytes_get_the_same_json_error(device_server, pillow_server, nam
 
 def test_a_batch_mixing_paths_answers_item_by_item_like_pillow(device_server, pillow_server):
     images = [jpeg(photo(640, 480, seed=1)), UNUSUAL["CMYK JPEG"](), HOSTILE["corrupt JPEG data (random scan)"],
+              with_undefined_quantisation_table(jpeg(photo(320, 240))),
               noise_image("PNG", seed=2), jpeg(photo(800, 600, seed=3)), HOSTILE["truncated JPEG"]]
     files = [("image", (f"{i}.bin", data)) for i, data in enumerate(images)]
     device = requests.post(device_server.url, files=files, params={"top_k": 100}, timeout=60)
@@ -165,6 +166,8 @@ ROUTES = {
     "progressive JPEG": (UNUSUAL["progressive JPEG"], False),
     "PNG": (lambda: image_bytes("PNG"), False),
     "truncated JPEG": (lambda: HOSTILE["truncated JPEG"], False),
+    "stray marker in the scan": (lambda: HOSTILE["corrupt JPEG data (random scan)"], False),
+    "bytes after the end-of-image marker": (lambda: jpeg(photo(320, 240)) + b"\0" * 64 + b"\xff\xd9", False),
     "JPEG over the pixel limit": (lambda: noise_image("JPEG", size=(1200, 1000)), False),
     "strip wider than 4:1": (lambda: noise_image("JPEG", size=(500, 100)), False),
 }
@@ -176,17 +179,23 @@ def test_only_plain_jpegs_within_the_limits_go_to_the_device(decoder, name):
     assert (decoder.accept(make(), max_pixels=1_000_000) is not None) == expected
 
 
+def with_undefined_quantisation_table(data):
+    """A well-formed file whose first component names quantisation table 3, which no DQT defines: the
+    header reads fine, every decoder refuses the picture."""
+    sof = data.index(b"\xff\xc0")
+    return data[:sof + 12] + b"\x03" + data[sof + 13:]
+
+
 def test_a_jpeg_the_device_refuses_fails_alone_in_its_batch(decoder):
     from clip.device_decode import Refused
     good = jpeg(photo(320, 240))
-    bad = jpeg_with_random_scan(noise_image("JPEG", size=(128, 96), seed=7))
+    bad = with_undefined_quantisation_table(good)
     jobs = [decoder.accept(data, 10**8) for data in (good, bad, good)]
     assert all(jobs)
     rows = decoder.encode(jobs)
     assert not isinstance(rows[0], Refused) and not isinstance(rows[2], Refused)
     assert torch.allclose(rows[0], rows[2], atol=1e-5)
-    if DEVICE == "cpu":  # libjpeg-turbo refuses this scan (nvJPEG may decode it: then Pillow never sees it)
-        assert isinstance(rows[1], Refused) and rows[1].data == bad
+    assert isinstance(rows[1], Refused) and rows[1].data == bad
 
 
 @pytest.fixture(scope="module")
@@ -211,3 +220,21 @@ def test_fuzzed_images_get_the_pillow_status(two_services, data):
         handler.SERVICE = previous
     event(f"{statuses['on']}")
     assert statuses["on"] == statuses["off"]
+
+
+def test_pictures_of_one_size_resized_together_match_one_at_a_time(decoder):
+    rotated = Image.open(io.BytesIO(jpeg(photo(640, 480, seed=4))))
+    exif = rotated.getexif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    rotated.save(buffer, "JPEG", exif=exif)
+    pictures = [jpeg(photo(640, 480, seed=1)), jpeg(photo(320, 240, seed=2)), buffer.getvalue(),
+                jpeg(photo(640, 480, seed=3)), with_undefined_quantisation_table(jpeg(photo(640, 480, seed=5)))]
+    jobs = [decoder.accept(data, 10**8) for data in pictures]
+    together = decoder.preprocess(jobs)
+    for job, row in zip(jobs, together):
+        alone = decoder.preprocess([job])[0]
+        assert (row is None) == (alone is None)
+        if row is not None:
+            assert torch.allclose(row, alone, atol=1e-4)
+    assert together[-1] is None and not torch.allclose(together[0], together[3])

@@ -22,6 +22,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
+from . import structure
 from .intake import MAX_ASPECT, sniff
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec; decode_jpeg still works.
@@ -71,7 +72,7 @@ class DeviceDecoder:
     def accept(self, data: bytes, max_pixels: int):
         """A DeviceJpeg when the bytes are a plain baseline JPEG within the limits, else None (Pillow path:
         it gives every refusal, 413 and 400 included, in its own words)."""
-        if sniff(data) != "JPEG" or not data.endswith(b"\xff\xd9"):
+        if sniff(data) != "JPEG" or not structure.plain_single_scan(data):
             return None
         try:
             image = Image.open(io.BytesIO(data), formats=["JPEG"])
@@ -132,10 +133,24 @@ class DeviceDecoder:
         return out
 
     def _preprocess_chunk(self, jobs):
+        """Pictures of one size and orientation (a camera's, a benchmark's) go through the resize together:
+        a few kernel launches per group instead of per picture; the crops are normalised as one batch."""
         images = self._decode(jobs)
-        out = []
-        for job, image in zip(jobs, images):
-            out.append(None if image is None else self._transform(image, job.orientation))
+        groups = {}
+        for i, (job, image) in enumerate(zip(jobs, images)):
+            if image is not None:
+                groups.setdefault((tuple(image.shape), job.orientation), []).append(i)
+        if not groups:
+            return [None] * len(jobs)
+        order, crops = [], []
+        for (_, orientation), members in groups.items():
+            crops.append(self._resize_crop(torch.stack([images[i] for i in members]), orientation))
+            order += members
+        batch = torch.cat(crops).round_().clamp_(0, 255)  # Pillow resizes to uint8: the same rounding
+        batch = (batch - self.mean) / self.std
+        out = [None] * len(jobs)
+        for i, row in zip(order, batch):
+            out[i] = row
         return out
 
     def _decode(self, jobs):
@@ -151,16 +166,14 @@ class DeviceDecoder:
                     images.append(None)
             return images
 
-    def _transform(self, image, orientation):
-        """uint8 CHW -> normalised float CHW, as open_clip's Resize/CenterCrop/ToTensor/Normalize do."""
-        image = orient(image, orientation).unsqueeze(0).float()
-        scale = draft_scale(image.shape[-1], image.shape[-2], self.model.image_size)
+    def _resize_crop(self, images, orientation):
+        """uint8 NCHW of one size -> float NCHW crops, as open_clip's Resize/CenterCrop do (before rounding)."""
+        images = orient(images, orientation).float()
+        scale = draft_scale(images.shape[-1], images.shape[-2], self.model.image_size)
         if scale > 1:  # what Pillow's draft() does while decoding, as a box average of the same factor
-            image = torch.nn.functional.avg_pool2d(image, scale, ceil_mode=True)
-        image = F.resize(image, [self.resize], self.interpolation, antialias=True)
-        image = F.center_crop(image, [self.crop, self.crop])
-        image = image.round_().clamp_(0, 255)  # Pillow resizes to uint8: the same rounding
-        return ((image - self.mean) / self.std)[0]
+            images = torch.nn.functional.avg_pool2d(images, scale, ceil_mode=True)
+        images = F.resize(images, [self.resize], self.interpolation, antialias=True)
+        return F.center_crop(images, [self.crop, self.crop])
 
 
 def draft_scale(width: int, height: int, image_size: int) -> int:

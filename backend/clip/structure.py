@@ -34,6 +34,7 @@ class JpegShape:
     scans: int = 0
     fill_bytes: int = 0
     pixels: int = 0  # from the first frame header
+    entropy_end: int = -1  # where the last scan's entropy-coded data stopped
 
 
 def jpeg_shape(data: bytes, limits: Limits) -> JpegShape:
@@ -61,8 +62,16 @@ def jpeg_shape(data: bytes, limits: Limits) -> JpegShape:
             end = ENTROPY_END.search(data, pos)
             if end is None:
                 break
-            pos = end.start()
+            pos = shape.entropy_end = end.start()
     return shape
+
+
+def plain_single_scan(data: bytes) -> bool:
+    """One scan whose entropy-coded data runs to the end-of-image marker closing the file: no stray or
+    unknown marker inside it, nothing after it. libjpeg refuses a stray marker; nvJPEG may decode the
+    garbage silently, so the device decoder takes only these and leaves the rest to Pillow's verdict."""
+    shape = jpeg_shape(data, Limits())
+    return shape.scans == 1 and shape.entropy_end == len(data) - 2 and data.endswith(b"\xff\xd9")
 
 
 def problem(fmt: str, data: bytes, limits: Limits) -> str | None:
