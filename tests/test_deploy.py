@@ -274,7 +274,9 @@ def test_gpu_variant_gets_its_gpu_from_a_profile():
     assert int(resources["limits"]["nvidia.com/gpu"]) == 1
     assert "requests" not in fn and "limits" not in fn, "the function spec's resources would override the Profile's"
     env = fn["environment"]
-    assert int(env["CLIP_THREADS"]) * workers(env) == cores(resources["limits"]["cpu"])
+    # every core has a worker's thread, at most two (12 workers x 2 on 16 cores is what was measured)
+    limit = cores(resources["limits"]["cpu"])
+    assert limit <= int(env["CLIP_THREADS"]) * workers(env) <= 2 * limit
     service = knative("clip-gpu")
     assert int(container(service)["resources"]["limits"]["nvidia.com/gpu"]) == 1
     assert container(service)["resources"] == resources, "the same sizing on both engines"
@@ -315,7 +317,7 @@ def test_openfaas_and_knative_run_the_same_image_the_same_way(name):
             assert mebibytes(c["resources"][kind]["memory"]) == mebibytes(fn[kind]["memory"])
             assert cores(c["resources"][kind]["cpu"]) == cores(fn[kind]["cpu"])
         assert mebibytes(fn["requests"]["memory"]) <= mebibytes(fn["limits"]["memory"])
-    if "CLIP_THREADS" in env:
+    if "CLIP_THREADS" in env and env.get("CLIP_DEVICE") != "cuda":  # the model computes on these threads
         assert int(env["CLIP_THREADS"]) * workers(env) == cores(c["resources"]["limits"]["cpu"]), \
             "one torch thread per core"
     # the watchdog's port, probed where it is served
