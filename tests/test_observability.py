@@ -284,6 +284,18 @@ def test_workers_sharing_a_multiprocess_dir_report_the_function_as_a_whole(tmp_p
         assert 0 < value(alone, "process_resident_memory_bytes") < both, "an exited worker's memory is not counted"
 
 
+def test_a_crashed_workers_live_gauges_leave_the_function_sums(tmp_path):
+    """A worker killed outright (no drain, no worker_exiting) stops counting in live gauges at the next scrape."""
+    (tmp_path / "prom").mkdir()
+    env = {"CLIP_URL": f"http://127.0.0.1:{free_port()}/", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom")}
+    with FunctionProcess("index", tmp_path / "one", env) as one, FunctionProcess("index", tmp_path / "two", env) as two:
+        scrape(one.url)  # a scrape samples the worker it reaches (and a sampler thread every 2 s)
+        both = value(scrape(two.url), "process_resident_memory_bytes")
+        one.process.kill()
+        one.process.wait(10)
+        assert 0 < value(scrape(two.url), "process_resident_memory_bytes") < 0.75 * both
+
+
 # ---- deploy files and the dashboard ------------------------------------------------------------------
 
 def load(relpath):

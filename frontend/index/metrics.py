@@ -10,6 +10,7 @@ all: the figures are the function's, not one worker's.
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -64,6 +65,7 @@ def exposition(event) -> dict:
     refresh()
     registry = REGISTRY
     if MULTIPROCESS_DIR:
+        forget_dead_workers()
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
     encoder, content_type = choose_encoder(event.headers.get("Accept", ""))
@@ -119,6 +121,20 @@ def worker_exiting() -> None:
     """A worker's live gauges leave the function's sums when it exits (called on the host's drain)."""
     if MULTIPROCESS_DIR:
         multiprocess.mark_process_dead(os.getpid())
+
+
+def forget_dead_workers() -> None:
+    """A worker that crashed never ran worker_exiting(): its live gauges (memory) would stay in the
+    function's sums for good. Any process whose files are here but that no longer exists is marked dead."""
+    pids = {int(m.group(1)) for name in os.listdir(MULTIPROCESS_DIR)
+            if (m := re.fullmatch(r"gauge_live\w+_(\d+)\.db", name))}
+    for pid in pids - {os.getpid()}:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            multiprocess.mark_process_dead(pid)
+        except PermissionError:  # alive, someone else's
+            pass
 
 
 # ---- per request: counters and the log line ------------------------------------------------------
