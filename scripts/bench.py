@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "backend"))
 sys.path.insert(0, str(ROOT / "scripts"))
 from clip import model as model_module  # noqa: E402
 from clip import precision  # noqa: E402
-from clip.intake import load_image  # noqa: E402
+from clip.images import load_image  # noqa: E402
 from clip.labels import LABEL_SETS, SIMPLE_TEMPLATES, LabelStore, class_embeddings  # noqa: E402
 from clip.service import Service  # noqa: E402
 from local_functions import FunctionProcess, free_port  # noqa: E402
@@ -341,7 +341,7 @@ def numerics(name, templates=None, images=8):
     for d in ("fp32", "bf16"):
         clip = create(name, d)
         started = time.perf_counter()
-        classes = class_embeddings(clip.encode_texts, cifar.labels, templates).numpy()
+        classes = class_embeddings(clip.encode_texts, cifar.labels, templates)
         text_s = time.perf_counter() - started
         features = clip.encode_prepared([clip.prepare(load_image(b, 50_000_000, clip.image_size))
                                          for b in bodies]).numpy()

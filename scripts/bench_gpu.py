@@ -28,7 +28,7 @@ import torch
 from bench import jpeg, photo, print_table
 from clip import model as model_module
 from clip.device_decode import DeviceDecoder
-from clip.intake import load_image
+from clip.images import load_image
 from clip.labels import LABEL_SETS
 from local_functions import FunctionProcess
 

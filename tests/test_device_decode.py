@@ -153,7 +153,7 @@ def test_orientation_is_exif_transpose_pixel_for_pixel(orientation):
 def test_the_device_shrinks_by_the_factor_pillows_draft_uses(size):
     from clip.device_decode import draft_scale
     image = Image.open(io.BytesIO(image_bytes("JPEG", size=size)))
-    if min(size) >= 2 * 224:  # intake.load_image's rule
+    if min(size) >= 2 * 224:  # images.load_image's rule
         image.draft("RGB", (224, 224))
     scale = draft_scale(*size, 224)
     assert image.size == tuple(math.ceil(side / scale) for side in size)

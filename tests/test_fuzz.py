@@ -1,4 +1,4 @@
-"""Property-based fuzzing of the intake: whatever arrives, only a ClientError with a 4xx status may come
+"""Property-based fuzzing of the input path: whatever arrives, only a ClientError with a 4xx status may come
 out of the request and option parsers and the image decoder, and handle() never answers a 5xx."""
 import base64
 import io
@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, assume, event, given, settings, strategies a
 from PIL import Image
 from werkzeug.datastructures import MultiDict
 
-from clip import config, handler, intake, options
-from clip.intake import ClientError
+from clip import config, handler, images, options, request
+from clip.errors import ClientError
 from clip.labels import LABEL_SETS
 from support.images import noise_image
 from support.inprocess import Event, service
@@ -146,7 +146,7 @@ def test_parse_request_raises_only_client_errors(body_and_type, query):
     body, content_type = body_and_type
     event = Event(body, content_type, query=query)
     try:
-        parsed = intake.parse_request(event, SETTINGS.max_images)
+        parsed = request.parse_request(event, SETTINGS.max_images)
     except ClientError as error:
         assert_client_error(error)
         return
@@ -164,14 +164,14 @@ def test_parse_request_raises_only_client_errors(body_and_type, query):
 @given(image_bytes)
 def test_load_image_gives_an_rgb_picture_or_a_client_error(data):
     try:
-        image = intake.load_image(data, SETTINGS.max_pixels, IMAGE_SIZE)
+        image = images.load_image(data, SETTINGS.max_pixels, IMAGE_SIZE)
     except ClientError as error:
         assert_client_error(error)
         event(f"load_image: {error.code}")
         return
     event("load_image: decoded")
     assert image.mode == "RGB" and image.width >= 1 and image.height >= 1
-    assert max(image.size) <= intake.MAX_ASPECT * min(image.size)
+    assert max(image.size) <= images.MAX_ASPECT * min(image.size)
 
 
 @fuzz(60)
@@ -186,7 +186,7 @@ def test_any_size_and_mode_a_format_can_hold_decodes(width, height, mode, fmt):
     except (OSError, ValueError, KeyError, TypeError):
         assume(False)  # the format cannot hold this mode: nothing to test
     try:
-        image = intake.load_image(buffer.getvalue(), SETTINGS.max_pixels, IMAGE_SIZE)
+        image = images.load_image(buffer.getvalue(), SETTINGS.max_pixels, IMAGE_SIZE)
     except ClientError as error:
         assert_client_error(error)
         return

@@ -11,7 +11,7 @@ import torch
 
 from clip import model as model_module
 from clip import precision
-from clip.intake import load_image
+from clip.images import load_image
 from clip.labels import LABEL_SETS, SIMPLE_TEMPLATES, LabelStore, class_embeddings
 from clip.precision import CpuFeatures, choose
 from support.images import noise_image
@@ -98,8 +98,8 @@ def both(tiny_model):
         clip = model_module.create(f"local-dir:{tiny_model}", "none", device="cpu", dtype=name)
         features = clip.encode_prepared([clip.prepare(load_image(b, 10**7, clip.image_size)) for b in images])
         out[name] = (clip, features.numpy(),
-                     {"18 prompts": class_embeddings(clip.encode_texts, cifar.labels, cifar.templates).numpy(),
-                      "1 prompt": class_embeddings(clip.encode_texts, cifar.labels, SIMPLE_TEMPLATES).numpy()})
+                     {"18 prompts": class_embeddings(clip.encode_texts, cifar.labels, cifar.templates),
+                      "1 prompt": class_embeddings(clip.encode_texts, cifar.labels, SIMPLE_TEMPLATES)})
     return out
 
 
@@ -157,7 +157,7 @@ def test_served_bf16_scores_stay_close_to_fp32(clip_server, bf16_server, clip_en
         bound = MAX_PROBABILITY_DELTA["1 prompt" if "labels" in params else "18 prompts"]
         assert max(abs(fp32[label] - bf16[label]) for label in fp32) <= bound
     # the bf16 function encoded its own cifar10 embeddings rather than loading the fp32 ones
-    assert len(list((Path(clip_env["CLIP_CACHE_DIR"]) / "embeddings").glob("cifar10-*.pt"))) == 2
+    assert len(list((Path(clip_env["CLIP_CACHE_DIR"]) / "embeddings").glob("cifar10-*.npy"))) == 2
     assert "encoding 180 prompts for cifar10" in bf16_server.output()
 
 
@@ -171,7 +171,7 @@ def test_build_ahead_bakes_each_dtype_asked_for(tiny_model, tmp_path):
         run = subprocess.run([sys.executable, "-m", "clip.warm", "--label-sets", "cifar10", *extra], cwd=backend,
                              env=env, capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr
-        assert len(list(tmp_path.glob("embeddings/cifar10-*.pt"))) == expected, run.stdout
+        assert len(list(tmp_path.glob("embeddings/cifar10-*.npy"))) == expected, run.stdout
     bad = subprocess.run([sys.executable, "-m", "clip.warm", "--dtypes", "int8"], cwd=backend, env=env,
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "unknown dtypes" in bad.stderr

@@ -16,7 +16,8 @@ from PIL import Image
 
 from clip import handler
 from clip.decode_gate import DecodeGate
-from clip.intake import ClientError, load_image
+from clip.errors import ClientError
+from clip.images import load_image
 from clip.structure import Limits
 from support.images import image_bytes, noise_image
 from support.inprocess import Event, service

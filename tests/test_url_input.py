@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from clip import remote
-from clip.intake import ClientError
+from clip.errors import ClientError
 from support.images import noise_image
 from support.inprocess import Event, service
 from support.servers import FunctionProcess

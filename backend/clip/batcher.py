@@ -23,6 +23,8 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 
+from .config import Settings
+
 LOG = logging.getLogger("batcher")
 
 
@@ -35,7 +37,11 @@ class DeadlineExceeded(Exception):
 
 
 class Batcher:
-    def __init__(self, encode, max_batch=8, max_wait_s=0.004, max_queue=64, stall_s=120.0):
+    """max_batch has no default (0 in the settings means "the device's default", which the model
+    knows); the other limits default to the settings' own defaults (config.Settings)."""
+
+    def __init__(self, encode, max_batch: int, max_wait_s: float = Settings.max_wait_ms / 1000,
+                 max_queue: int = Settings.max_queue, stall_s: float = Settings.stall_s):
         self.encode = encode
         self.stall_s = stall_s
         self.max_batch = max_batch

@@ -29,6 +29,7 @@ class Settings:
     max_wait_ms: float = 25.0
     max_queue: int = 32                   # images admitted at once (decoding, queued, encoding), per worker
     deadline_s: float = 30.0
+    max_body_bytes: int = 32 * 1024 * 1024  # the template host's MAX_BODY_BYTES: enforced there, shown in GET /
     max_pixels: int = 50_000_000
     max_images: int = 16
     max_labels: int = 1000
@@ -82,6 +83,7 @@ def from_env():
         max_wait_ms=float(_env("CLIP_MAX_WAIT_MS", Settings.max_wait_ms)),
         max_queue=per_worker(int(_env("CLIP_MAX_QUEUE", Settings.max_queue)), count),
         deadline_s=float(_env("CLIP_DEADLINE_S", Settings.deadline_s)),
+        max_body_bytes=int(_env("MAX_BODY_BYTES", Settings.max_body_bytes)),
         max_pixels=int(_env("CLIP_MAX_PIXELS", Settings.max_pixels)),
         max_images=int(_env("CLIP_MAX_IMAGES", Settings.max_images)),
         max_labels=int(_env("CLIP_MAX_LABELS", Settings.max_labels)),

@@ -2,7 +2,7 @@
 
 On a GPU the Pillow path (one JPEG decode per request thread, under the GIL) caps a process far below
 what the model encodes. Here request threads only read the JPEG's header (the same size and bomb
-checks as intake.load_image) and hand the bytes to the model thread, which decodes a whole batch with
+checks as images.load_image) and hand the bytes to the model thread, which decodes a whole batch with
 torchvision's decode_jpeg (nvJPEG on CUDA, libjpeg-turbo on the CPU), then does open_clip's eval
 transform on tensors: EXIF orientation, shortest-side resize (antialiased bicubic), centre crop,
 scale and normalise.
@@ -23,7 +23,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
 from . import structure
-from .intake import MAX_ASPECT, sniff
+from .images import MAX_ASPECT, sniff
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec; decode_jpeg still works.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
@@ -177,7 +177,7 @@ class DeviceDecoder:
 
 
 def draft_scale(width: int, height: int, image_size: int) -> int:
-    """The factor (1, 2, 4 or 8) by which intake.load_image's JPEG draft() shrinks this picture while
+    """The factor (1, 2, 4 or 8) by which images.load_image's JPEG draft() shrinks this picture while
     decoding: Pillow's own rule for draft("RGB", (image_size, image_size)), used from twice that size."""
     if min(width, height) < 2 * image_size:
         return 1

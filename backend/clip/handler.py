@@ -8,7 +8,8 @@ import uuid
 
 from . import config, metrics
 from .decode_gate import trim_memory
-from .intake import ClientError, parse_request
+from .errors import ClientError
+from .request import parse_request
 
 LOG = logging.getLogger("clip")
 SETTINGS = config.from_env()
@@ -60,7 +61,7 @@ def respond(event, request_id):
         status, body, headers = 200, route(event), {}
     except ClientError as error:
         status, headers = error.status, error.headers
-        body = {"error": {"code": error.code, "message": error.message}}
+        body = {"error": error.body()}
     if len(event.body) >= BIG_BODY:  # its parsing (JSON lists, form parts) left freed memory in glibc's arenas
         trim_memory()
     body["request_id"] = request_id

@@ -1,4 +1,8 @@
-"""Label sets, prompts and their text embeddings: built once, cached on disk, never per request."""
+"""Label sets, prompts and their text embeddings: built once, cached on disk, never per request.
+
+Embeddings are numpy arrays from the model's output on: ranking runs on request threads, which never
+run torch (see batcher.py), and the disk cache is a plain .npy file, read without unpickling."""
+import hashlib
 import json
 import logging
 import os
@@ -10,12 +14,10 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from open_clip import zero_shot_metadata as imagenet
 
-from .batcher import DeadlineExceeded
 from . import metrics
-from .model import cache_key
+from .batcher import DeadlineExceeded
 
 LOG = logging.getLogger("labels")
 with open(os.path.join(os.path.dirname(__file__), "zero_shot.json")) as _f:
@@ -23,6 +25,11 @@ with open(os.path.join(os.path.dirname(__file__), "zero_shot.json")) as _f:
 
 CIFAR_TEMPLATES = tuple(_REFERENCE["cifar_templates"])
 SIMPLE_TEMPLATES = ("a photo of a {}.",)
+
+
+def cache_key(*parts) -> str:
+    """A short, stable name for what an embedding file was built from (JSON of the parts, hashed)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:40]
 
 
 def _format(template, name):
@@ -48,17 +55,38 @@ LABEL_SETS = {
 }
 
 
-def class_embeddings(encode_texts, labels, templates, chunk=256):
-    """Each class: mean of its L2-normalised prompt embeddings, L2-normalised again -> [N, D]."""
+def class_embeddings(encode_texts, labels, templates, chunk: int = 256) -> np.ndarray:
+    """Each class: mean of its L2-normalised prompt embeddings, L2-normalised again -> float32 [N, D].
+    encode_texts(prompts) -> a [len(prompts), D] CPU tensor (or array)."""
     prompts = [_format(t, label) for label in labels for t in templates]
     # numpy, not torch, for the arithmetic: it may run on request threads (see batcher.py)
-    features = np.concatenate([encode_texts(prompts[i:i + chunk]).numpy() for i in range(0, len(prompts), chunk)])
+    features = np.concatenate([np.asarray(encode_texts(prompts[i:i + chunk]))
+                               for i in range(0, len(prompts), chunk)])
     features = features.reshape(len(labels), len(templates), -1).mean(axis=1)
-    return torch.from_numpy(features / np.linalg.norm(features, axis=-1, keepdims=True))
+    return features / np.linalg.norm(features, axis=-1, keepdims=True)
 
 
 def _templates_id(templates):
     return [_format(t, "{}") for t in templates]
+
+
+def _load(path, rows):
+    """The cached [rows, D] embeddings at path, or None when absent, torn, foreign or of another shape."""
+    if not os.path.exists(path):
+        return None
+    try:
+        embeddings = np.load(path, allow_pickle=False)
+    except Exception:  # a torn or foreign file: rebuild it
+        LOG.warning("ignoring unreadable embedding cache %s", path)
+        return None
+    return embeddings if embeddings.ndim == 2 and embeddings.shape[0] == rows else None
+
+
+def _save(path, embeddings):
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as file:  # a file object: np.save adds no second suffix
+        np.save(file, embeddings, allow_pickle=False)
+    os.replace(tmp, path)  # atomic: concurrent builders never see half a file
 
 
 class LabelStore:
@@ -84,29 +112,22 @@ class LabelStore:
         # keyed by dtype too: bf16 embeddings differ from fp32 ones (and fp16 from both)
         key = cache_key(self.model.weights_id, str(self.model.dtype), label_set.labels,
                         _templates_id(label_set.templates))
-        return os.path.join(self.cache_dir, f"{label_set.name}-{key}.pt")
+        return os.path.join(self.cache_dir, f"{label_set.name}-{key}.npy")
 
-    def build(self, name):
+    def build(self, name: str) -> np.ndarray:
         """Load the set's embeddings from disk, or encode and save them (slow: minutes for big sets)."""
         label_set = LABEL_SETS[name]
         path = self.cache_path(label_set)
-        embeddings = None
-        if os.path.exists(path):
-            try:
-                embeddings = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception:  # a torn or foreign file: rebuild it
-                LOG.warning("ignoring unreadable embedding cache %s", path)
-        if embeddings is None or embeddings.shape[0] != len(label_set.classes):
+        embeddings = _load(path, len(label_set.classes))
+        if embeddings is None:
             LOG.info("encoding %d prompts for %s", len(label_set.classes) * len(label_set.templates), name)
             embeddings = class_embeddings(self._encoder(None), label_set.labels, label_set.templates, self.chunk)
             os.makedirs(self.cache_dir, exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.tmp"
-            torch.save(embeddings, tmp)
-            os.replace(tmp, path)  # atomic: concurrent builders never see half a file
+            _save(path, embeddings)
         with self._lock:
-            self._sets[name] = embeddings.numpy()
+            self._sets[name] = embeddings
             self._building.discard(name)
-        return self._sets[name]
+        return embeddings
 
     def ready(self, name):
         return name in self._sets
@@ -155,7 +176,7 @@ class LabelStore:
         if mine:
             try:
                 fresh = dict(zip(mine, class_embeddings(self._encoder(deadline), mine, self.custom_templates,
-                                                        self.chunk).numpy()))
+                                                        self.chunk)))
             except BaseException as exc:
                 self._forget_encoding(mine)
                 future.set_exception(exc)  # those waiting fail as this request does

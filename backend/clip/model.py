@@ -1,6 +1,4 @@
 """The CLIP model: created once per process through open_clip's own factory, then only encodes."""
-import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -8,6 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 import open_clip
 import torch
+from open_clip.factory import parse_model_name
 
 from . import precision
 
@@ -106,10 +105,10 @@ def _file_id(path):
     return f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def weights_id(name, pretrained):
+def weights_id(name: str, pretrained: str) -> str:
     """A cheap identity for the weights: label-embedding caches are keyed by it."""
-    if name.startswith("local-dir:"):
-        folder = name[len("local-dir:"):]
+    schema, folder = parse_model_name(name)
+    if schema == "local-dir":
         files = sorted(f for f in os.listdir(folder) if f.endswith((".json", ".safetensors", ".bin", ".pth")))
         return "local-dir:" + ";".join(_file_id(os.path.join(folder, f)) for f in files)
     if pretrained.lower() == "none":
@@ -119,31 +118,17 @@ def weights_id(name, pretrained):
     return f"{name}:{pretrained}"
 
 
-def create(name, pretrained, device="auto", cache_dir=None, threads=0, dtype="auto"):
+def create(name: str, pretrained: str, device: str = "auto", cache_dir: str | None = None, threads: int = 0,
+           dtype: str = "auto") -> ClipModel:
     """One factory: open_clip name + tag, `local-dir:`, `hf-hub:`, a checkpoint path, or `none`;
     dtype: CLIP_DTYPE (auto|fp32|bf16|fp16, see precision.py)."""
     if threads > 0:
         torch.set_num_threads(threads)
-    untrained = pretrained.lower() == "none" and not name.startswith(("local-dir:", "hf-hub:"))
+    schema, _ = parse_model_name(name)  # local-dir: and hf-hub: bring their own weights
+    untrained = pretrained.lower() == "none" and schema is None
     if untrained:
         torch.manual_seed(RANDOM_SEED)
-    weights_dir = os.path.join(cache_dir, "weights") if cache_dir else None
-    try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=None if untrained or name.startswith(("local-dir:", "hf-hub:")) else pretrained,
-            cache_dir=weights_dir)
-    except RuntimeError as exc:
-        if "download" not in str(exc).lower():
-            raise
-        raise WeightsUnavailable(
-            f"The weights of {name} ({pretrained}) could not be downloaded and are not in {weights_dir}. "
-            "Without internet access: point CLIP_MODEL=local-dir:/path at a folder holding "
-            "open_clip_config.json and the weights, or try the service with CLIP_PRETRAINED=none "
-            "(random weights: predictions are meaningless).") from None
-    model.eval()
-    if "MobileCLIP" in name:  # reparameterise MobileOne blocks for inference, as open_clip documents
-        from timm.utils import reparameterize_model
-        model = reparameterize_model(model)
+    model, preprocess = _load(name, None if untrained or schema else pretrained, pretrained, cache_dir)
     dev = pick_device(device)
     chosen = precision.choose(dtype, dev.type, cuda_bf16=dev.type != "cuda" or torch.cuda.is_bf16_supported())
     LOG.info("dtype %s: %s", chosen.name, chosen.reason)
@@ -159,22 +144,42 @@ def create(name, pretrained, device="auto", cache_dir=None, threads=0, dtype="au
         dtype_reason=chosen.reason, max_batch=precision.default_max_batch(dev.type, chosen.dtype))
 
 
+def _load(name, tag, pretrained, cache_dir):
+    """open_clip's model (in eval mode) and eval transform; tag None: the schema's own weights, or
+    random ones (CLIP_PRETRAINED=none)."""
+    weights_dir = os.path.join(cache_dir, "weights") if cache_dir else None
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag, cache_dir=weights_dir)
+    except RuntimeError as exc:
+        if "download" not in str(exc).lower():
+            raise
+        raise WeightsUnavailable(
+            f"The weights of {name} ({pretrained}) could not be downloaded and are not in {weights_dir}. "
+            "Without internet access: point CLIP_MODEL=local-dir:/path at a folder holding "
+            "open_clip_config.json and the weights, or try the service with CLIP_PRETRAINED=none "
+            "(random weights: predictions are meaningless).") from None
+    model.eval()
+    if "MobileCLIP" in name:  # reparameterise MobileOne blocks for inference, as open_clip documents
+        from timm.utils import reparameterize_model
+        model = reparameterize_model(model)
+    return model, preprocess
+
+
 def _display_name(name):
-    if name.startswith("local-dir:"):  # the folder's name, e.g. local-dir:/models/ViT-B-32 -> ViT-B-32
-        return os.path.basename(os.path.normpath(name[len("local-dir:"):]))
+    schema, folder = parse_model_name(name)
+    if schema == "local-dir":  # the folder's name, e.g. local-dir:/models/ViT-B-32 -> ViT-B-32
+        return os.path.basename(os.path.normpath(folder))
     return name
 
 
 def _display_pretrained(name, pretrained, untrained):
     """What answers show of the weights: never a server's file paths."""
+    schema, _ = parse_model_name(name)
     if untrained:
         return "none"
-    if name.startswith("local-dir:"):
+    if schema == "local-dir":
         return "local-dir:" + _display_name(name)
-    if name.startswith("hf-hub:"):
+    if schema == "hf-hub":
         return name
     return os.path.basename(pretrained) if os.path.sep in pretrained else pretrained
 
-
-def cache_key(*parts):
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:40]

@@ -1,7 +1,7 @@
 """Request options (top_k, labels, label_set): validated, with a clear 400 for anything off."""
 from dataclasses import dataclass
 
-from .intake import ClientError
+from .errors import ClientError
 from .labels import LABEL_SETS
 
 

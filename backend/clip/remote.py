@@ -18,7 +18,7 @@ import time
 from urllib.parse import urljoin, urlsplit
 
 from . import metrics
-from .intake import ClientError
+from .errors import ClientError
 
 MAX_REDIRECTS = 3
 REDIRECTS = (301, 302, 303, 307, 308)

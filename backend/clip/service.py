@@ -5,7 +5,6 @@ import os
 import time
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -15,27 +14,13 @@ from . import model as model_module
 from . import remote
 from .batcher import Batcher, DeadlineExceeded, QueueFull, wait
 from .decode_gate import DecodeGate
-from .intake import ClientError, decode, open_image, sniff
+from .errors import ClientError
+from .images import decode, open_image, sniff
 from .labels import LABEL_SETS, LabelStore
 from .options import parse_options
+from .request import Request
 
 LOG = logging.getLogger("clip")
-
-
-@dataclass
-class Item:
-    """One picture of a request, from what was sent to its result: bytes or a URL in, then a
-    preprocessed array, then features, or the error that stopped it on the way."""
-    data: bytes | None = None
-    url: str | None = None
-    error: ClientError | None = None
-    prepared: np.ndarray | None = None
-    features: object = None
-
-    def result(self, rank, labels, embeddings, top_k):
-        if self.error:
-            return {"error": {"code": self.error.code, "message": self.error.message}}
-        return {"predictions": rank(self.features, labels, embeddings, top_k)}
 
 
 class Service:
@@ -74,7 +59,7 @@ class Service:
                                       "ready": self.labels.ready(name)}
                                for name, ls in LABEL_SETS.items()},
                 "default_label_set": s.default_label_set,
-                "limits": {"max_body_bytes": int(os.environ.get("MAX_BODY_BYTES", 32 * 1024 * 1024)),
+                "limits": {"max_body_bytes": s.max_body_bytes,
                            "max_pixels": s.max_pixels, "max_images": s.max_images, "max_labels": s.max_labels,
                            "max_label_chars": s.max_label_chars,
                            "max_batch": self.max_batch, "max_wait_ms": s.max_wait_ms, "max_queue": s.max_queue,
@@ -110,14 +95,13 @@ class Service:
         text = -(-self.labels.uncached(options.labels) // self.labels.chunk) if options.labels else 0
         return len(items) + min(text, max(0, self.batcher.max_queue - len(items)))  # labels alone always fit
 
-    def classify(self, intake):
+    def classify(self, request: Request) -> dict:
         """Raises ClientError for request-wide problems; per-image problems land in their result."""
         s = self.settings
-        metrics.note_images(len(intake.images) + len(intake.urls))
+        items = request.items
+        metrics.note_images(len(items))
         deadline = time.monotonic() + s.deadline_s
-        options = parse_options(intake.options, s)
-        items = [Item(error=x) if isinstance(x, ClientError) else Item(data=x) for x in intake.images]
-        items += [Item(url=url) for url in intake.urls]
+        options = parse_options(request.options, s)
         try:
             with self.batcher.admit(self.admission(items, options)) as ticket:  # refused before any work
                 labels, embeddings = self.label_matrix(options, deadline)
@@ -131,7 +115,8 @@ class Service:
                               f"No answer within the {s.deadline_s:g} s deadline; the classifier is busy.") from None
         if len(items) == 1 and items[0].error:
             raise items[0].error
-        results = [item.result(self.rank, labels, embeddings, min(options.top_k, len(labels))) for item in items]
+        top_k = min(options.top_k, len(labels))
+        results = [item.result(lambda features: self.rank(features, labels, embeddings, top_k)) for item in items]
         answer = {"label_set": options.label_set, **self.identity()}
         return {**results[0], **answer} if len(items) == 1 else {"results": results, **answer}
 
@@ -169,25 +154,30 @@ class Service:
             return self.model.prepare(decode(opened))
 
     def _encode(self, items, deadline, ticket):
-        ready = [item for item in items if item.prepared is not None]
+        ready = [item for item in items if not item.error]
         if not ready:
             return
-        for item, future in zip(ready, self.batcher.submit([i.prepared for i in ready], deadline, ticket)):
+        futures = self.batcher.submit([item.prepared for item in ready], deadline, ticket)
+        for item, future in zip(ready, futures):
             item.prepared = None  # the batcher holds it now; the request need not
-            features = wait(future, deadline)
-            if isinstance(features, device_decode.Refused):  # the device could not decode it: Pillow's answer
-                try:
-                    future = self.batcher.submit([self._with_pillow(features.data, deadline)], deadline)[0]
-                except ClientError as error:
-                    item.error = error
-                    continue
-                features = wait(future, deadline)
-            item.features = features
-            metrics.rode(future)
+            self._features(item, future, deadline)
 
-    def rank(self, features, labels, embeddings, top_k):
+    def _features(self, item, future, deadline):
+        """The item's feature row; a JPEG the device could not decode goes through Pillow instead."""
+        row = wait(future, deadline)
+        if isinstance(row, device_decode.Refused):
+            try:
+                future = self.batcher.submit([self._with_pillow(row.data, deadline)], deadline)[0]
+            except ClientError as error:
+                item.error = error
+                return
+            row = wait(future, deadline)
+        item.features = row.numpy()
+        metrics.rode(future)
+
+    def rank(self, features: np.ndarray, labels, embeddings: np.ndarray, top_k: int) -> list[dict]:
         """softmax(logit_scale × cosine) over all labels, in numpy: request threads never run torch."""
-        logits = self.model.logit_scale * np.einsum("nd,d->n", embeddings, features.numpy())
+        logits = self.model.logit_scale * np.einsum("nd,d->n", embeddings, np.asarray(features))
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
         order = np.argsort(-probs, kind="stable")[:top_k]

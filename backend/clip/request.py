@@ -1,0 +1,190 @@
+"""A request's body -> its pictures (one Item each, in input order) and its raw options.
+
+Every accepted form (raw bytes, multipart, base64 or a data URL, JSON) is sorted here, so the service
+sees one shape whatever was sent. A picture refused while parsing (bad base64) is an Item with its
+error: it fails alone in a batch, the others go on."""
+import base64
+import binascii
+import io
+import json
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from werkzeug.datastructures import MultiDict
+from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.formparser import FormDataParser
+from werkzeug.http import parse_options_header
+
+from .errors import ClientError
+from .images import SUPPORTED, sniff
+
+DATA_URL = re.compile(r"^data:([\w.+/-]*)((?:;[\w=.+-]+)*?)(;base64)?,", re.I)
+OPTION_KEYS = ("top_k", "labels", "label_set")
+FORM_EXTRA_PARTS = 8  # form parts beyond the images: options, a url, a browser's submit button
+
+
+@dataclass
+class Item:
+    """One picture of a request, from what was sent to its result: bytes or a URL in, then what the
+    model takes (a preprocessed array, or the bytes for the device decoder), then its feature row; or
+    the error that stopped it on the way, after which no later step touches it."""
+    data: bytes | None = None
+    url: str | None = None
+    error: ClientError | None = None
+    prepared: object = None             # np.ndarray, or a device_decode.DeviceJpeg
+    features: np.ndarray | None = None
+
+    def result(self, rank) -> dict:
+        """Its entry in the answer; rank(features) -> predictions."""
+        if self.error:
+            return {"error": self.error.body()}
+        return {"predictions": rank(self.features)}
+
+
+class Request:
+    """What one request asks: its pictures, in input order, and its options (not yet validated)."""
+
+    def __init__(self):
+        self.items: list[Item] = []
+        self.options = MultiDict()
+
+    def add_bytes(self, data: bytes) -> None:
+        self.items.append(Item(data=data))
+
+    def add_text(self, text: bytes) -> None:
+        """Base64 or a data URL; a bad one becomes that picture's error."""
+        try:
+            self.items.append(Item(data=decode_text(text)))
+        except ClientError as error:
+            self.items.append(Item(error=error))
+
+    def add_url(self, url: str) -> None:
+        self.items.append(Item(url=url))
+
+    @property
+    def images(self) -> list:
+        """The pictures sent in the body: their bytes, or the error that refused them."""
+        return [item.error or item.data for item in self.items if item.url is None]
+
+    @property
+    def urls(self) -> list[str]:
+        return [item.url for item in self.items if item.url is not None]
+
+
+def parse_request(event, max_images: int) -> Request:
+    """Sort the body into pictures and options by content type, sniffing raw bodies."""
+    request = Request()
+    for key in OPTION_KEYS:
+        for value in event.query.getlist(key):
+            request.options.add(key, value)
+    mimetype, params = parse_options_header(event.headers.get("Content-Type", ""))
+    body = event.body
+    if mimetype == "multipart/form-data":
+        _from_form(request, body, mimetype, params, max_images)
+    elif sniff(body):  # raw image bytes, whatever the Content-Type says
+        request.add_bytes(body)
+    elif mimetype == "application/x-www-form-urlencoded" and _from_form(request, body, mimetype, params, max_images):
+        pass
+    elif mimetype == "application/json" or body.lstrip()[:1] == b"{":
+        _from_json(request, body, max_images)
+    elif body.strip():  # base64 or a data URL (curl -d sends these as a urlencoded "form")
+        request.add_text(body)
+    if not request.items:
+        raise ClientError(400, "missing_image", "No image in the request: send image bytes, a multipart "
+                          "field named 'image', base64 or a data URL, or JSON {\"image\": …}.")
+    if len(request.items) > max_images:
+        raise _too_many(max_images)
+    return request
+
+
+def _too_many(max_images):
+    return ClientError(400, "too_many_images", f"At most {max_images} images per request.")
+
+
+def _from_form(request, body, mimetype, params, max_images):
+    """Adds the form's images, URLs and options; False if it held neither image nor url field."""
+    # Parts are counted while parsing: 300,000 tiny parts are refused at the first one too many.
+    parser = FormDataParser(max_form_memory_size=len(body) + 1, silent=False,
+                            max_form_parts=max_images + FORM_EXTRA_PARTS)
+    try:
+        _, form, files = parser.parse(io.BytesIO(body), mimetype, len(body), params)
+    except RequestEntityTooLarge:
+        raise ClientError(400, "too_many_parts", f"The form has more than {max_images + FORM_EXTRA_PARTS} "
+                          f"parts; send at most {max_images} images and the options.") from None
+    except ValueError as exc:
+        raise ClientError(400, "invalid_form", f"The form data could not be parsed ({exc}).") from None
+    for key in OPTION_KEYS:
+        for value in form.getlist(key):
+            request.options.add(key, value)
+    for storage in files.getlist("image"):
+        data = storage.read()
+        if data:  # a browser sends an empty part when no file was chosen
+            request.add_bytes(data)
+    for text in form.getlist("image"):
+        if text.strip():
+            request.add_text(text.encode())
+    for url in form.getlist("url"):
+        if url.strip():
+            request.add_url(url.strip())
+    return "image" in files or "image" in form or "url" in form
+
+
+def _from_json(request, body, max_images):
+    doc = _json_object(body)
+    for key in OPTION_KEYS:
+        if key in doc:
+            request.options.setlist(key, [doc[key]])  # the body's value wins over the query's
+    texts = []
+    if "image" in doc:
+        texts.append(doc["image"])
+    if "images" in doc:
+        if not isinstance(doc["images"], list):
+            raise ClientError(400, "invalid_json", "'images' must be a list of base64 strings or data URLs.")
+        texts.extend(doc["images"])
+    if len(texts) > max_images:  # counted before any is decoded: a million-item list costs nothing more
+        raise _too_many(max_images)
+    for text in texts:
+        if not isinstance(text, str):
+            raise ClientError(400, "invalid_json", "Each image must be a base64 string or a data URL.")
+        request.add_text(text.encode())
+    if "url" in doc:
+        if not isinstance(doc["url"], str) or not doc["url"].strip():
+            raise ClientError(400, "invalid_json", "'url' must be a non-empty string.")
+        request.add_url(doc["url"].strip())
+
+
+def _json_object(body):
+    try:
+        doc = json.loads(body)
+        if b"\\u" in body:  # "\ud800" is valid JSON but no text: refuse lone surrogates anywhere
+            json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ClientError(400, "invalid_json", "The JSON holds a string that is not valid Unicode text.") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: "[[[[…" nested 100,000 deep
+        raise ClientError(400, "invalid_json", "The body is not valid JSON.") from None
+    if not isinstance(doc, dict):
+        raise ClientError(400, "invalid_json", "The JSON body must be an object, e.g. {\"image\": \"<base64>\"}.")
+    return doc
+
+
+def decode_text(text: bytes) -> bytes:
+    """Base64 or a data URL -> image bytes; raises a ClientError saying why not."""
+    try:
+        text = text.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise ClientError(400, "invalid_image", f"The body is not an image we can read ({SUPPORTED}).") from None
+    match = DATA_URL.match(text)
+    if match:
+        if not match.group(3):
+            raise ClientError(400, "invalid_image", "Only base64 data URLs are supported.")
+        text = text[match.end():]
+    text = re.sub(r"\s+", "", text.replace(" ", "+"))  # a form's '+' arrives as a space
+    try:
+        data = base64.b64decode(text.replace("-", "+").replace("_", "/") + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise ClientError(400, "invalid_image", f"The body is neither an image ({SUPPORTED}) nor valid base64.") \
+            from None
+    if not sniff(data):
+        raise ClientError(400, "invalid_image", f"The base64 data is not an image we can read ({SUPPORTED}).")
+    return data
