@@ -1,15 +1,8 @@
 """Shared fixtures: a tiny open_clip model directory and real servers on loopback."""
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "backend"))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from support.servers import FunctionProcess, Stack  # noqa: E402
-from support.tiny_model import make_tiny_model  # noqa: E402
+from support.servers import FunctionProcess, Stack
+from support.tiny_model import make_tiny_model
 
 
 @pytest.fixture(scope="session")

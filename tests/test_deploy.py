@@ -18,12 +18,11 @@ import yaml
 
 from clip.precision import cpu_features
 from support.images import noise_image
+from localrun.layout import layout
+from localrun.of_watchdog import find_fwatchdog
 from support.servers import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-from layout import layout  # noqa: E402
-from of_watchdog import find_fwatchdog  # noqa: E402
 
 TEMPLATE = ROOT / "template" / "python3-debian"
 DOCKERFILE = TEMPLATE / "Dockerfile"

@@ -4,7 +4,6 @@ kernels run there too); scripts/gpu-check runs it on a GPU with CLIP_TEST_DEVICE
 import io
 import math
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -18,9 +17,7 @@ from support.servers import FunctionProcess
 from test_fuzz import fuzz
 from test_fuzz import image_bytes as fuzzed_images
 from test_hostile_input import HOSTILE, UNUSUAL, encode, picture
-
-sys.path.insert(0, str(os.path.join(os.path.dirname(__file__), "..", "scripts")))
-from bench import jpeg, photo  # noqa: E402  (the bench images)
+from benchmarks.pictures import jpeg, photo  # the bench images
 
 DEVICE = os.environ.get("CLIP_TEST_DEVICE", "cpu")
 MAX_DELTA = 0.01  # largest |Δp| allowed between the two paths, per label

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from localrun.of_watchdog import find_tool
 from support.images import noise_image
-
-from of_watchdog import find_tool  # noqa: E402  (scripts/, on sys.path through support.servers)
 
 ROOT = Path(__file__).resolve().parents[1]
 FAAS_CLI = find_tool("faas-cli", "FAAS_CLI")

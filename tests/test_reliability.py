@@ -335,7 +335,7 @@ def test_150_idle_connections_do_not_stall_the_gateway(stack):
 
 
 def gateway(port, env, **kwargs):
-    return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "gateway.py"), "--port", str(port)],
+    return subprocess.Popen([sys.executable, "-m", "localrun.gateway", "--port", str(port)], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kwargs)
 
 

@@ -10,11 +10,10 @@ import pytest
 import requests
 import yaml
 
+from localrun.of_watchdog import find_fwatchdog
 from support.images import noise_image
 from support.servers import FunctionProcess, wait_until
 from test_faults import answers_across_sigterm, big_picture, http_request
-
-from of_watchdog import find_fwatchdog  # noqa: E402  (scripts/, on sys.path through support.servers)
 
 ROOT = Path(__file__).resolve().parents[1]
 FWATCHDOG = find_fwatchdog()

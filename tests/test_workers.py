@@ -12,10 +12,10 @@ import psutil
 import pytest
 import requests
 
-from support.servers import FunctionProcess, wait_until  # noqa: I001 (puts scripts/ on the path)
-import local_functions  # noqa: E402
+from localrun.functions import FUNCTION_DIRS
+from support.servers import FunctionProcess, wait_until
 
-local_functions.FUNCTION_DIRS.setdefault("probe", Path(__file__).parent / "support" / "probe_function")
+FUNCTION_DIRS.setdefault("probe", Path(__file__).parent / "support" / "probe_function")
 
 
 def probe(tmp_path, workers=3, **env):

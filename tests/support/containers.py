@@ -23,8 +23,7 @@ MEASURED = ROOT / "build" / "images-test" / "measured.json"
 
 
 def podman_env() -> Dict[str, str]:
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from images import podman_env as env  # the same containers.conf scripts/images builds with
+    from localrun.images import podman_env as env  # the same containers.conf scripts/images builds with
     return env()
 
 
@@ -34,8 +33,7 @@ def podman(*args: str, check: bool = True, timeout: float = 120) -> subprocess.C
 
 
 def missing_tools() -> List[str]:
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from of_watchdog import find_fwatchdog, find_tool
+    from localrun.of_watchdog import find_fwatchdog, find_tool
     missing = [tool for tool in ("podman", "runc", "mmdebstrap") if not shutil.which(tool)]
     missing += [] if find_tool("faas-cli", "FAAS_CLI") else ["faas-cli"]
     missing += [] if find_fwatchdog() else ["fwatchdog"]
@@ -58,11 +56,12 @@ def record(key: str, value) -> None:
 def build_images(tiny_model: Path) -> Dict[str, str]:
     """clip (the tiny model baked in, as a user bakes a local model) and index, via scripts/images."""
     settings = "CLIP_MODEL=local-dir:/home/app/function/tiny CLIP_PRETRAINED=none"
-    command = [sys.executable, str(ROOT / "scripts" / "images.py"), "clip", "index",
+    command = [sys.executable, "-m", "localrun.images", "clip", "index",
                "--build-arg", f"TORCH_INDEX_URL={TORCH_INDEX_URL}", "--build-arg", f"BUILD_ENV={settings}",
                "--add", f"clip:{tiny_model}"]
     started = time.monotonic()
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **TEST_ENV}, timeout=1800)
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **TEST_ENV}, timeout=1800,
+                            cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     record("build_s", round(time.monotonic() - started, 1))
     clip, index = result.stdout.split()

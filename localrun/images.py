@@ -29,9 +29,8 @@ from typing import Dict, List, Sequence
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from layout import ROOT, TEMPLATE  # noqa: E402
-from of_watchdog import find_fwatchdog, find_tool  # noqa: E402
+from localrun.layout import ROOT, TEMPLATE
+from localrun.of_watchdog import find_fwatchdog, find_tool
 
 STACKS = {"clip": "clip.yml", "index": "index.yml"}
 BASE_IMAGE = "localhost/python3-debian-base:bookworm"
@@ -128,7 +127,7 @@ def build(name: str, faas_cli: str, overrides: Dict[str, str], extra: List[str],
 
 
 def main(argv: Sequence[str] = ()) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="scripts/images", description=__doc__.splitlines()[0])
     parser.add_argument("functions", nargs="*", metavar="FUNCTION", help="clip, index (default: both)")
     parser.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="overrides the stack's build_args (e.g. TORCH_INDEX_URL=https://pypi.org/simple)")

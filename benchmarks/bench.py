@@ -4,7 +4,7 @@
     scripts/bench --models        # the model-choice table (raw latency / throughput per architecture)
     scripts/bench --dtypes fp32,bf16   # both dtypes side by side (the default where bf16 is native)
     scripts/bench --numerics      # only bf16 against fp32: feature cosines and CIFAR-100 |Δp|
-    scripts/bench --gpu           # the GPU figures (scripts/bench_gpu.py; says so and skips without CUDA)
+    scripts/bench --gpu           # the GPU figures (benchmarks/bench_gpu.py; says so and skips without CUDA)
 
 Prints tables (figure, value, reference, ratio; a per-stage breakdown of one request; bf16 against
 fp32) and writes JSON (bench-results/*.json). Every figure names the dtype and why it was chosen.
@@ -14,12 +14,9 @@ import contextlib
 import io
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import types
 from concurrent.futures import ThreadPoolExecutor
@@ -29,43 +26,21 @@ import numpy as np
 import psutil
 import requests
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "backend"))
-sys.path.insert(0, str(ROOT / "scripts"))
-from clip import model as model_module  # noqa: E402
-from clip import precision  # noqa: E402
-from clip.images import load_image  # noqa: E402
-from clip.labels import LABEL_SETS, SIMPLE_TEMPLATES, LabelStore, class_embeddings  # noqa: E402
-from clip.service import Service  # noqa: E402
-from local_functions import FunctionProcess, free_port  # noqa: E402
+from benchmarks.measure import RssSampler, machine, percentile, print_table
+from benchmarks.pictures import jpeg, photo
+from clip import model as model_module
+from clip import precision
+from clip.images import load_image
+from clip.labels import LABEL_SETS, SIMPLE_TEMPLATES, LabelStore, class_embeddings
+from clip.service import Service
+from localrun import ROOT, FunctionProcess, Stack
 
 # Published zero-shot CIFAR-100 accuracy (open_clip's results table; MobileCLIP2 from Apple's tables).
 MODELS = [("ViT-B-32", "datacomp_xl_s13b_b90k", 80.3), ("ViT-B-32-256", "datacomp_s34b_b86k", 82.9),
           ("ViT-B-16", "datacomp_xl_s13b_b90k", 82.1), ("MobileCLIP2-S0", "dfndr2b", 77.8),
           ("MobileCLIP2-S2", "dfndr2b", 84.8), ("ViT-L-14", "datacomp_xl_s13b_b90k", 87.4)]
-
-
-def photo(width, height, seed=0):
-    """A synthetic photo (smooth gradients, shapes, sensor noise): JPEG sizes and decode costs like a real one."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = np.stack([128 + 100 * np.sin(x / width * 3 + seed), 128 + 100 * np.cos(y / height * 4),
-                     128 + 80 * np.sin((x + y) / (width + height) * 6)], -1)
-    image = Image.fromarray(base.clip(0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    for _ in range(40):
-        x0, y0, r = rng.integers(0, width), rng.integers(0, height), rng.integers(width // 40, width // 6)
-        draw.ellipse([x0, y0, x0 + r, y0 + r], fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
-    noisy = np.asarray(image).astype(np.int16) + rng.normal(0, 6, (height, width, 3)).astype(np.int16)
-    return Image.fromarray(noisy.clip(0, 255).astype(np.uint8))
-
-
-def jpeg(image, quality=90):
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=quality)
-    return buffer.getvalue()
 
 
 def timings(fn, runs, warmup=3):
@@ -93,10 +68,6 @@ def interleaved(named, rounds, pause=0.3):
             samples[name] += timings(fn, runs, warmup=2)
             time.sleep(pause)
     return {name: statistics.median(values) for name, values in samples.items()}
-
-
-def percentile(values, q):
-    return float(np.percentile(values, q)) if values else float("nan")
 
 
 def create(name, dtype):
@@ -130,48 +101,6 @@ def original_design(name, image_bytes, tokenizer_labels):
     return time.perf_counter() - started
 
 
-def tree_rss(process):
-    total = 0
-    for p in [process, *process.children(recursive=True)]:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
-
-
-class RssSampler:
-    """RSS of a process and its children, every `interval` seconds: (seconds since start, bytes)."""
-
-    def __init__(self, process, interval=1.0):
-        self.process, self.interval = process, interval
-        self.samples = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        started = time.monotonic()
-        while True:
-            self.samples.append((time.monotonic() - started, tree_rss(self.process)))
-            if self._stop.wait(self.interval):
-                return
-
-    @property
-    def peak(self):
-        return max((rss for _, rss in self.samples), default=0)
-
-    def at(self, t):
-        return min(self.samples, key=lambda s: abs(s[0] - t))
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
 def cold_start(env, workdir):
     """Process start -> first classification answered (200)."""
     body = jpeg(photo(224, 224, seed=9))
@@ -191,32 +120,6 @@ def cold_start(env, workdir):
             time.sleep(0.02)
     finally:
         fn.stop()
-
-
-GATEWAY = """
-import sys, types
-sys.path.insert(0, {scripts!r})
-from gateway import make_app
-from waitress import serve
-functions = {{name: types.SimpleNamespace(name=name, port=port, healthy=lambda: True) for name, port in {ports!r}.items()}}
-serve(make_app(functions), host="127.0.0.1", port={port}, threads=32, ident="gateway")
-"""
-
-
-def start_gateway(functions):
-    """scripts/gateway.py's proxy (the `scripts/serve` hop) in its own process, before running functions."""
-    port = free_port()
-    code = GATEWAY.format(scripts=str(ROOT / "scripts"), ports={n: fn.port for n, fn in functions.items()}, port=port)
-    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
-            return process, f"http://127.0.0.1:{port}"
-        except requests.ConnectionError:
-            time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("the gateway did not start")
 
 
 def stages(clip, body, label_set):
@@ -258,8 +161,10 @@ def serve_figures(args, raws):
     sizes = {"224x224": len(small), "4000x3000": len(large)}
     with contextlib.ExitStack() as stack:
         fns = {d: stack.enter_context(FunctionProcess("clip", workdir / f"serve-{d}", env)) for d, env in envs.items()}
-        gateway, gateway_url = start_gateway(fns)
-        stack.callback(lambda: (gateway.terminate(), gateway.wait(10)))
+        # the gateway's proxy (the `scripts/serve` hop) in its own process, in front of the running functions
+        gateway = Stack(workdir / "gateway", upstreams={d: fn.port for d, fn in fns.items()})
+        stack.callback(gateway.stop, 10)
+        gateway_url = gateway.start(timeout=30, interval=0.1).url
         session = stack.enter_context(requests.Session())
         session.trust_env = False
 
@@ -390,37 +295,6 @@ def figures_table(r, dtype):
     return rows
 
 
-def print_table(headers, rows):
-    def fmt(v):
-        return "" if v is None else (f"{v:,.2f}" if isinstance(v, float) else str(v))
-    cells = [[fmt(v) for v in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for row in cells:
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
-
-
-def processor_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine():
-    features = precision.cpu_features()
-    return {"cpu": processor_name(), "cores": os.cpu_count(), "bf16": features.describe(),
-            "load_average_1m": os.getloadavg()[0],  # other tenants: figures from a busy machine are noisy
-            "native_bf16": features.native_bf16, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
 def sweep(name, dtypes, runs):
     """Raw images/s per batch size and dtype: how CLIP_MAX_BATCH's defaults are chosen."""
     table = {}
@@ -435,19 +309,19 @@ def sweep(name, dtypes, runs):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.splitlines()[0])
     parser.add_argument("--models", action="store_true", help="the model-choice table instead")
     parser.add_argument("--numerics", action="store_true", help="only bf16 against fp32 (cosines, CIFAR-100 |Δp|)")
     parser.add_argument("--sweep", action="store_true", help="only raw images/s per batch size and dtype")
     parser.add_argument("--dtypes", default=None,
                         help="comma-separated, e.g. fp32,bf16 (default: fp32,bf16 where bf16 is native, else fp32)")
-    parser.add_argument("--gpu", action="store_true", help="the GPU figures instead (scripts/bench_gpu.py)")
+    parser.add_argument("--gpu", action="store_true", help="the GPU figures instead (benchmarks/bench_gpu.py)")
     parser.add_argument("--model", default="ViT-B-32")
     parser.add_argument("--runs", type=int, default=40, help="timed runs per latency figure")
     parser.add_argument("--concurrent-requests", type=int, default=25, help="requests per client, 8 clients")
     parser.add_argument("--cache-dir", default=str(ROOT / "bench-results" / "cache"))
     parser.add_argument("--out", default=None)
-    import bench_gpu
+    from benchmarks import bench_gpu
     bench_gpu.add_arguments(parser)
     args = parser.parse_args()
     mode = ("models" if args.models else "gpu" if args.gpu else "numerics" if args.numerics

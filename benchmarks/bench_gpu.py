@@ -25,12 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench import jpeg, photo, print_table
+from benchmarks.measure import print_table
+from benchmarks.pictures import jpeg, photo
 from clip import model as model_module
 from clip.device_decode import DeviceDecoder
 from clip.images import load_image
 from clip.labels import LABEL_SETS
-from local_functions import FunctionProcess
+from localrun import FunctionProcess
 
 WRK_SCRIPT = r"""
 local f = assert(io.open(os.getenv("WRK_BODY"), "rb"))

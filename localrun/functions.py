@@ -1,49 +1,18 @@
 """A function as a local process, run from a build context laid out like faas-cli's (template host
 index.py + handler in function/): exactly what a container runs. Used by the local gateway
-(scripts/serve), the tests, the benchmark and the load test. Given the path of fwatchdog (of_watchdog.py
+(scripts/serve), the tests, the benchmark and the load test. Given the path of fwatchdog (localrun.of_watchdog
 finds it), the function runs behind the real of-watchdog as in its image: `url` and `port` are then
 the watchdog's, `host_url` the template host's own."""
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from layout import ROOT, layout
-from of_watchdog import watchdog_env
+from localrun.layout import ROOT, layout
+from localrun.of_watchdog import watchdog_env
+from localrun.processes import free_port, stop_group, terminate, wait_until
 
 FUNCTION_DIRS = {"clip": ROOT / "backend" / "clip", "index": ROOT / "frontend" / "index"}
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(check, timeout=120.0, interval=0.1, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(interval)
-    raise TimeoutError(f"{what} not reached within {timeout} s")
-
-
-def stop_group(pgid, timeout):
-    """Wait for what is left of a process group to exit; kill it past the timeout."""
-    def gone():
-        try:
-            os.killpg(pgid, 0)
-            return False
-        except ProcessLookupError:
-            return True
-    try:
-        wait_until(gone, timeout, 0.05, "process group exited")
-    except TimeoutError:
-        os.killpg(pgid, signal.SIGKILL)
 
 
 class FunctionProcess:
@@ -103,13 +72,7 @@ class FunctionProcess:
         return (self.dir / "function.log").read_text(errors="replace")[-4000:]
 
     def stop(self, timeout=60):
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process, timeout)
         if self.process and self.watchdog:
             stop_group(self.process.pid, timeout)  # the host exits once its watchdog has
         if self.log:

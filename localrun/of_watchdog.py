@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Dict, Optional
 
-from layout import ROOT, TEMPLATE
+from localrun.layout import ROOT, TEMPLATE
 
 # Where the watchdog's own settings differ from the image's on purpose: the drain's pause before it
 # stops accepting (5 s in the image, for Kubernetes endpoints to catch up) only slows local stops.

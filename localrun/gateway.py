@@ -1,8 +1,12 @@
 """Local stand-in for the OpenFaaS gateway + watchdogs: one port, /function/<name> paths, no Docker.
 
-Each function runs as its own process from a build context laid out like faas-cli's (template host
-index.py + handler in function/), exactly the code a container runs. The gateway proxies to them
-with timeouts and answers /function/<name>/_/health from the function's lock file, like of-watchdog.
+`scripts/serve` runs it (python -m localrun.gateway); localrun.stack.Stack runs it for the tests,
+scripts/bench and scripts/loadtest. Each function runs as its own process from a build context laid
+out like faas-cli's (template host index.py + handler in function/), exactly the code a container runs.
+The gateway proxies to them with timeouts and answers /function/<name>/_/health from the function's
+lock file, like of-watchdog.
+With --upstream NAME=PORT it starts no function and proxies /function/NAME to one already running on
+that port (scripts/bench measures the gateway's hop this way).
 """
 import argparse
 import json
@@ -11,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+import types
 from pathlib import Path
 
 import requests
@@ -18,9 +23,8 @@ import waitress.utilities
 from waitress import create_server
 from werkzeug.wrappers import Request, Response
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from layout import ROOT  # noqa: E402
-from local_functions import FunctionProcess  # noqa: E402
+from localrun.functions import FunctionProcess
+from localrun.layout import ROOT
 
 LOG = logging.getLogger("gateway")
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "content-length",
@@ -90,10 +94,13 @@ def proxy(session, fn, request, path):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="scripts/serve", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=int(os.environ.get("GATEWAY_PORT", "8080")))
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--build-dir", default=None, help="default: build/serve-PORT (one per instance)")
+    parser.add_argument("--upstream", action="append", default=[], metavar="NAME=PORT",
+                        help="proxy /function/NAME to a function already running on 127.0.0.1:PORT "
+                             "(repeatable; then no function is started here)")
     args = parser.parse_args()
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
     waitress.utilities.Error.to_response = protocol_error_as_json
@@ -106,6 +113,14 @@ def main():
     except OSError as exc:
         sys.exit(f"gateway: cannot listen on {args.host}:{args.port} ({exc.strerror or exc}); "
                  "is another scripts/serve running there? Choose another with --port.")
+
+    if args.upstream:
+        for spec in args.upstream:
+            name, _, port = spec.partition("=")
+            functions[name] = types.SimpleNamespace(name=name, port=int(port), healthy=lambda: True)
+        print(f"proxying {', '.join(args.upstream)} on http://{args.host}:{args.port}/function/NAME", flush=True)
+        server.run()
+        return
 
     env = dict(os.environ)
     build_root = Path(args.build_dir or ROOT / "build" / f"serve-{args.port}")

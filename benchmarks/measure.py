@@ -1,0 +1,89 @@
+"""What the benchmarks and the load test share: percentiles, the memory of a process tree sampled over
+time, a markdown table printer and the machine's description."""
+import os
+import platform
+import threading
+import time
+
+import numpy as np
+import psutil
+import torch
+
+from clip import precision
+
+
+def percentile(values, q):
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def tree_rss(process):
+    total = 0
+    for p in [process, *process.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+class RssSampler:
+    """RSS of a process and its children, every `interval` seconds: (seconds since start, bytes)."""
+
+    def __init__(self, process, interval=1.0):
+        self.process, self.interval = process, interval
+        self.samples = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        started = time.monotonic()
+        while True:
+            self.samples.append((time.monotonic() - started, tree_rss(self.process)))
+            if self._stop.wait(self.interval):
+                return
+
+    @property
+    def peak(self):
+        return max((rss for _, rss in self.samples), default=0)
+
+    def at(self, t):
+        return min(self.samples, key=lambda s: abs(s[0] - t))
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def print_table(headers, rows):
+    def fmt(v):
+        return "" if v is None else (f"{v:,.2f}" if isinstance(v, float) else str(v))
+    cells = [[fmt(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in cells:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
+
+
+def processor_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine():
+    features = precision.cpu_features()
+    return {"cpu": processor_name(), "cores": os.cpu_count(), "bf16": features.describe(),
+            "load_average_1m": os.getloadavg()[0],  # other tenants: figures from a busy machine are noisy
+            "native_bf16": features.native_bf16, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
