@@ -41,11 +41,17 @@ def is_supervisor() -> bool:
     return count() > 1 and LISTEN_FD not in os.environ
 
 
-def listen_args(host: str, port: int) -> dict:
-    """waitress.create_server's arguments for where to listen: the inherited socket in a worker."""
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The socket to serve on: the one inherited from the supervisor in a worker, else a new one."""
     if LISTEN_FD in os.environ:
-        return {"sockets": [socket.socket(fileno=int(os.environ[LISTEN_FD]))]}
-    return {"host": host, "port": port}
+        return socket.socket(fileno=int(os.environ[LISTEN_FD]))
+    return bind(host, port)
+
+
+def bind(host: str, port: int, backlog: int = 1024) -> socket.socket:
+    """A listening TCP socket on host:port (a name, an IPv4 or an IPv6 address)."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    return socket.create_server((host, port), family=family, backlog=backlog)
 
 
 def _die_with_parent():  # runs in the child before exec: a SIGKILLed supervisor leaves no orphans
@@ -81,7 +87,7 @@ class Worker:
 def supervise(host: str, port: int, lock_file: str, drain_timeout_s: float) -> int:
     """Run the workers until SIGTERM (returns 0) or until they cannot be kept running (returns 1)."""
     n = count()
-    listener = socket.create_server((host, port), backlog=2048)
+    listener = bind(host, port, backlog=2048)
     listener.set_inheritable(True)
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="prometheus-multiproc-")
