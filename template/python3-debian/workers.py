@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional
 
 LOG = logging.getLogger("host.workers")
 LISTEN_FD = "FUNCTION_LISTEN_FD"
@@ -54,7 +55,7 @@ def bind(host: str, port: int, backlog: int = 1024) -> socket.socket:
     return socket.create_server((host, port), family=family, backlog=backlog)
 
 
-def _die_with_parent():  # runs in the child before exec: a SIGKILLed supervisor leaves no orphans
+def _die_with_parent() -> None:  # runs in the child before exec: a SIGKILLed supervisor leaves no orphans
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -62,14 +63,15 @@ def _die_with_parent():  # runs in the child before exec: a SIGKILLed supervisor
 
 
 class Worker:
-    def __init__(self, index, root, fd):
+    def __init__(self, index: int, root: str, fd: int) -> None:
         self.index, self.fd = index, fd
         self.dir = os.path.join(root, f"worker-{index}")
         os.makedirs(self.dir, exist_ok=True)
         self.lock = os.path.join(self.dir, ".lock")
-        self.process, self.was_ready = None, False
+        self.process: Optional[subprocess.Popen] = None
+        self.was_ready = False
 
-    def start(self):
+    def start(self) -> None:
         if os.path.exists(self.lock):
             os.remove(self.lock)
         env = {**os.environ, LISTEN_FD: str(self.fd), "FUNCTION_WORKER": str(self.index), "TMPDIR": self.dir}
@@ -77,7 +79,7 @@ class Worker:
                                         pass_fds=(self.fd,), preexec_fn=_die_with_parent)
         self.was_ready = False
 
-    def ready(self):
+    def ready(self) -> bool:
         if self.process.poll() is None and os.path.exists(self.lock):
             self.was_ready = True
             return True
@@ -124,7 +126,7 @@ def supervise(host: str, port: int, lock_file: str, drain_timeout_s: float) -> i
     return status
 
 
-def _set(lock_file, ready):
+def _set(lock_file: str, ready: bool) -> None:
     if ready and not os.path.exists(lock_file):
         with open(lock_file, "w"):
             pass
@@ -133,7 +135,7 @@ def _set(lock_file, ready):
         os.remove(lock_file)
 
 
-def _drain(workers, drain_timeout_s):
+def _drain(workers: list, drain_timeout_s: float) -> None:
     alive = [w.process for w in workers if w.process.poll() is None]
     for process in alive:
         process.send_signal(signal.SIGTERM)
