@@ -71,7 +71,8 @@ class InFlight:
 
 class Connection(socket.socket):
     """An accepted connection that notes, as the server reads and writes it, whether it is busy:
-    bytes came in after the last answer went out, or the last write was not taken whole."""
+    bytes came in after the last answer went out, or the last write was not taken whole. (waitress
+    reads with recv() and writes with send(); sendall() would not be seen.)"""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
