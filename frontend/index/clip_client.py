@@ -2,6 +2,7 @@
 import os
 import threading
 import time
+from typing import Any, Optional
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -23,12 +24,15 @@ _info = {"at": 0.0, "value": None}
 _info_lock = threading.Lock()
 
 
-def _error(status, code, message, retry_after=None):
+Answer = tuple[int, dict, dict]  # (status, JSON body, headers to pass on)
+
+
+def _error(status: int, code: str, message: str, retry_after: Optional[int] = None) -> Answer:
     headers = {"Retry-After": str(retry_after)} if retry_after else {}
     return status, {"error": {"code": code, "message": message}}, headers
 
 
-def classify(body, content_type, query_string, request_id):
+def classify(body: bytes, content_type: str, query_string: str, request_id: str) -> Answer:
     """Forward a classification request as it came. Returns (status, json_body, headers)."""
     url = CLIP_URL + (f"?{query_string}" if query_string else "")
     headers = {"Content-Type": content_type or "application/octet-stream", "Accept": "application/json",
@@ -65,7 +69,7 @@ def classify(body, content_type, query_string, request_id):
     return response.status_code, answer, passed
 
 
-def info():
+def info() -> Optional[dict[str, Any]]:
     """clip's self-description (model, untrained flag, label sets), cached briefly; None if unreachable."""
     with _info_lock:
         if time.monotonic() - _info["at"] < (INFO_TTL_S if _info["value"] is not None else INFO_RETRY_S):
@@ -83,6 +87,6 @@ def info():
     return value
 
 
-def problem():
+def problem() -> Optional[str]:
     """Why clip says it cannot start (as of the last info()), or None."""
     return _info.get("problem")

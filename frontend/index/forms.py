@@ -18,7 +18,7 @@ DEFAULT_MAX_IMAGES = 16  # clip's own default, used while clip cannot be asked
 class Refused(Exception):
     """A form refused before forwarding: becomes a JSON (or HTML) 4xx."""
 
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
 

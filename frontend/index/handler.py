@@ -2,6 +2,7 @@
 import os
 import re
 import uuid
+from typing import Any
 from urllib.parse import urlencode
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -20,7 +21,7 @@ CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline
 TEMPLATES.filters["short_name"] = lambda name: re.sub(r"(^|local-dir:)/\S*/", r"\1", str(name))
 
 
-def handle(event, context):
+def handle(event: Any, context: Any) -> dict:
     if event.path == "/metrics" and event.method in ("GET", "HEAD"):
         return metrics.exposition(event)
     request_id = event.headers.get("X-Request-Id", "")
@@ -28,12 +29,12 @@ def handle(event, context):
     return metrics.observe(event, request_id, lambda: respond(event, request_id))
 
 
-def shutdown():
+def shutdown() -> None:
     """Called by the template host when it drains this worker."""
     metrics.worker_exiting()
 
 
-def respond(event, request_id):
+def respond(event: Any, request_id: str) -> dict:
     if event.path in ("/ready", "/_/ready"):
         return _json(200, {"ready": True})
     if event.method in ("GET", "HEAD"):

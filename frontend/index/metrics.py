@@ -14,6 +14,7 @@ import re
 import sys
 import threading
 import time
+from typing import Any, Callable, Optional
 
 from prometheus_client import (REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics,
                                multiprocess)
@@ -42,7 +43,7 @@ _sampler_pid = [None]
 _local = threading.local()
 
 
-def upstream(started: float, failure: str = None) -> None:
+def upstream(started: float, failure: Optional[str] = None) -> None:
     """clip_client's report of one call to clip: when it started (perf_counter) and how it failed, if it did."""
     UPSTREAM.observe(time.perf_counter() - started)
     if failure:
@@ -59,7 +60,7 @@ for _kind in FAILURE_KINDS:  # every kind exported from the start, at 0: rate() 
 
 # ---- exposition ------------------------------------------------------------------------------------
 
-def exposition(event) -> dict:
+def exposition(event: Any) -> dict:
     """The answer to GET /metrics: every metric, in the format the scraper asked for."""
     _ensure_sampler()
     refresh()
@@ -81,7 +82,7 @@ def _process_figures():
     page = os.sysconf("SC_PAGE_SIZE")
     spent = {"pid": None, "cpu": 0.0}
 
-    def sample():
+    def sample() -> None:
         with open("/proc/self/statm") as f:
             memory.set(int(f.read().split()[1]) * page)
         if spent["pid"] != os.getpid():  # a forked worker's CPU times start at 0
@@ -139,7 +140,7 @@ def forget_dead_workers() -> None:
 
 # ---- per request: counters and the log line ------------------------------------------------------
 
-def observe(event, request_id: str, answer) -> dict:
+def observe(event: Any, request_id: str, answer: Callable[[], dict]) -> dict:
     """Run answer() (the handler's work) for one request; count it and log one line about it. The
     answer carries the request id in X-Request-Id, the one clip got and logged too."""
     started = time.perf_counter()
@@ -185,7 +186,8 @@ JSON_LOGS = os.environ.get("LOG_FORMAT", "text").strip().lower() == "json"
 _access_handler.setFormatter(logging.Formatter("%(message)s" if JSON_LOGS else "%(asctime)s %(message)s"))
 
 
-def log_request(request_id, method, status, code, images, bytes_in, elapsed_s) -> None:
+def log_request(request_id: str, method: str, status: int, code: Optional[str], images: Optional[int],
+                bytes_in: int, elapsed_s: float) -> None:
     """One line per request. Never image bytes, labels or URLs: only sizes, counts and codes."""
     fields = {"request_id": request_id, "function": FUNCTION, "method": method, "status": status,
               "code": code or None, "images": images, "bytes_in": bytes_in, "ms": round(elapsed_s * 1000, 1),

@@ -12,10 +12,12 @@ import os
 import signal
 import sys
 import threading
+from typing import Any, Callable, Iterable, Optional
 
 import waitress.utilities
 from waitress import create_server
 from werkzeug.wrappers import Request, Response
+from werkzeug.wsgi import ClosingIterator
 
 import lifecycle
 import workers
@@ -36,7 +38,9 @@ CONNECTIONS = int(os.environ.get("FUNCTION_CONNECTIONS", "1000"))
 
 
 class Event:
-    def __init__(self, request, body):
+    """One request as the handler sees it: body (bytes), headers, method, query, path."""
+
+    def __init__(self, request: Request, body: bytes) -> None:
         self.body = body
         self.headers = request.headers
         self.method = request.method
@@ -45,19 +49,20 @@ class Event:
 
 
 class Context:
-    def __init__(self):
+    def __init__(self) -> None:
         self.hostname = os.environ.get("HOSTNAME", "localhost")
 
 
 IN_FLIGHT = lifecycle.InFlight()
 
 
-def json_error(status, code, message):
+def json_error(status: int, code: str, message: str) -> Response:
     body = json.dumps({"error": {"code": code, "message": message}})
     return Response(body, status=status, content_type="application/json")
 
 
-def to_response(result):
+def to_response(result: Any) -> Response:
+    """The handler's answer ({"statusCode", "body", "headers"}, a bare body or a Response) as a Response."""
     if isinstance(result, Response):
         return result
     result = result if isinstance(result, dict) else {"body": result}
@@ -73,56 +78,74 @@ def to_response(result):
     return response
 
 
-def app(environ, start_response):
+def serve(environ: dict, start_response: Callable) -> Iterable[bytes]:
     request = Request(environ)
-    with IN_FLIGHT:
-        try:
-            # waitress has already refused bodies over MAX_BODY (see waitress_error_as_json)
-            response = to_response(handler.handle(Event(request, request.get_data()), Context()))
-        except Exception:  # a bug, never bad input: log it, never show a stack trace
-            LOG.exception("handler failed")
-            response = json_error(500, "internal_error", "The function failed unexpectedly.")
-        return response(environ, start_response)
+    try:
+        # waitress has already refused bodies over MAX_BODY (see json_protocol_errors)
+        response = to_response(handler.handle(Event(request, request.get_data()), Context()))
+    except Exception:  # a bug, never bad input: log it, never show a stack trace
+        LOG.exception("handler failed")
+        response = json_error(500, "internal_error", "The function failed unexpectedly.")
+    return response(environ, start_response)
+
+
+def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
+    """The WSGI app: a request counts as in flight from here until the server closes its answer."""
+    IN_FLIGHT.enter()
+    try:
+        return ClosingIterator(serve(environ, start_response), IN_FLIGHT.leave)
+    except BaseException:
+        IN_FLIGHT.leave()
+        raise
 
 
 WAITRESS_CODES = {413: "body_too_large", 431: "headers_too_large", 400: "bad_request"}
 
 
-def waitress_error_as_json(self, ident=None):
-    """waitress answers protocol errors itself (an over-long body is refused from its Content-Length
-    before it is read); make those answers JSON like every other error of the function."""
+def waitress_error_as_json(self: waitress.utilities.Error, ident: Optional[str] = None) -> tuple:
     code = WAITRESS_CODES.get(self.code, "http_error")
     message = f"The request body is larger than {MAX_BODY} bytes." if self.code == 413 else f"{self.reason}."
     body = json.dumps({"error": {"code": code, "message": message}}).encode()
     return f"{self.code} {self.reason}", [("Content-Type", "application/json")], body
 
 
-waitress.utilities.Error.to_response = waitress_error_as_json
+def json_protocol_errors() -> None:
+    """Make waitress's own protocol errors JSON, like every other error of the function.
+
+    waitress answers these before any app sees the request: an over-long body is refused from its
+    Content-Length before the body is read (the app is only called once a whole body has arrived,
+    so it cannot refuse one early), and so are bad chunking and over-large headers. waitress has no
+    public setting for the format of these answers; its Error.to_response (stable since waitress 1)
+    is the one point they all go through. Set here, in the host process only, never on import; a
+    waitress without it keeps its plain-text answers (same statuses) and says so in the log."""
+    error = getattr(waitress.utilities, "Error", None)
+    if error is None or not callable(getattr(error, "to_response", None)):
+        LOG.warning("this waitress has no Error.to_response: its protocol errors stay plain text")
+        return
+    error.to_response = waitress_error_as_json
 
 
-def unfinished(server):
-    """Whether a connection holds a request the app has not seen yet (body still arriving, or queued
-    for a worker) or an answer not yet handed to the socket: exiting then would cut it off. (waitress
-    keeps its connections in server._map; without it, only the app's own count is waited for.)"""
-    return IN_FLIGHT.count > 0 or any(
-        getattr(channel, "request", None) is not None or getattr(channel, "requests", None)
-        or getattr(channel, "total_outbufs_len", 0) for channel in list(getattr(server, "_map", {}).values()))
-
-
-def main():
+def main() -> None:
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     lifecycle.remove_lock()
     if workers.is_supervisor():  # FUNCTION_WORKERS > 1: this process only starts and watches them
         sys.exit(workers.supervise(HOST, PORT, lifecycle.LOCK_FILE, lifecycle.DRAIN_TIMEOUT))
-    server = create_server(app, **workers.listen_args(HOST, PORT), threads=THREADS,
+    json_protocol_errors()
+    # the listening socket is made here and handed to waitress (its `sockets` argument): its
+    # connections say whether they hold unfinished work, which the drain waits for
+    listener = lifecycle.Listener.wrap(workers.listen_socket(HOST, PORT))
+    server = create_server(app, sockets=[listener], threads=THREADS,
                            max_request_body_size=MAX_BODY + 1, channel_timeout=120, ident="function",
                            connection_limit=CONNECTIONS, asyncore_use_poll=True,
                            inbuf_overflow=8 * 1024 * 1024)  # photo-sized bodies stay in memory, not a temp file
 
-    def drain(signum, frame):
+    def busy() -> bool:
+        return IN_FLIGHT.count > 0 or listener.busy()
+
+    def drain(signum: int, frame: Any) -> None:
         threading.Thread(target=lifecycle.drain_then_exit, name="drain", daemon=True,
-                         args=(lambda: unfinished(server), getattr(handler, "shutdown", None))).start()
+                         args=(busy, getattr(handler, "shutdown", None))).start()
 
     signal.signal(signal.SIGTERM, drain)
     signal.signal(signal.SIGINT, drain)

@@ -6,19 +6,29 @@ Drain (SIGTERM): the lock goes first, then the host keeps answering until nothin
 when a watchdog started it, until that watchdog has exited: the watchdog forwards SIGTERM at once
 but holds the connections (bodies still uploading included) and keeps proxying them to this host
 until it has drained them itself.
+
+What is in flight is seen through public means only: the app counts the requests it handles
+(InFlight, from the call to the response iterable's close()), and the listening socket handed to
+waitress (its documented `sockets` argument) is a Listener, whose connections note whether they hold
+bytes received but not yet answered (an upload still arriving, a request waiting for a thread) or
+an answer the kernel has not yet taken.
 """
 import logging
 import os
+import socket
 import sys
 import tempfile
 import threading
 import time
-from typing import Callable, Optional
+import weakref
+from typing import Any, Callable, Optional
 
 LOG = logging.getLogger("host")
 LOCK_FILE = os.path.join(tempfile.gettempdir(), ".lock")
 DRAIN_TIMEOUT = float(os.environ.get("DRAIN_TIMEOUT_S", "60"))
 ALIVE_INTERVAL = float(os.environ.get("FUNCTION_ALIVE_INTERVAL_S", "1"))
+# Drain ends once nothing has been busy for this long: what the app handed over reaches the socket.
+QUIET_S = 0.2
 # of-watchdog passes its own environment to the process it starts: fprocess names this host.
 STARTED_BY_WATCHDOG = bool(os.environ.get("fprocess"))
 
@@ -43,14 +53,72 @@ class InFlight:
         self.count = 0
         self.cond = threading.Condition()
 
-    def __enter__(self) -> None:
+    def enter(self) -> None:
         with self.cond:
             self.count += 1
 
-    def __exit__(self, *exc: object) -> None:
+    def leave(self) -> None:
         with self.cond:
             self.count -= 1
             self.cond.notify_all()
+
+    def __enter__(self) -> None:
+        self.enter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.leave()
+
+
+class Connection(socket.socket):
+    """An accepted connection that notes, as the server reads and writes it, whether it is busy:
+    bytes came in after the last answer went out, or the last write was not taken whole. (waitress
+    reads with recv() and writes with send(); sendall() would not be seen.)"""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.unanswered = False
+        self.unsent = False
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        data = super().recv(bufsize, flags)
+        if data:
+            self.unanswered = True
+        return data
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        try:
+            sent = super().send(data, flags)
+        except BlockingIOError:
+            self.unsent = True
+            raise
+        self.unanswered = False
+        self.unsent = sent < len(data)
+        return sent
+
+    def busy(self) -> bool:
+        return self.unanswered or self.unsent
+
+
+class Listener(socket.socket):
+    """A listening socket whose accepted connections are Connections, all of them known."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.connections: "weakref.WeakSet[Connection]" = weakref.WeakSet()
+
+    @classmethod
+    def wrap(cls, sock: socket.socket) -> "Listener":
+        return cls(sock.family, sock.type, sock.proto, fileno=sock.detach())
+
+    def accept(self) -> tuple:
+        conn, addr = super().accept()
+        tracked = Connection(conn.family, conn.type, conn.proto, fileno=conn.detach())
+        self.connections.add(tracked)
+        return tracked, addr
+
+    def busy(self) -> bool:
+        """Whether an open connection holds a request not yet answered or an answer not yet sent."""
+        return any(conn.fileno() != -1 and conn.busy() for conn in list(self.connections))
 
 
 def write_lock() -> None:
@@ -104,7 +172,14 @@ def drain_then_exit(busy: Callable[[], bool], shutdown: Optional[Callable[[], No
     LOG.info("SIGTERM: lock removed, draining%s", " until the watchdog exits" if watchdog else "")
     time.sleep(0.05)  # let requests already accepted reach the app
     deadline = time.monotonic() + DRAIN_TIMEOUT
-    while (busy() or (watchdog is not None and os.getppid() == watchdog)) and time.monotonic() < deadline:
+    quiet_since = None
+    while time.monotonic() < deadline:
+        if busy() or (watchdog is not None and os.getppid() == watchdog):
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= QUIET_S:
+            break
         time.sleep(0.02)
     if shutdown is not None:
         try:

@@ -4,6 +4,6 @@
 # torchvision, torchaudio, open-clip-torch). The Dockerfile then installs torch and torchvision
 # from PyTorch's own wheel index (TORCH_INDEX_URL: CPU by default, a CUDA index for GPU builds)
 # *before* the requirements, so pip finds them satisfied and never pulls PyPI's CUDA build.
-# A function that needs no torch (index) gets none: its image stays small.
+# A function that needs no torch gets none: its image stays small.
 [ -f "$1" ] || exit 1
 grep -Eiq '^[[:space:]]*(torch|torchvision|torchaudio|open[-_.]clip[-_.]torch)([^a-z0-9_.-]|$)' "$1"

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional
 
 LOG = logging.getLogger("host.workers")
 LISTEN_FD = "FUNCTION_LISTEN_FD"
@@ -41,14 +42,20 @@ def is_supervisor() -> bool:
     return count() > 1 and LISTEN_FD not in os.environ
 
 
-def listen_args(host: str, port: int) -> dict:
-    """waitress.create_server's arguments for where to listen: the inherited socket in a worker."""
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The socket to serve on: the one inherited from the supervisor in a worker, else a new one."""
     if LISTEN_FD in os.environ:
-        return {"sockets": [socket.socket(fileno=int(os.environ[LISTEN_FD]))]}
-    return {"host": host, "port": port}
+        return socket.socket(fileno=int(os.environ[LISTEN_FD]))
+    return bind(host, port)
 
 
-def _die_with_parent():  # runs in the child before exec: a SIGKILLed supervisor leaves no orphans
+def bind(host: str, port: int, backlog: int = 1024) -> socket.socket:
+    """A listening TCP socket on host:port (a name, an IPv4 or an IPv6 address)."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    return socket.create_server((host, port), family=family, backlog=backlog)
+
+
+def _die_with_parent() -> None:  # runs in the child before exec: a SIGKILLed supervisor leaves no orphans
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -56,14 +63,15 @@ def _die_with_parent():  # runs in the child before exec: a SIGKILLed supervisor
 
 
 class Worker:
-    def __init__(self, index, root, fd):
+    def __init__(self, index: int, root: str, fd: int) -> None:
         self.index, self.fd = index, fd
         self.dir = os.path.join(root, f"worker-{index}")
         os.makedirs(self.dir, exist_ok=True)
         self.lock = os.path.join(self.dir, ".lock")
-        self.process, self.was_ready = None, False
+        self.process: Optional[subprocess.Popen] = None
+        self.was_ready = False
 
-    def start(self):
+    def start(self) -> None:
         if os.path.exists(self.lock):
             os.remove(self.lock)
         env = {**os.environ, LISTEN_FD: str(self.fd), "FUNCTION_WORKER": str(self.index), "TMPDIR": self.dir}
@@ -71,7 +79,7 @@ class Worker:
                                         pass_fds=(self.fd,), preexec_fn=_die_with_parent)
         self.was_ready = False
 
-    def ready(self):
+    def ready(self) -> bool:
         if self.process.poll() is None and os.path.exists(self.lock):
             self.was_ready = True
             return True
@@ -81,7 +89,7 @@ class Worker:
 def supervise(host: str, port: int, lock_file: str, drain_timeout_s: float) -> int:
     """Run the workers until SIGTERM (returns 0) or until they cannot be kept running (returns 1)."""
     n = count()
-    listener = socket.create_server((host, port), backlog=2048)
+    listener = bind(host, port, backlog=2048)
     listener.set_inheritable(True)
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="prometheus-multiproc-")
@@ -118,7 +126,7 @@ def supervise(host: str, port: int, lock_file: str, drain_timeout_s: float) -> i
     return status
 
 
-def _set(lock_file, ready):
+def _set(lock_file: str, ready: bool) -> None:
     if ready and not os.path.exists(lock_file):
         with open(lock_file, "w"):
             pass
@@ -127,7 +135,7 @@ def _set(lock_file, ready):
         os.remove(lock_file)
 
 
-def _drain(workers, drain_timeout_s):
+def _drain(workers: list, drain_timeout_s: float) -> None:
     alive = [w.process for w in workers if w.process.poll() is None]
     for process in alive:
         process.send_signal(signal.SIGTERM)

@@ -1,3 +1,7 @@
+# Optional, beside handle(): init() (runs once before the function reports ready), alive() (polled once
+# ready; False takes the replica out) and shutdown() (runs once on SIGTERM, after the drain).
+
+
 def handle(event, context):
     """Answer one request. event: body (bytes), headers, method, query, path."""
     return {
