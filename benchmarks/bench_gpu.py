@@ -11,6 +11,7 @@
    and the GPU's utilisation sampled by nvidia-smi every 200 ms.
 Without CUDA it says so and measures nothing (`--device cpu` runs it on the CPU as a smoke test).
 """
+
 import json
 import os
 import shutil
@@ -24,13 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from benchmarks.measure import print_table
-from benchmarks.pictures import jpeg, photo
 from clip import model as model_module
 from clip.device_decode import DeviceDecoder
 from clip.images import load_image
 from clip.labels import LABEL_SETS
+
+from benchmarks.measure import print_table
+from benchmarks.pictures import jpeg, photo
 from localrun import FunctionProcess
 
 WRK_SCRIPT = r"""
@@ -121,8 +122,17 @@ class GpuSampler:
     def __enter__(self):
         if shutil.which("nvidia-smi"):
             self.process = subprocess.Popen(
-                ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits",
-                 "-lms", "200"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                [
+                    "nvidia-smi",
+                    "--query-gpu=utilization.gpu,memory.used",
+                    "--format=csv,noheader,nounits",
+                    "-lms",
+                    "200",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
         return self
 
     def __exit__(self, *exc):
@@ -140,20 +150,31 @@ class GpuSampler:
         if not self.samples:
             return None
         utils = [u for u, _ in self.samples]
-        return {"gpu_util_mean_pct": statistics.fmean(utils), "gpu_util_max_pct": max(utils),
-                "gpu_memory_max_mib": max(m for _, m in self.samples), "samples": len(utils)}
+        return {
+            "gpu_util_mean_pct": statistics.fmean(utils),
+            "gpu_util_max_pct": max(utils),
+            "gpu_memory_max_mib": max(m for _, m in self.samples),
+            "samples": len(utils),
+        }
 
 
 def request_bodies(workdir):
     single = jpeg(photo(640, 480, seed=1))
     boundary = "clipbenchboundary"
-    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{i}.jpg"\r\n'
-             f"Content-Type: image/jpeg\r\n\r\n".encode() + jpeg(photo(640, 480, seed=i)) + b"\r\n" for i in range(16)]
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{i}.jpg"\r\n'
+        f"Content-Type: image/jpeg\r\n\r\n".encode()
+        + jpeg(photo(640, 480, seed=i))
+        + b"\r\n"
+        for i in range(16)
+    ]
     multi = b"".join(parts) + f"--{boundary}--\r\n".encode()
     (workdir / "single.jpg").write_bytes(single)
     (workdir / "sixteen.multipart").write_bytes(multi)
-    return {"single": (workdir / "single.jpg", "image/jpeg", 1),
-            "16 images": (workdir / "sixteen.multipart", f"multipart/form-data; boundary={boundary}", 16)}
+    return {
+        "single": (workdir / "single.jpg", "image/jpeg", 1),
+        "16 images": (workdir / "sixteen.multipart", f"multipart/form-data; boundary={boundary}", 16),
+    }
 
 
 def wrk_run(wrk, url, body, connections, duration, script):
@@ -161,45 +182,80 @@ def wrk_run(wrk, url, body, connections, duration, script):
     env = {**os.environ, "WRK_BODY": str(path), "WRK_CONTENT_TYPE": content_type}
     threads = max(1, min(connections, (os.cpu_count() or 2) // 4))
     with GpuSampler() as gpu:
-        done = subprocess.run([wrk, "-t", str(threads), "-c", str(connections), "-d", f"{duration}s",
-                               "--timeout", "30s", "-s", str(script), url], env=env, capture_output=True,
-                              text=True, timeout=duration + 60)
+        done = subprocess.run(
+            [
+                wrk,
+                "-t",
+                str(threads),
+                "-c",
+                str(connections),
+                "-d",
+                f"{duration}s",
+                "--timeout",
+                "30s",
+                "-s",
+                str(script),
+                url,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=duration + 60,
+        )
     line = next((x for x in done.stdout.splitlines() if x.startswith("WRK_JSON ")), None)
     if line is None:
         raise RuntimeError(f"wrk gave no result:\n{done.stdout}\n{done.stderr}")
-    result = json.loads(line[len("WRK_JSON "):])
+    result = json.loads(line[len("WRK_JSON ") :])
     seconds = result["duration_us"] / 1e6
     ok = result["statuses"].get("200", 0)
-    return {"images_per_s": ok * images / seconds, "requests_per_s": result["requests"] / seconds,
-            "p50_ms": result["p50_us"] / 1000, "p99_ms": result["p99_us"] / 1000, "max_ms": result["max_us"] / 1000,
-            "statuses": result["statuses"], "socket_errors": result["socket_errors"],
-            "server_errors_5xx": sum(n for code, n in result["statuses"].items() if code.startswith("5")),
-            **(gpu.summary() or {})}
+    return {
+        "images_per_s": ok * images / seconds,
+        "requests_per_s": result["requests"] / seconds,
+        "p50_ms": result["p50_us"] / 1000,
+        "p99_ms": result["p99_us"] / 1000,
+        "max_ms": result["max_us"] / 1000,
+        "statuses": result["statuses"],
+        "socket_errors": result["socket_errors"],
+        "server_errors_5xx": sum(n for code, n in result["statuses"].items() if code.startswith("5")),
+        **(gpu.summary() or {}),
+    }
 
 
 def served(args, device, workdir):
     wrk = shutil.which(args.wrk)
     if not wrk:
-        print(f"bench --gpu: no '{args.wrk}' on PATH (Debian's wrk package): served figures skipped",
-              file=sys.stderr)
+        print(f"bench --gpu: no '{args.wrk}' on PATH (Debian's wrk package): served figures skipped", file=sys.stderr)
         return None
     script = workdir / "bench.lua"
     script.write_text(WRK_SCRIPT)
     bodies = request_bodies(workdir)
     out = []
     for workers in args.workers:
-        env = {"CLIP_MODEL": args.model, "CLIP_PRETRAINED": "none", "CLIP_DEVICE": device,
-               "CLIP_CACHE_DIR": args.cache_dir, "LOG_LEVEL": "WARNING", "FUNCTION_WORKERS": str(workers),
-               "CLIP_MAX_BATCH": str(args.max_batch), "CLIP_MAX_QUEUE": str(args.max_queue),
-               "FUNCTION_THREADS": str(args.function_threads), "CLIP_DEVICE_DECODE": args.device_decode,
-               "CLIP_THREADS": str(max(2, (os.cpu_count() or 2) // workers))}  # the cores, shared out
+        env = {
+            "CLIP_MODEL": args.model,
+            "CLIP_PRETRAINED": "none",
+            "CLIP_DEVICE": device,
+            "CLIP_CACHE_DIR": args.cache_dir,
+            "LOG_LEVEL": "WARNING",
+            "FUNCTION_WORKERS": str(workers),
+            "CLIP_MAX_BATCH": str(args.max_batch),
+            "CLIP_MAX_QUEUE": str(args.max_queue),
+            "FUNCTION_THREADS": str(args.function_threads),
+            "CLIP_DEVICE_DECODE": args.device_decode,
+            "CLIP_THREADS": str(max(2, (os.cpu_count() or 2) // workers)),
+        }  # the cores, shared out
         started = time.perf_counter()
         with FunctionProcess("clip", workdir / f"workers-{workers}", env) as fn:
             ready_s = time.perf_counter() - started
             for name, body in bodies.items():
                 for connections in args.connections:
-                    row = {"workers": workers, "request": name, "connections": connections, "ready_s": ready_s,
-                           **wrk_run(wrk, fn.url, body, connections, args.duration, script)}
+                    row = {
+                        "workers": workers,
+                        "request": name,
+                        "connections": connections,
+                        "ready_s": ready_s,
+                        **wrk_run(wrk, fn.url, body, connections, args.duration, script),
+                    }
                     out.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
     return out
@@ -208,14 +264,30 @@ def served(args, device, workdir):
 def run(args):
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
-        print("bench --gpu: no CUDA device is visible (torch.cuda.is_available() is False): nothing measured. "
-              "Run it on a machine with an NVIDIA GPU (scripts/gpu-check), or with --device cpu as a smoke test.")
+        print(
+            "bench --gpu: no CUDA device is visible (torch.cuda.is_available() is False): nothing measured. "
+            "Run it on a machine with an NVIDIA GPU (scripts/gpu-check), or with --device cpu as a smoke test."
+        )
         return None
     sync = torch.cuda.synchronize if device == "cuda" else None
     clip = model_module.create(args.model, "none", device=device)
-    report = {"model": args.model, "device": device, "dtype": str(clip.dtype),
-              "settings": {k: getattr(args, k) for k in ("workers", "connections", "duration", "max_batch",
-                                                         "max_queue", "function_threads", "device_decode")}}
+    report = {
+        "model": args.model,
+        "device": device,
+        "dtype": str(clip.dtype),
+        "settings": {
+            k: getattr(args, k)
+            for k in (
+                "workers",
+                "connections",
+                "duration",
+                "max_batch",
+                "max_queue",
+                "function_threads",
+                "device_decode",
+            )
+        },
+    }
     report["raw_images_per_s"] = raw_model(clip, sync, args.batches)
     report["decode_images_per_s"], decoder = decode_ceilings(clip, sync)
     report["device_vs_pillow"] = agreement(clip, decoder)
@@ -226,13 +298,20 @@ def run(args):
     rows = [(f"raw batch {b}", v, "") for b, v in report["raw_images_per_s"].items()]
     rows += [(f"decode {k}", v, "") for k, v in report["decode_images_per_s"].items()]
     for r in report["served"] or []:
-        rows.append((f"served, {r['workers']} workers, {r['request']}, {r['connections']} conn", r["images_per_s"],
-                     f"p50 {r['p50_ms']:.0f} / p99 {r['p99_ms']:.0f} ms, 5xx {r['server_errors_5xx']}, "
-                     f"429 {r['statuses'].get('429', 0)}, GPU {r.get('gpu_util_mean_pct', float('nan')):.0f} %"))
+        rows.append(
+            (
+                f"served, {r['workers']} workers, {r['request']}, {r['connections']} conn",
+                r["images_per_s"],
+                f"p50 {r['p50_ms']:.0f} / p99 {r['p99_ms']:.0f} ms, 5xx {r['server_errors_5xx']}, "
+                f"429 {r['statuses'].get('429', 0)}, GPU {r.get('gpu_util_mean_pct', float('nan')):.0f} %",
+            )
+        )
     print_table(["figure", "images/s", "detail"], rows)
     agree = report["device_vs_pillow"]
-    print(f"device decode vs Pillow: same top-1 on all bench photos: {agree['all_same_top1']}, "
-          f"worst |Δp| {agree['worst_abs_dp']:.4f}, worst feature cosine {agree['worst_feature_cosine']:.5f}")
+    print(
+        f"device decode vs Pillow: same top-1 on all bench photos: {agree['all_same_top1']}, "
+        f"worst |Δp| {agree['worst_abs_dp']:.4f}, worst feature cosine {agree['worst_feature_cosine']:.5f}"
+    )
     return report
 
 

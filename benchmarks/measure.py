@@ -1,5 +1,6 @@
 """What the benchmarks and the load test share: percentiles, the memory of a process tree sampled over
 time, a markdown table printer and the machine's description."""
+
 import os
 import platform
 import threading
@@ -8,7 +9,6 @@ import time
 import numpy as np
 import psutil
 import torch
-
 from clip import precision
 
 
@@ -61,6 +61,7 @@ class RssSampler:
 def print_table(headers, rows):
     def fmt(v):
         return "" if v is None else (f"{v:,.2f}" if isinstance(v, float) else str(v))
+
     cells = [[fmt(v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
     print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |")
@@ -82,8 +83,15 @@ def processor_name():
 
 def machine():
     features = precision.cpu_features()
-    return {"cpu": processor_name(), "cores": os.cpu_count(), "bf16": features.describe(),
-            "load_average_1m": os.getloadavg()[0],  # other tenants: figures from a busy machine are noisy
-            "native_bf16": features.native_bf16, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return {
+        "cpu": processor_name(),
+        "cores": os.cpu_count(),
+        "bf16": features.describe(),
+        "load_average_1m": os.getloadavg()[0],  # other tenants: figures from a busy machine are noisy
+        "native_bf16": features.native_bf16,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }

@@ -1,5 +1,6 @@
 """Synthetic photos for the benchmarks, the load test and the device-decode tests: smooth gradients,
 shapes and sensor noise, so JPEG sizes and decode costs are like a real photo's."""
+
 import io
 
 import numpy as np
@@ -10,8 +11,14 @@ def photo(width, height, seed=0):
     """A synthetic photo (smooth gradients, shapes, sensor noise): JPEG sizes and decode costs like a real one."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = np.stack([128 + 100 * np.sin(x / width * 3 + seed), 128 + 100 * np.cos(y / height * 4),
-                     128 + 80 * np.sin((x + y) / (width + height) * 6)], -1)
+    base = np.stack(
+        [
+            128 + 100 * np.sin(x / width * 3 + seed),
+            128 + 100 * np.cos(y / height * 4),
+            128 + 80 * np.sin((x + y) / (width + height) * 6),
+        ],
+        -1,
+    )
     image = Image.fromarray(base.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
     for _ in range(40):

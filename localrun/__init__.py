@@ -8,10 +8,21 @@
 - processes: free ports, waiting for a condition, stopping a process (SIGTERM, wait, SIGKILL);
 - images: the function images built with faas-cli + podman (`scripts/images`, `python -m localrun.images`).
 """
+
 from localrun.functions import FUNCTION_DIRS, FunctionProcess
 from localrun.layout import ROOT, TEMPLATE, layout
 from localrun.processes import free_port, stop_group, terminate, wait_until
 from localrun.stack import Stack
 
-__all__ = ["FUNCTION_DIRS", "ROOT", "TEMPLATE", "FunctionProcess", "Stack", "free_port", "layout", "stop_group",
-           "terminate", "wait_until"]
+__all__ = [
+    "FUNCTION_DIRS",
+    "ROOT",
+    "TEMPLATE",
+    "FunctionProcess",
+    "Stack",
+    "free_port",
+    "layout",
+    "stop_group",
+    "terminate",
+    "wait_until",
+]

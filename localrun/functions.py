@@ -3,6 +3,7 @@ index.py + handler in function/): exactly what a container runs. Used by the loc
 (scripts/serve), the tests, the benchmark and the load test. Given the path of fwatchdog (localrun.of_watchdog
 finds it), the function runs behind the real of-watchdog as in its image: `url` and `port` are then
 the watchdog's, `host_url` the template host's own."""
+
 import os
 import subprocess
 import sys
@@ -32,8 +33,13 @@ class FunctionProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.host_url = f"http://127.0.0.1:{self.host_port}"
         self.lock = self.tmp / ".lock"
-        self.env = {"MALLOC_ARENA_MAX": "2",  # as the template's image sets it (memory goes back after big decodes)
-                    **os.environ, "FUNCTION_PORT": str(self.host_port), "TMPDIR": str(self.tmp), **env}
+        self.env = {
+            "MALLOC_ARENA_MAX": "2",  # as the template's image sets it (memory goes back after big decodes)
+            **os.environ,
+            "FUNCTION_PORT": str(self.host_port),
+            "TMPDIR": str(self.tmp),
+            **env,
+        }
         if self.watchdog:
             self.env.update(watchdog_env(sys.executable, self.host_port, self.port, free_port(), self.env))
         self.process = None
@@ -42,8 +48,14 @@ class FunctionProcess:
     def start(self, wait_ready=True):
         command = [self.watchdog] if self.watchdog else [sys.executable, "index.py"]
         # its own process group: the host the watchdog starts is stopped with it, never left behind
-        self.process = subprocess.Popen(command, cwd=self.dir, env=self.env, start_new_session=True,
-                                        stdout=self.log, stderr=subprocess.STDOUT if self.log else None)
+        self.process = subprocess.Popen(
+            command,
+            cwd=self.dir,
+            env=self.env,
+            start_new_session=True,
+            stdout=self.log,
+            stderr=subprocess.STDOUT if self.log else None,
+        )
         if wait_ready:
             self.wait_ready()
         return self

@@ -8,6 +8,7 @@ lock file, like of-watchdog.
 With --upstream NAME=PORT it starts no function and proxies /function/NAME to one already running on
 that port (scripts/bench measures the gateway's hop this way).
 """
+
 import argparse
 import json
 import logging
@@ -27,23 +28,39 @@ from localrun.functions import FunctionProcess
 from localrun.layout import ROOT
 
 LOG = logging.getLogger("gateway")
-HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "content-length",
-               "content-encoding", "host"}
+HOP_HEADERS = {
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "content-length",
+    "content-encoding",
+    "host",
+}
 UPSTREAM_TIMEOUT_S = float(os.environ.get("GATEWAY_UPSTREAM_TIMEOUT_S", "120"))
 CONNECTIONS = int(os.environ.get("GATEWAY_CONNECTIONS", "1000"))  # waitress's default of 100 stalls at 100 idle
 NAMESPACE = "openfaas-fn"  # /function/NAME.openfaas-fn is /function/NAME, as on OpenFaaS (faas-cli invoke)
 
 
 def json_response(status, code, message):
-    return Response(json.dumps({"error": {"code": code, "message": message}}), status=status,
-                    content_type="application/json")
+    return Response(
+        json.dumps({"error": {"code": code, "message": message}}), status=status, content_type="application/json"
+    )
 
 
 def protocol_error_as_json(self, ident=None):
     """waitress answers protocol errors itself (duplicate Content-Length, headers too large): JSON, like
     every other answer of the gateway and the functions."""
-    body = json.dumps({"error": {"code": "bad_request" if self.code == 400 else "http_error",
-                                 "message": f"{self.reason}: {self.body}"[:300]}}).encode()
+    body = json.dumps(
+        {
+            "error": {
+                "code": "bad_request" if self.code == 400 else "http_error",
+                "message": f"{self.reason}: {self.body}"[:300],
+            }
+        }
+    ).encode()
     return f"{self.code} {self.reason}", [("Content-Type", "application/json")], body
 
 
@@ -55,7 +72,7 @@ def make_app(functions):
         request = Request(environ)
         parts = request.path.split("/", 3)  # "", "function", name, rest
         if len(parts) > 2 and parts[2].endswith("." + NAMESPACE):
-            parts[2] = parts[2][:-len(NAMESPACE) - 1]
+            parts[2] = parts[2][: -len(NAMESPACE) - 1]
         if request.path in ("/", ""):
             response = Response(status=302, headers={"Location": "/function/index"})
         elif request.path == "/healthz":
@@ -79,9 +96,15 @@ def proxy(session, fn, request, path):
     headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
     url = f"http://127.0.0.1:{fn.port}{path}"
     try:
-        upstream = session.request(request.method, url, params=list(request.args.items(multi=True)),
-                                   data=request.get_data(), headers=headers, allow_redirects=False,
-                                   timeout=(3, UPSTREAM_TIMEOUT_S))
+        upstream = session.request(
+            request.method,
+            url,
+            params=list(request.args.items(multi=True)),
+            data=request.get_data(),
+            headers=headers,
+            allow_redirects=False,
+            timeout=(3, UPSTREAM_TIMEOUT_S),
+        )
     except requests.Timeout:
         return json_response(504, "function_timeout", f"{fn.name} did not answer within {UPSTREAM_TIMEOUT_S:g} s.")
     except requests.RequestException:
@@ -98,21 +121,35 @@ def main():
     parser.add_argument("--port", type=int, default=int(os.environ.get("GATEWAY_PORT", "8080")))
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--build-dir", default=None, help="default: build/serve-PORT (one per instance)")
-    parser.add_argument("--upstream", action="append", default=[], metavar="NAME=PORT",
-                        help="proxy /function/NAME to a function already running on 127.0.0.1:PORT "
-                             "(repeatable; then no function is started here)")
+    parser.add_argument(
+        "--upstream",
+        action="append",
+        default=[],
+        metavar="NAME=PORT",
+        help="proxy /function/NAME to a function already running on 127.0.0.1:PORT "
+        "(repeatable; then no function is started here)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
     waitress.utilities.Error.to_response = protocol_error_as_json
     functions = {}
     # The port first: a busy one is a clear error before any function process exists.
     try:
-        server = create_server(make_app(functions), host=args.host, port=args.port, threads=32,
-                               max_request_body_size=256 * 1024 * 1024, ident="gateway",
-                               connection_limit=CONNECTIONS, asyncore_use_poll=True)
+        server = create_server(
+            make_app(functions),
+            host=args.host,
+            port=args.port,
+            threads=32,
+            max_request_body_size=256 * 1024 * 1024,
+            ident="gateway",
+            connection_limit=CONNECTIONS,
+            asyncore_use_poll=True,
+        )
     except OSError as exc:
-        sys.exit(f"gateway: cannot listen on {args.host}:{args.port} ({exc.strerror or exc}); "
-                 "is another scripts/serve running there? Choose another with --port.")
+        sys.exit(
+            f"gateway: cannot listen on {args.host}:{args.port} ({exc.strerror or exc}); "
+            "is another scripts/serve running there? Choose another with --port."
+        )
 
     if args.upstream:
         for spec in args.upstream:
@@ -140,6 +177,7 @@ def main():
         status = fn.process.wait()
         if status != 0:
             LOG.error("%s exited with status %s; its log is above", fn.name, status)
+
     for fn in functions.values():
         threading.Thread(target=watch, args=(fn,), daemon=True).start()
 
@@ -148,6 +186,7 @@ def main():
             for fn in reversed(list(functions.values())):  # the page first, then what it calls
                 fn.stop(timeout=70)
             os._exit(0)
+
         threading.Thread(target=finish, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)

@@ -16,6 +16,7 @@ The same build as `faas-cli build -f clip.yml` on a machine with Docker. What it
   trusts what the proxy presents.
 Images are named as the stack says (REGISTRY, TAG); podman's layer cache is kept between runs.
 """
+
 import argparse
 import os
 import re
@@ -24,8 +25,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Sequence
 
 import yaml
 
@@ -50,7 +51,7 @@ def run(command: Sequence[str], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(list(command), check=True, **kwargs)
 
 
-def podman_env() -> Dict[str, str]:
+def podman_env() -> dict[str, str]:
     env = dict(os.environ)
     if not env.get("CONTAINERS_CONF"):
         conf = ROOT / "build" / "images" / "containers.conf"
@@ -60,16 +61,16 @@ def podman_env() -> Dict[str, str]:
     return env
 
 
-def image_exists(name: str, env: Dict[str, str]) -> bool:
+def image_exists(name: str, env: dict[str, str]) -> bool:
     return subprocess.run(["podman", "image", "exists", name], env=env).returncode == 0
 
 
 def dockerfile_default(name: str) -> str:
-    (value,) = re.findall(r"^ARG %s=(\S+)" % name, (TEMPLATE / "Dockerfile").read_text(), re.MULTILINE)
+    (value,) = re.findall(rf"^ARG {re.escape(name)}=(\S+)", (TEMPLATE / "Dockerfile").read_text(), re.MULTILINE)
     return value
 
 
-def ensure_base_image(env: Dict[str, str]) -> str:
+def ensure_base_image(env: dict[str, str]) -> str:
     if not image_exists(BASE_IMAGE, env):
         with tempfile.TemporaryDirectory() as tmp:
             tar = Path(tmp) / "base.tar"
@@ -78,7 +79,7 @@ def ensure_base_image(env: Dict[str, str]) -> str:
     return BASE_IMAGE
 
 
-def ensure_watchdog_image(env: Dict[str, str]) -> str:
+def ensure_watchdog_image(env: dict[str, str]) -> str:
     name = dockerfile_default("WATCHDOG_IMAGE")
     if image_exists(name, env):
         return name
@@ -96,24 +97,26 @@ def ensure_watchdog_image(env: Dict[str, str]) -> str:
     return name
 
 
-def image_name(fn: Dict) -> str:
+def image_name(fn: dict) -> str:
     """The stack's image, its ${VAR:-default} parts expanded from the environment as faas-cli does."""
     return re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: os.environ.get(m.group(1)) or m.group(2), fn["image"])
 
 
 def shrinkwrap(name: str, faas_cli: str) -> Path:
-    run([faas_cli, "build", "--shrinkwrap", "-f", STACKS[name], "--filter", name], cwd=ROOT,
-        stdout=subprocess.DEVNULL)
+    run([faas_cli, "build", "--shrinkwrap", "-f", STACKS[name], "--filter", name], cwd=ROOT, stdout=subprocess.DEVNULL)
     return ROOT / "build" / name
 
 
-def build(name: str, faas_cli: str, overrides: Dict[str, str], extra: List[str], env: Dict[str, str]) -> str:
+def build(name: str, faas_cli: str, overrides: dict[str, str], extra: list[str], env: dict[str, str]) -> str:
     (fn,) = yaml.safe_load((ROOT / STACKS[name]).read_text())["functions"].values()
     context = shrinkwrap(name, faas_cli)
     for path in extra:
         shutil.copytree(path, context / "function" / Path(path).name, dirs_exist_ok=True)
-    args = {"PYTHON_IMAGE": ensure_base_image(env), **{k: str(v) for k, v in fn.get("build_args", {}).items()},
-            **overrides}
+    args = {
+        "PYTHON_IMAGE": ensure_base_image(env),
+        **{k: str(v) for k, v in fn.get("build_args", {}).items()},
+        **overrides,
+    }
     image = image_name(fn)
     command = ["podman", "build", "--format", "docker", "--layers", "-t", image]
     if os.path.exists(CA_BUNDLE):  # a TLS-intercepting proxy's CA, trusted inside the build too
@@ -129,10 +132,20 @@ def build(name: str, faas_cli: str, overrides: Dict[str, str], extra: List[str],
 def main(argv: Sequence[str] = ()) -> None:
     parser = argparse.ArgumentParser(prog="scripts/images", description=__doc__.splitlines()[0])
     parser.add_argument("functions", nargs="*", metavar="FUNCTION", help="clip, index (default: both)")
-    parser.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE",
-                        help="overrides the stack's build_args (e.g. TORCH_INDEX_URL=https://pypi.org/simple)")
-    parser.add_argument("--add", action="append", default=[], metavar="NAME:PATH",
-                        help="copy PATH into function NAME's function/ folder in its build context (a local model)")
+    parser.add_argument(
+        "--build-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="overrides the stack's build_args (e.g. TORCH_INDEX_URL=https://pypi.org/simple)",
+    )
+    parser.add_argument(
+        "--add",
+        action="append",
+        default=[],
+        metavar="NAME:PATH",
+        help="copy PATH into function NAME's function/ folder in its build context (a local model)",
+    )
     args = parser.parse_args(argv or None)
     unknown = set(args.functions) - set(STACKS)
     if unknown:

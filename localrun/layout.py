@@ -1,5 +1,6 @@
 """Lay out a function's build context the way faas-cli does: the template's files at the root,
 the handler folder copied into function/. The container and scripts/serve run the same tree."""
+
 import shutil
 from pathlib import Path
 

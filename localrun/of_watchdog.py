@@ -4,12 +4,12 @@ configures it (mode=http, the Dockerfile's ENV), so local runs and tests meet wh
 fwatchdog is found as a user's machine would have it: $FWATCHDOG, on PATH, or ../shared/bin next to
 the repository's root (where this project's CI keeps the binary built from of-watchdog's source).
 """
+
 import os
 import re
 import shlex
 import shutil
 from pathlib import Path
-from typing import Dict, Optional
 
 from localrun.layout import ROOT, TEMPLATE
 
@@ -18,7 +18,7 @@ from localrun.layout import ROOT, TEMPLATE
 LOCAL_OVERRIDES = {"healthcheck_interval": "1s"}
 
 
-def find_tool(name: str, variable: str) -> Optional[str]:
+def find_tool(name: str, variable: str) -> str | None:
     """A tool named by $variable, on PATH, or in ../shared/bin; None when absent."""
     for candidate in (os.environ.get(variable), shutil.which(name), str(ROOT.parent / "shared" / "bin" / name)):
         if candidate and os.access(candidate, os.X_OK) and os.path.isfile(candidate):
@@ -26,14 +26,14 @@ def find_tool(name: str, variable: str) -> Optional[str]:
     return None
 
 
-def find_fwatchdog() -> Optional[str]:
+def find_fwatchdog() -> str | None:
     return find_tool("fwatchdog", "FWATCHDOG")
 
 
-def image_environment(dockerfile: Path = TEMPLATE / "Dockerfile") -> Dict[str, str]:
+def image_environment(dockerfile: Path = TEMPLATE / "Dockerfile") -> dict[str, str]:
     """The ENV the template's final image stage sets (key="value" pairs), as a dict."""
     text = re.sub(r"\\\n", " ", dockerfile.read_text())
-    env: Dict[str, str] = {}
+    env: dict[str, str] = {}
     for line in text.splitlines():
         if line.startswith("ENV "):
             for pair in shlex.split(line[4:]):
@@ -42,11 +42,23 @@ def image_environment(dockerfile: Path = TEMPLATE / "Dockerfile") -> Dict[str, s
     return env
 
 
-WATCHDOG_KEYS = ("fprocess", "mode", "upstream_url", "http_buffer_req_body", "suppress_lock", "exec_timeout",
-                 "read_timeout", "write_timeout", "healthcheck_interval", "prefix_logs", "max_inflight", "ready_path")
+WATCHDOG_KEYS = (
+    "fprocess",
+    "mode",
+    "upstream_url",
+    "http_buffer_req_body",
+    "suppress_lock",
+    "exec_timeout",
+    "read_timeout",
+    "write_timeout",
+    "healthcheck_interval",
+    "prefix_logs",
+    "max_inflight",
+    "ready_path",
+)
 
 
-def watchdog_env(python: str, host_port: int, port: int, metrics_port: int, env: Dict[str, str]) -> Dict[str, str]:
+def watchdog_env(python: str, host_port: int, port: int, metrics_port: int, env: dict[str, str]) -> dict[str, str]:
     """The watchdog's variables from the image, then the caller's (a stack's timeouts), then the ports."""
     image = image_environment()
     settings = {k: v for k, v in image.items() if k in WATCHDOG_KEYS}
@@ -55,6 +67,10 @@ def watchdog_env(python: str, host_port: int, port: int, metrics_port: int, env:
     command = shlex.split(settings["fprocess"])
     if command[0] == "python":
         command[0] = python  # the venv's interpreter stands in for the image's
-    settings.update(fprocess=" ".join(command), upstream_url=f"http://127.0.0.1:{host_port}", port=str(port),
-                    metrics_port=str(metrics_port))
+    settings.update(
+        fprocess=" ".join(command),
+        upstream_url=f"http://127.0.0.1:{host_port}",
+        port=str(port),
+        metrics_port=str(metrics_port),
+    )
     return settings

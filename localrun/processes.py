@@ -1,5 +1,6 @@
 """Small process helpers shared by the local runtime, the tests and the benchmarks: a free loopback
 port, waiting for a condition, and stopping a process (SIGTERM, a wait, then SIGKILL)."""
+
 import os
 import signal
 import socket
@@ -24,12 +25,14 @@ def wait_until(check, timeout=120.0, interval=0.1, what="condition"):
 
 def stop_group(pgid, timeout):
     """Wait for what is left of a process group to exit; kill it past the timeout."""
+
     def gone():
         try:
             os.killpg(pgid, 0)
             return False
         except ProcessLookupError:
             return True
+
     try:
         wait_until(gone, timeout, 0.05, "process group exited")
     except TimeoutError:
@@ -45,6 +48,7 @@ def terminate(process, timeout, kill_tree=False):
         descendants = []
         if kill_tree:
             import psutil  # only the tests and benchmarks need it (requirements-dev.txt)
+
             try:
                 descendants = psutil.Process(process.pid).children(recursive=True)
             except psutil.Error:

@@ -1,5 +1,6 @@
 """The local gateway in its own process (`python -m localrun.gateway`, what `scripts/serve` runs), started
 and waited for until healthy: the one gateway runner of the tests, scripts/bench and scripts/loadtest."""
+
 import os
 import subprocess
 import sys
@@ -35,8 +36,15 @@ class Stack:
         return ["index"] if self.env.get("CLIP_URL") else ["clip", "index"]
 
     def start(self, timeout=180, interval=0.2):
-        command = [sys.executable, "-m", "localrun.gateway", "--port", str(self.port),
-                   "--build-dir", str(self.build_dir)]
+        command = [
+            sys.executable,
+            "-m",
+            "localrun.gateway",
+            "--port",
+            str(self.port),
+            "--build-dir",
+            str(self.build_dir),
+        ]
         command += [f"--upstream={name}={port}" for name, port in self.upstreams.items()]
         self.process = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
 
@@ -44,10 +52,13 @@ class Stack:
             if self.process.poll() is not None:
                 return True
             try:
-                return all(requests.get(f"{self.url}/function/{name}/_/health", timeout=2).status_code == 200
-                           for name in self.names)
+                return all(
+                    requests.get(f"{self.url}/function/{name}/_/health", timeout=2).status_code == 200
+                    for name in self.names
+                )
             except requests.RequestException:
                 return False
+
         wait_until(ready, timeout, interval, "local stack ready")
         if self.process.poll() is not None:
             raise RuntimeError(f"gateway exited with {self.process.returncode}:\n{self.output()[-4000:]}")
@@ -56,6 +67,7 @@ class Stack:
     def function_process(self, name):
         """The psutil.Process of function `name`, a child of the gateway running in build_dir/name."""
         import psutil  # requirements-dev.txt: only the tests and benchmarks ask
+
         directory = (self.build_dir / name).resolve()
         for child in psutil.Process(self.process.pid).children():
             try:

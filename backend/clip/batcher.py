@@ -15,6 +15,7 @@ No request can stop the model thread: a future its request gave up on (cancelled
 is skipped, an exception fails only its own batch, and `healthy()` turns False if the loop ever dies
 or stays on one piece of work longer than `stall_s`, so the host can take the replica out of service.
 """
+
 import logging
 import threading
 import time
@@ -40,15 +41,21 @@ class Batcher:
     """max_batch has no default (0 in the settings means "the device's default", which the model
     knows); the other limits default to the settings' own defaults (config.Settings)."""
 
-    def __init__(self, encode, max_batch: int, max_wait_s: float = Settings.max_wait_ms / 1000,
-                 max_queue: int = Settings.max_queue, stall_s: float = Settings.stall_s):
+    def __init__(
+        self,
+        encode,
+        max_batch: int,
+        max_wait_s: float = Settings.max_wait_ms / 1000,
+        max_queue: int = Settings.max_queue,
+        stall_s: float = Settings.stall_s,
+    ):
         self.encode = encode
         self.stall_s = stall_s
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
-        self._queue = deque()
-        self._jobs = deque()
+        self._queue: deque = deque()
+        self._jobs: deque = deque()
         self._job_next = True
         self._preparing = 0
         self._admitted = 0
@@ -57,8 +64,8 @@ class Batcher:
         self.batches = 0
         self.images = 0
         self.on_batch = None  # hook: on_batch(futures, started, encode_s) after each forward pass (metrics)
-        self._busy_since = None   # when the piece of work in hand started (None: idle)
-        self.failure = None       # why the loop died, if it did
+        self._busy_since = None  # when the piece of work in hand started (None: idle)
+        self.failure = None  # why the loop died, if it did
         self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
         self._thread.start()
 

@@ -1,4 +1,5 @@
 """Every knob of the clip function, read once from the environment (configuration as data)."""
+
 import math
 import os
 from dataclasses import dataclass, field
@@ -20,14 +21,14 @@ class Settings:
     model: str = "ViT-B-32"
     pretrained: str = "datacomp_xl_s13b_b90k"
     device: str = "auto"
-    dtype: str = "auto"                   # auto|fp32|bf16|fp16 (precision.py)
+    dtype: str = "auto"  # auto|fp32|bf16|fp16 (precision.py)
     cache_dir: str = os.path.expanduser("~/.cache/clip-function")
     default_label_set: str = "cifar100"
     preload_label_sets: tuple = ("cifar100",)
-    custom_templates: str = "simple"      # "simple" (1 prompt per label) or "cifar" (the 18)
-    max_batch: int = 0                    # 0 = the default for the device and dtype (precision.py)
+    custom_templates: str = "simple"  # "simple" (1 prompt per label) or "cifar" (the 18)
+    max_batch: int = 0  # 0 = the default for the device and dtype (precision.py)
     max_wait_ms: float = 25.0
-    max_queue: int = 32                   # images admitted at once (decoding, queued, encoding), per worker
+    max_queue: int = 32  # images admitted at once (decoding, queued, encoding), per worker
     deadline_s: float = 30.0
     max_body_bytes: int = 32 * 1024 * 1024  # the template host's MAX_BODY_BYTES: enforced there, shown in GET /
     max_pixels: int = 50_000_000
@@ -36,15 +37,15 @@ class Settings:
     max_label_chars: int = 200
     label_cache_size: int = 4096
     top_k: int = 5
-    threads: int = 0                      # torch intra-op threads per process; 0 = all cores (÷ workers)
-    decoders: int = 0                     # images decoded at once; 0 = CLIP_THREADS, else all cores
-    device_decode: str = "auto"           # JPEGs decoded on the model's device: auto (CUDA only), on, off
+    threads: int = 0  # torch intra-op threads per process; 0 = all cores (÷ workers)
+    decoders: int = 0  # images decoded at once; 0 = CLIP_THREADS, else all cores
+    device_decode: str = "auto"  # JPEGs decoded on the model's device: auto (CUDA only), on, off
     url_allow_hosts: tuple = field(default=())
     url_timeout_s: float = 5.0
     url_max_bytes: int = 20 * 1024 * 1024
-    stall_s: float = 120.0                # model thread on one piece of work longer: replica taken out
-    decode_memory_mb: int = 1024          # decoded pixels held at once by concurrent decodes
-    heavy_pixels: int = 4_000_000         # pictures bigger than this never take the last decoder
+    stall_s: float = 120.0  # model thread on one piece of work longer: replica taken out
+    decode_memory_mb: int = 1024  # decoded pixels held at once by concurrent decodes
+    heavy_pixels: int = 4_000_000  # pictures bigger than this never take the last decoder
     max_jpeg_segments: int = Limits.max_segments
     max_jpeg_fill_bytes: int = Limits.max_fill_bytes
     max_scan_pixels: int = Limits.max_scan_pixels

@@ -5,6 +5,7 @@ frees, and with three or more slots one is always kept for them.
 Counting images alone lets two 50-megapixel 16-bit PNGs take gigabytes at once; counting slots alone
 lets two slow decodes hold every core while a normal photo waits behind them.
 """
+
 import ctypes
 import ctypes.util
 import threading

@@ -11,6 +11,7 @@ Anything unusual keeps the Pillow path, with its answers and errors: other forma
 or non-8-bit JPEGs, Adobe RGB-coded JPEGs, files not ending in an EOI marker (truncated), very long
 strips, and any JPEG the device decoder refuses (the request thread then decodes it with Pillow).
 """
+
 import io
 import math
 import warnings
@@ -26,8 +27,9 @@ from . import structure
 from .images import MAX_ASPECT, sniff
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec; decode_jpeg still works.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                        category=DeprecationWarning)
+warnings.filterwarnings(
+    "ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning
+)
 
 MODES = ("auto", "on", "off")
 PIXELS_PER_DECODE = 64_000_000  # decoded pixels held at once on the device (3 bytes each)
@@ -37,6 +39,7 @@ ORIENTATION = 0x0112
 @dataclass(frozen=True)
 class DeviceJpeg:
     """A JPEG whose header passed the checks: decoded on the model thread."""
+
     data: bytes
     width: int
     height: int
@@ -46,6 +49,7 @@ class DeviceJpeg:
 @dataclass(frozen=True)
 class Refused:
     """The feature row of a JPEG the device decoder could not decode: the caller decodes it with Pillow."""
+
     data: bytes
 
 
@@ -78,11 +82,16 @@ class DeviceDecoder:
             image = Image.open(io.BytesIO(data), formats=["JPEG"])
             width, height = image.size
             info = image.info
-            if (image.format != "JPEG" or image.mode not in ("RGB", "L") or getattr(image, "bits", 8) != 8
-                    or info.get("progressive") or info.get("progression")
-                    or (image.mode == "RGB" and "adobe" in info and info.get("adobe_transform") == 0)
-                    or not 1 <= width * height <= max_pixels
-                    or max(width, height) > MAX_ASPECT * min(width, height)):
+            if (
+                image.format != "JPEG"
+                or image.mode not in ("RGB", "L")
+                or getattr(image, "bits", 8) != 8
+                or info.get("progressive")
+                or info.get("progression")
+                or (image.mode == "RGB" and "adobe" in info and info.get("adobe_transform") == 0)
+                or not 1 <= width * height <= max_pixels
+                or max(width, height) > MAX_ASPECT * min(width, height)
+            ):
                 return None
             orientation = image.getexif().get(ORIENTATION, 1)
         except Exception:  # a header Pillow cannot read: its own path says why
@@ -101,7 +110,7 @@ class DeviceDecoder:
         if not jpegs:
             return self.model.encode_prepared(items)
         decoded = self.preprocess([items[i] for i in jpegs])
-        rows = [None] * len(items)
+        rows: list = [None] * len(items)
         order, parts = [], []
         arrays = [i for i, item in enumerate(items) if not isinstance(item, DeviceJpeg)]
         if arrays:
@@ -121,7 +130,9 @@ class DeviceDecoder:
 
     def preprocess(self, jobs: list) -> list:
         """DeviceJpegs -> normalised CHW float tensors on the device (None where decoding failed)."""
-        out, chunk, pixels = [], [], 0
+        out: list = []
+        chunk: list = []
+        pixels = 0
         for job in jobs:
             if chunk and pixels + job.width * job.height > PIXELS_PER_DECODE:
                 out += self._preprocess_chunk(chunk)
@@ -213,8 +224,12 @@ def _read_transform(steps):
     resize, crop, normalize = steps[0], steps[1], steps[-1]
     size = resize.size if isinstance(resize.size, int) else (resize.size[0] if len(resize.size) == 1 else None)
     crop_h, crop_w = (crop.size, crop.size) if isinstance(crop.size, int) else tuple(crop.size)
-    if (size is None or getattr(resize, "max_size", None) or crop_h != crop_w
-            or resize.interpolation not in (InterpolationMode.BICUBIC, InterpolationMode.BILINEAR)):
+    if (
+        size is None
+        or getattr(resize, "max_size", None)
+        or crop_h != crop_w
+        or resize.interpolation not in (InterpolationMode.BICUBIC, InterpolationMode.BILINEAR)
+    ):
         raise Unsupported(f"resize {resize}, crop {crop}")
     if len(normalize.mean) != 3 or any(math.isnan(v) for v in (*normalize.mean, *normalize.std)):
         raise Unsupported(f"normalize {normalize}")

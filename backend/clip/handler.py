@@ -1,4 +1,5 @@
 """clip function: CLIP zero-shot classification. Pure handle(event, context); the model loads in init()."""
+
 import logging
 import os
 import re
@@ -25,6 +26,7 @@ def init():
     global SERVICE, LOAD_ERROR
     from .model import WeightsUnavailable
     from .service import Service  # torch and open_clip load here, not at import
+
     try:
         SERVICE = Service(SETTINGS)
     except WeightsUnavailable as exc:  # a setup problem a restart cannot fix: stay up, never ready, say why
@@ -67,15 +69,22 @@ def respond(event, request_id):
     body["request_id"] = request_id
     if event.method == "POST":
         body["elapsed_ms"] = round((time.perf_counter() - started) * 1000, 1)
-    return {"statusCode": status, "body": body,
-            "headers": {"Content-Type": "application/json", "X-Request-Id": request_id,
-                        "Cache-Control": "no-store", **headers}}
+    return {
+        "statusCode": status,
+        "body": body,
+        "headers": {
+            "Content-Type": "application/json",
+            "X-Request-Id": request_id,
+            "Cache-Control": "no-store",
+            **headers,
+        },
+    }
 
 
 def _shown(setting):
     """A setting as answers may show it: a local path only by its last part."""
     prefix = "local-dir:" if setting.startswith("local-dir:") else ""
-    path = setting[len(prefix):]
+    path = setting[len(prefix) :]
     return prefix + os.path.basename(path.rstrip("/")) if prefix or path.startswith(("/", ".")) else setting
 
 
@@ -92,12 +101,20 @@ def route(event):
                 raise not_loaded()
             return {"ready": True}
         if SERVICE is None:
-            return {"ready": False, "model": _shown(SETTINGS.model), "pretrained": _shown(SETTINGS.pretrained),
-                    **({"error": LOAD_ERROR} if LOAD_ERROR else {})}
+            return {
+                "ready": False,
+                "model": _shown(SETTINGS.model),
+                "pretrained": _shown(SETTINGS.pretrained),
+                **({"error": LOAD_ERROR} if LOAD_ERROR else {}),
+            }
         return {"ready": True, **SERVICE.describe()}
     if event.method != "POST":
-        raise ClientError(405, "method_not_allowed", f"{event.method[:10]} is not supported; POST an image, "
-                          "or GET for a description.", {"Allow": "GET, HEAD, POST"})
+        raise ClientError(
+            405,
+            "method_not_allowed",
+            f"{event.method[:10]} is not supported; POST an image, or GET for a description.",
+            {"Allow": "GET, HEAD, POST"},
+        )
     if SERVICE is None:
         raise not_loaded()
     return SERVICE.classify(parse_request(event, SETTINGS.max_images))

@@ -1,6 +1,7 @@
 """Untrusted bytes -> a safe, upright RGB picture. Apart from request parsing because two decoders
 share its rules (the format sniff, the pixel and aspect limits): Pillow here, and device_decode.py,
 which must refuse and accept exactly what this module does."""
+
 import io
 import re
 import struct
@@ -43,10 +44,11 @@ def sniff(data: bytes) -> str | None:
 @dataclass
 class Opened:
     """A picture whose header is read and checked, pixels not yet decoded."""
+
     image: Image.Image
     fmt: str
-    pixels: int     # as it will decode (after a JPEG's DCT-domain downscale)
-    cost: int       # peak bytes its decoding will take (decode_gate.decode_cost)
+    pixels: int  # as it will decode (after a JPEG's DCT-domain downscale)
+    cost: int  # peak bytes its decoding will take (decode_gate.decode_cost)
 
 
 def open_image(data: bytes, max_pixels: int, image_size: int, limits: Limits = Limits()) -> Opened:
@@ -64,8 +66,9 @@ def open_image(data: bytes, max_pixels: int, image_size: int, limits: Limits = L
         if width < 1 or height < 1:
             raise ClientError(400, "invalid_image", "The image has no pixels.")
         if width * height > max_pixels:
-            raise ClientError(413, "image_too_large",
-                              f"The image is {width}×{height} pixels; the limit is {max_pixels:,} pixels.")
+            raise ClientError(
+                413, "image_too_large", f"The image is {width}×{height} pixels; the limit is {max_pixels:,} pixels."
+            )
         if fmt == "PNG" and not _png_checksums_match(data):
             raise ClientError(400, "invalid_image", "The PNG file is corrupt: a chunk's checksum does not match.")
         if fmt == "JPEG" and min(width, height) >= 2 * image_size:
@@ -84,8 +87,9 @@ def decode(opened: Opened, crop_extremes: bool = True) -> Image.Image:
         return image
 
 
-def load_image(data: bytes, max_pixels: int, image_size: int, crop_extremes: bool = True,
-               limits: Limits = Limits()) -> Image.Image:
+def load_image(
+    data: bytes, max_pixels: int, image_size: int, crop_extremes: bool = True, limits: Limits = Limits()
+) -> Image.Image:
     """Decode untrusted bytes into an upright RGB image, refusing bombs before decoding pixels."""
     return decode(open_image(data, max_pixels, image_size, limits), crop_extremes)
 
@@ -101,12 +105,12 @@ def _decoder_errors(fmt, max_pixels):
         limit = f"the limit of {max_pixels:,} pixels" if max_pixels else "the memory limit"
         raise ClientError(413, "image_too_large", f"The image is over {limit}.") from None
     except Image.UnidentifiedImageError:  # its message names a Python object: say it plainly instead
-        raise ClientError(400, "invalid_image", f"The data starts like a {fmt} file but is not a valid one.") \
-            from None
+        raise ClientError(400, "invalid_image", f"The data starts like a {fmt} file but is not a valid one.") from None
     except Exception as exc:  # Pillow raises many types on corrupt data; all of them mean bad input
         reason = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the data", str(exc))[:120]  # no object addresses
-        raise ClientError(400, "invalid_image", f"The {fmt} image could not be decoded ({type(exc).__name__}: "
-                          f"{reason}).") from None
+        raise ClientError(
+            400, "invalid_image", f"The {fmt} image could not be decoded ({type(exc).__name__}: {reason})."
+        ) from None
 
 
 def _png_checksums_match(data):
@@ -118,7 +122,7 @@ def _png_checksums_match(data):
         end = pos + 8 + length
         if end + 4 > len(data):
             return True  # truncated: the decoder reports that in its own words
-        if zlib.crc32(view[pos + 4:end]) != struct.unpack_from(">I", data, end)[0]:
+        if zlib.crc32(view[pos + 4 : end]) != struct.unpack_from(">I", data, end)[0]:
             return False
         if kind == b"IEND":
             break
@@ -134,7 +138,7 @@ def _to_rgb(image):
         wide, pixels = np.asarray(image), np.empty((image.height, image.width), np.uint8)
         del image  # the decoded frame: only the array is needed now
         for top in range(0, len(wide), 512):
-            pixels[top:top + 512] = wide[top:top + 512].astype(np.uint32) * 255 // 65535
+            pixels[top : top + 512] = wide[top : top + 512].astype(np.uint32) * 255 // 65535
         del wide
         return Image.fromarray(pixels, "L").convert("RGB")
     if image.mode in ("I", "F"):  # 32-bit greyscale: scale when it goes past 8 bits, else clip

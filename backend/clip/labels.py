@@ -2,6 +2,7 @@
 
 Embeddings are numpy arrays from the model's output on: ranking runs on request threads, which never
 run torch (see batcher.py), and the disk cache is a plain .npy file, read without unpickling."""
+
 import hashlib
 import json
 import logging
@@ -39,7 +40,7 @@ def _format(template, name):
 @dataclass(frozen=True)
 class LabelSet:
     name: str
-    classes: tuple      # dataset names, e.g. "aquarium_fish"
+    classes: tuple  # dataset names, e.g. "aquarium_fish"
     templates: tuple
 
     @property
@@ -50,8 +51,9 @@ class LabelSet:
 LABEL_SETS = {
     "cifar100": LabelSet("cifar100", tuple(_REFERENCE["cifar100"]), CIFAR_TEMPLATES),
     "cifar10": LabelSet("cifar10", tuple(_REFERENCE["cifar10"]), CIFAR_TEMPLATES),
-    "imagenet1k": LabelSet("imagenet1k", tuple(imagenet.IMAGENET_CLASSNAMES),
-                           tuple(imagenet.OPENAI_IMAGENET_TEMPLATES)),
+    "imagenet1k": LabelSet(
+        "imagenet1k", tuple(imagenet.IMAGENET_CLASSNAMES), tuple(imagenet.OPENAI_IMAGENET_TEMPLATES)
+    ),
 }
 
 
@@ -60,8 +62,7 @@ def class_embeddings(encode_texts, labels, templates, chunk: int = 256) -> np.nd
     encode_texts(prompts) -> a [len(prompts), D] CPU tensor (or array)."""
     prompts = [_format(t, label) for label in labels for t in templates]
     # numpy, not torch, for the arithmetic: it may run on request threads (see batcher.py)
-    features = np.concatenate([np.asarray(encode_texts(prompts[i:i + chunk]))
-                               for i in range(0, len(prompts), chunk)])
+    features = np.concatenate([np.asarray(encode_texts(prompts[i : i + chunk])) for i in range(0, len(prompts), chunk)])
     features = features.reshape(len(labels), len(templates), -1).mean(axis=1)
     return features / np.linalg.norm(features, axis=-1, keepdims=True)
 
@@ -110,8 +111,9 @@ class LabelStore:
 
     def cache_path(self, label_set):
         # keyed by dtype too: bf16 embeddings differ from fp32 ones (and fp16 from both)
-        key = cache_key(self.model.weights_id, str(self.model.dtype), label_set.labels,
-                        _templates_id(label_set.templates))
+        key = cache_key(
+            self.model.weights_id, str(self.model.dtype), label_set.labels, _templates_id(label_set.templates)
+        )
         return os.path.join(self.cache_dir, f"{label_set.name}-{key}.npy")
 
     def build(self, name: str) -> np.ndarray:
@@ -166,8 +168,7 @@ class LabelStore:
         unique = list(dict.fromkeys(labels))
         with self._lock:
             rows = {label: self._lru[label] for label in unique if label in self._lru}
-            others = {label: self._encoding[label] for label in unique
-                      if label not in rows and label in self._encoding}
+            others = {label: self._encoding[label] for label in unique if label not in rows and label in self._encoding}
             mine = [label for label in unique if label not in rows and label not in others]
             future = Future()
             for label in mine:
@@ -175,8 +176,9 @@ class LabelStore:
         metrics.label_lookups(hits=len(rows), misses=len(mine), shared=len(others))
         if mine:
             try:
-                fresh = dict(zip(mine, class_embeddings(self._encoder(deadline), mine, self.custom_templates,
-                                                        self.chunk)))
+                fresh = dict(
+                    zip(mine, class_embeddings(self._encoder(deadline), mine, self.custom_templates, self.chunk))
+                )
             except BaseException as exc:
                 self._forget_encoding(mine)
                 future.set_exception(exc)  # those waiting fail as this request does

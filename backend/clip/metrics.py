@@ -8,6 +8,7 @@ every worker writes its samples to that directory and a scrape, whichever worker
 all: the figures are the function's, not one worker's. Gauges say how workers combine (multiprocess_mode),
 and a sampler thread keeps each worker's gauges current, since a scrape cannot call into other workers.
 """
+
 import functools
 import json
 import logging
@@ -17,8 +18,15 @@ import sys
 import threading
 import time
 
-from prometheus_client import (REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics,
-                               multiprocess)
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    multiprocess,
+)
 from prometheus_client.exposition import choose_encoder
 
 disable_created_metrics()  # the *_created series double the output and no dashboard reads them
@@ -26,32 +34,53 @@ disable_created_metrics()  # the *_created series double the output and no dashb
 FUNCTION = "clip"
 MULTIPROCESS_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
 SAMPLE_INTERVAL_S = 2.0
-LATENCY_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 LOG = logging.getLogger("clip.metrics")
 
-REQUESTS = Counter("clip_requests_total", "Requests answered, by method, HTTP status and error code "
-                   "(code is empty on success)", ["method", "status", "code"])
-DURATION = Histogram("clip_request_duration_seconds", "Time inside the function per POST (classification) "
-                     "request, any status", buckets=LATENCY_BUCKETS)
+REQUESTS = Counter(
+    "clip_requests_total",
+    "Requests answered, by method, HTTP status and error code (code is empty on success)",
+    ["method", "status", "code"],
+)
+DURATION = Histogram(
+    "clip_request_duration_seconds",
+    "Time inside the function per POST (classification) request, any status",
+    buckets=LATENCY_BUCKETS,
+)
 IMAGES = Counter("clip_images_classified_total", "Images answered with predictions")
 SHED = Counter("clip_shed_images_total", "Images refused with 429: the admission limit (CLIP_MAX_QUEUE) was reached")
 BATCH_SIZE = Histogram("clip_batch_size", "Images per forward pass", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64))
-QUEUE_WAIT = Histogram("clip_queue_wait_seconds", "Per image: from its submission to the start of the "
-                       "forward pass it rode in", buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5,
-                                                           5, 10, 30))
+QUEUE_WAIT = Histogram(
+    "clip_queue_wait_seconds",
+    "Per image: from its submission to the start of the forward pass it rode in",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
 ENCODE = Histogram("clip_encode_seconds", "Duration of one forward pass (one batch)", buckets=LATENCY_BUCKETS)
-ADMITTED = Gauge("clip_images_admitted", "Images admitted now (decoding, queued or being encoded)",
-                 multiprocess_mode="livesum")
+ADMITTED = Gauge(
+    "clip_images_admitted", "Images admitted now (decoding, queued or being encoded)", multiprocess_mode="livesum"
+)
 QUEUED = Gauge("clip_images_queued", "Images waiting for a forward pass", multiprocess_mode="livesum")
-LABEL_SET_READY = Gauge("clip_label_set_ready", "1 when the label set's embeddings are loaded (in every worker)",
-                        ["label_set"], multiprocess_mode="livemin")
-LABEL_CACHE = Counter("clip_custom_label_lookups_total", "Custom labels looked up in the embedding cache: hit, "
-                      "miss (encoded now) or shared (being encoded for another request)", ["result"])
+LABEL_SET_READY = Gauge(
+    "clip_label_set_ready",
+    "1 when the label set's embeddings are loaded (in every worker)",
+    ["label_set"],
+    multiprocess_mode="livemin",
+)
+LABEL_CACHE = Counter(
+    "clip_custom_label_lookups_total",
+    "Custom labels looked up in the embedding cache: hit, "
+    "miss (encoded now) or shared (being encoded for another request)",
+    ["result"],
+)
 URL_FETCHES = Counter("clip_url_fetches_total", "URL inputs fetched, by outcome (ok or the error code)", ["outcome"])
-MODEL = Gauge("clip_model_info", "The model served (always 1; the labels carry the facts)",
-              ["model", "pretrained", "device", "dtype", "untrained"], multiprocess_mode="livemax")
+MODEL = Gauge(
+    "clip_model_info",
+    "The model served (always 1; the labels carry the facts)",
+    ["model", "pretrained", "device", "dtype", "untrained"],
+    multiprocess_mode="livemax",
+)
 
-_samplers = []  # callables that set gauges from live state
+_samplers: list = []  # callables that set gauges from live state
 _refresh_lock = threading.Lock()
 _sampler_pid = [None]
 _local = threading.local()
@@ -60,6 +89,7 @@ _batch_seq = [0]
 
 
 # ---- exposition ------------------------------------------------------------------------------------
+
 
 def exposition(event) -> dict:
     """The answer to GET /metrics: every metric, in the format the scraper asked for."""
@@ -71,8 +101,11 @@ def exposition(event) -> dict:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
     encoder, content_type = choose_encoder(event.headers.get("Accept", ""))
-    return {"statusCode": 200, "body": encoder(registry),
-            "headers": {"Content-Type": content_type, "Cache-Control": "no-store"}}
+    return {
+        "statusCode": 200,
+        "body": encoder(registry),
+        "headers": {"Content-Type": content_type, "Cache-Control": "no-store"},
+    }
 
 
 def refresh() -> None:
@@ -100,8 +133,12 @@ def _sample_forever():
 
 def _process_figures():
     """Multiprocess mode has no process collector: each worker reports its own memory and CPU."""
-    memory = Gauge("process_resident_memory_bytes", "Resident memory of the function's live workers, summed",
-                   registry=None, multiprocess_mode="livesum")
+    memory = Gauge(
+        "process_resident_memory_bytes",
+        "Resident memory of the function's live workers, summed",
+        registry=None,
+        multiprocess_mode="livesum",
+    )
     cpu = Counter("process_cpu_seconds_total", "CPU time of the function's workers, summed", registry=None)
     page = os.sysconf("SC_PAGE_SIZE")
     spent = {"pid": None, "cpu": 0.0}
@@ -114,6 +151,7 @@ def _process_figures():
         now = sum(os.times()[:2])
         cpu.inc(max(0.0, now - spent["cpu"]))
         spent["cpu"] = now
+
     _samplers.append(sample)
 
 
@@ -132,8 +170,11 @@ def forget_dead_workers() -> None:
     """A worker that crashed never ran worker_exiting(): its live gauges (queue, admitted images, memory)
     would stay in the function's sums for good. Any process whose files are here but that no longer
     exists is marked dead."""
-    pids = {int(m.group(1)) for name in os.listdir(MULTIPROCESS_DIR)
-            if (m := re.fullmatch(r"gauge_live\w+_(\d+)\.db", name))}
+    pids = {
+        int(m.group(1))
+        for name in os.listdir(MULTIPROCESS_DIR)
+        if (m := re.fullmatch(r"gauge_live\w+_(\d+)\.db", name))
+    }
     for pid in pids - {os.getpid()}:
         try:
             os.kill(pid, 0)
@@ -145,11 +186,13 @@ def forget_dead_workers() -> None:
 
 # ---- the service's hooks -------------------------------------------------------------------------
 
+
 def watch(service) -> None:
     """Gauges that read the warm service: queue, admission, label sets, model."""
     info = service.model.describe()
-    MODEL.labels(info["model"], info["pretrained"], info["device"], info["dtype"],
-                 str(info["untrained"]).lower()).set(1)
+    MODEL.labels(info["model"], info["pretrained"], info["device"], info["dtype"], str(info["untrained"]).lower()).set(
+        1
+    )
     service.batcher.on_batch = on_batch
 
     from .labels import LABEL_SETS  # torch is loaded by now; importing it earlier would slow start-up
@@ -159,6 +202,7 @@ def watch(service) -> None:
         QUEUED.set(service.batcher.depth)
         for name in LABEL_SETS:
             LABEL_SET_READY.labels(name).set(1 if service.labels.ready(name) else 0)
+
     _samplers.append(sample)
     refresh()
 
@@ -200,6 +244,7 @@ def label_lookups(hits: int, misses: int, shared: int) -> None:
 
 def counts_fetches(fetch):
     """Decorates remote.fetch: every URL input counted by outcome."""
+
     @functools.wraps(fetch)
     def counted(*args, **kwargs):
         try:
@@ -209,17 +254,20 @@ def counts_fetches(fetch):
             raise
         URL_FETCHES.labels("ok").inc()
         return data
+
     return counted
 
 
 # ---- per request: counters and the log line ------------------------------------------------------
 
+
 def observe(event, request_id: str, answer) -> dict:
     """Run answer() (the handler's work) for one request; count it and log one line about it."""
     started = time.perf_counter()
     _ensure_sampler()
-    _local.record = record = {"images": None, "batches": []}
-    result = {"statusCode": 500, "body": {"error": {"code": "internal_error"}}}
+    record: dict = {"images": None, "batches": []}
+    _local.record = record
+    result: dict = {"statusCode": 500, "body": {"error": {"code": "internal_error"}}}
     try:
         result = answer()
         return result
@@ -239,8 +287,7 @@ def observe(event, request_id: str, answer) -> dict:
             IMAGES.inc(classified)
         if status == 429 and images:
             SHED.inc(images)
-        log_request(request_id, event.method, status, code, images, len(event.body or b""), elapsed,
-                    record["batches"])
+        log_request(request_id, event.method, status, code, images, len(event.body or b""), elapsed, record["batches"])
 
 
 def _predictions(body) -> int:
@@ -262,12 +309,25 @@ _access_handler.setFormatter(logging.Formatter("%(message)s" if JSON_LOGS else "
 
 def log_request(request_id, method, status, code, images, bytes_in, elapsed_s, batches) -> None:
     """One line per request. Never image bytes, labels or URLs: only sizes, counts and codes."""
-    fields = {"request_id": request_id, "function": FUNCTION, "method": method, "status": status,
-              "code": code or None, "images": images, "bytes_in": bytes_in, "ms": round(elapsed_s * 1000, 1),
-              "batches": [{"id": seq, "size": size} for seq, size in batches], "pid": os.getpid()}
+    fields = {
+        "request_id": request_id,
+        "function": FUNCTION,
+        "method": method,
+        "status": status,
+        "code": code or None,
+        "images": images,
+        "bytes_in": bytes_in,
+        "ms": round(elapsed_s * 1000, 1),
+        "batches": [{"id": seq, "size": size} for seq, size in batches],
+        "pid": os.getpid(),
+    }
     if JSON_LOGS:
-        fields = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z", "level": "info",
-                  "msg": "request", **fields}
+        fields = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z",
+            "level": "info",
+            "msg": "request",
+            **fields,
+        }
         ACCESS.info(json.dumps(fields, separators=(",", ":")))
         return
     fields["batches"] = ",".join(f"{seq}x{size}" for seq, size in batches) or None

@@ -1,4 +1,5 @@
 """The CLIP model: created once per process through open_clip's own factory, then only encodes."""
+
 import logging
 import os
 from dataclasses import dataclass
@@ -21,19 +22,19 @@ class WeightsUnavailable(RuntimeError):
 @dataclass
 class ClipModel:
     model: torch.nn.Module
-    preprocess: object          # open_clip's eval transform: PIL image -> normalised CHW float tensor
+    preprocess: object  # open_clip's eval transform: PIL image -> normalised CHW float tensor
     tokenizer: object
     device: torch.device
     dtype: torch.dtype
     name: str
     pretrained: str
     untrained: bool
-    weights_id: str             # identifies the weights, for cache keys
+    weights_id: str  # identifies the weights, for cache keys
     image_size: int
     logit_scale: float
-    dtype_setting: str = "fp32"     # CLIP_DTYPE as given
-    dtype_reason: str = ""          # why this dtype (GET /, logs, scripts/bench)
-    max_batch: int = 8              # CLIP_MAX_BATCH's default for this device and dtype
+    dtype_setting: str = "fp32"  # CLIP_DTYPE as given
+    dtype_reason: str = ""  # why this dtype (GET /, logs, scripts/bench)
+    max_batch: int = 8  # CLIP_MAX_BATCH's default for this device and dtype
 
     def __post_init__(self):
         # Split open_clip's transform at ToTensor: the PIL half (resize, crop, mode) runs in request
@@ -42,7 +43,7 @@ class ClipModel:
         steps = list(self.preprocess.transforms)
         cut = next(i for i, t in enumerate(steps) if type(t).__name__ in ("ToTensor", "MaybeToTensor"))
         self._pil_steps = steps[:cut]
-        tail = steps[cut + 1:]
+        tail = steps[cut + 1 :]
         if len(tail) == 1 and type(tail[0]).__name__ == "Normalize":
             self._mean = torch.tensor(tail[0].mean, device=self.device).view(1, -1, 1, 1)
             self._std = torch.tensor(tail[0].std, device=self.device).view(1, -1, 1, 1)
@@ -80,10 +81,16 @@ class ClipModel:
         return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
 
     def describe(self):
-        return {"model": self.name, "pretrained": self.pretrained, "device": str(self.device),
-                "dtype": str(self.dtype).replace("torch.", ""), "dtype_setting": self.dtype_setting,
-                "dtype_reason": self.dtype_reason, "untrained": self.untrained,
-                "image_size": self.image_size}
+        return {
+            "model": self.name,
+            "pretrained": self.pretrained,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "dtype_setting": self.dtype_setting,
+            "dtype_reason": self.dtype_reason,
+            "untrained": self.untrained,
+            "image_size": self.image_size,
+        }
 
 
 def _compose(steps, value):
@@ -118,8 +125,14 @@ def weights_id(name: str, pretrained: str) -> str:
     return f"{name}:{pretrained}"
 
 
-def create(name: str, pretrained: str, device: str = "auto", cache_dir: str | None = None, threads: int = 0,
-           dtype: str = "auto") -> ClipModel:
+def create(
+    name: str,
+    pretrained: str,
+    device: str = "auto",
+    cache_dir: str | None = None,
+    threads: int = 0,
+    dtype: str = "auto",
+) -> ClipModel:
     """One factory: open_clip name + tag, `local-dir:`, `hf-hub:`, a checkpoint path, or `none`;
     dtype: CLIP_DTYPE (auto|fp32|bf16|fp16, see precision.py)."""
     if threads > 0:
@@ -137,11 +150,21 @@ def create(name: str, pretrained: str, device: str = "auto", cache_dir: str | No
     crop = next(t.size for t in preprocess.transforms if hasattr(t, "size"))  # the model's input size
     image_size = crop[0] if isinstance(crop, (tuple, list)) else int(crop)
     return ClipModel(
-        model=model, preprocess=preprocess, tokenizer=open_clip.get_tokenizer(name), device=dev, dtype=chosen.dtype,
-        name=_display_name(name), pretrained=_display_pretrained(name, pretrained, untrained),
-        untrained=untrained, weights_id=weights_id(name, pretrained), image_size=image_size,
-        logit_scale=logit_scale, dtype_setting=chosen.setting,
-        dtype_reason=chosen.reason, max_batch=precision.default_max_batch(dev.type, chosen.dtype))
+        model=model,
+        preprocess=preprocess,
+        tokenizer=open_clip.get_tokenizer(name),
+        device=dev,
+        dtype=chosen.dtype,
+        name=_display_name(name),
+        pretrained=_display_pretrained(name, pretrained, untrained),
+        untrained=untrained,
+        weights_id=weights_id(name, pretrained),
+        image_size=image_size,
+        logit_scale=logit_scale,
+        dtype_setting=chosen.setting,
+        dtype_reason=chosen.reason,
+        max_batch=precision.default_max_batch(dev.type, chosen.dtype),
+    )
 
 
 def _load(name, tag, pretrained, cache_dir):
@@ -157,10 +180,12 @@ def _load(name, tag, pretrained, cache_dir):
             f"The weights of {name} ({pretrained}) could not be downloaded and are not in {weights_dir}. "
             "Without internet access: point CLIP_MODEL=local-dir:/path at a folder holding "
             "open_clip_config.json and the weights, or try the service with CLIP_PRETRAINED=none "
-            "(random weights: predictions are meaningless).") from None
+            "(random weights: predictions are meaningless)."
+        ) from None
     model.eval()
     if "MobileCLIP" in name:  # reparameterise MobileOne blocks for inference, as open_clip documents
         from timm.utils import reparameterize_model
+
         model = reparameterize_model(model)
     return model, preprocess
 
@@ -182,4 +207,3 @@ def _display_pretrained(name, pretrained, untrained):
     if schema == "hf-hub":
         return name
     return os.path.basename(pretrained) if os.path.sep in pretrained else pretrained
-

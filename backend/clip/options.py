@@ -1,4 +1,5 @@
 """Request options (top_k, labels, label_set): validated, with a clear 400 for anything off."""
+
 from dataclasses import dataclass
 
 from .errors import ClientError
@@ -8,8 +9,8 @@ from .labels import LABEL_SETS
 @dataclass(frozen=True)
 class Options:
     top_k: int
-    label_set: str          # a built-in set name, or "custom"
-    labels: tuple = ()      # custom labels, when given
+    label_set: str  # a built-in set name, or "custom"
+    labels: tuple = ()  # custom labels, when given
 
 
 def _one(options, key):
@@ -25,8 +26,9 @@ def parse_options(options, settings):
         label_set = settings.default_label_set
     if not isinstance(label_set, str) or label_set not in LABEL_SETS:
         shown = repr(label_set)[:60]
-        raise ClientError(400, "unknown_label_set",
-                          f"Unknown label_set {shown}; choose one of: {', '.join(LABEL_SETS)}.")
+        raise ClientError(
+            400, "unknown_label_set", f"Unknown label_set {shown}; choose one of: {', '.join(LABEL_SETS)}."
+        )
     if labels:
         return Options(top_k=top_k, label_set="custom", labels=labels)
     return Options(top_k=top_k, label_set=label_set)
@@ -63,8 +65,9 @@ def _parse_labels(values, settings):
     if not labels:
         raise ClientError(400, "invalid_labels", "labels was given but holds no label.")
     if len(labels) > settings.max_labels:
-        raise ClientError(400, "too_many_labels",
-                          f"{len(labels)} labels sent; at most {settings.max_labels} per request.")
+        raise ClientError(
+            400, "too_many_labels", f"{len(labels)} labels sent; at most {settings.max_labels} per request."
+        )
     too_long = next((label for label in labels if len(label) > settings.max_label_chars), None)
     if too_long is not None:
         raise ClientError(400, "invalid_labels", f"Each label may have at most {settings.max_label_chars} characters.")

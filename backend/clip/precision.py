@@ -6,10 +6,11 @@ So `auto` picks bf16 on a CPU only when torch reports one of those instruction s
 where torch cannot say) AND a short measurement at start finds bf16 faster than fp32 on a block
 shaped like the model's: never slower than fp32. On CUDA `auto` is fp16.
 """
+
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -23,17 +24,24 @@ BF16_MUST_BE_FASTER = 0.9
 # bf16 on a CPU: not measurable on a processor without native bf16; from AMX figures (94-118 images/s
 # at batch 8, 138 at 32): 16 takes most of that gain while two batches still fit CLIP_MAX_QUEUE's 32,
 # one computing while the next fills. CUDA: as clip.gpu.yml (a GPU gains far beyond; 16 bounds the wait).
-DEFAULT_MAX_BATCH = {("cpu", torch.float32): 8, ("cpu", torch.bfloat16): 16, ("cpu", torch.float16): 8,
-                     ("cuda", torch.float32): 16, ("cuda", torch.bfloat16): 16, ("cuda", torch.float16): 16}
+DEFAULT_MAX_BATCH = {
+    ("cpu", torch.float32): 8,
+    ("cpu", torch.bfloat16): 16,
+    ("cpu", torch.float16): 8,
+    ("cuda", torch.float32): 16,
+    ("cuda", torch.bfloat16): 16,
+    ("cuda", torch.float16): 16,
+}
 
 
 @dataclass(frozen=True)
 class CpuFeatures:
     """What the processor offers for bf16, as torch (or, failing that, /proc/cpuinfo) reports it."""
+
     amx_bf16: bool
     avx512_bf16: bool
-    capability: str      # torch's kernel level, e.g. "AVX2", "AVX512"
-    source: str          # "torch" or "cpuinfo": who answered
+    capability: str  # torch's kernel level, e.g. "AVX2", "AVX512"
+    source: str  # "torch" or "cpuinfo": who answered
 
     @property
     def native_bf16(self) -> bool:
@@ -41,15 +49,17 @@ class CpuFeatures:
 
     def describe(self) -> str:
         found = [name for name, on in (("AMX-BF16", self.amx_bf16), ("AVX512-BF16", self.avx512_bf16)) if on]
-        return (f"{' and '.join(found) if found else 'no AMX-BF16, no AVX512-BF16'} "
-                f"(per {self.source}; torch kernels: {self.capability})")
+        return (
+            f"{' and '.join(found) if found else 'no AMX-BF16, no AVX512-BF16'} "
+            f"(per {self.source}; torch kernels: {self.capability})"
+        )
 
 
 @dataclass(frozen=True)
 class Precision:
     dtype: torch.dtype
-    setting: str         # what CLIP_DTYPE said
-    reason: str          # one sentence: why this dtype, for GET /, the logs and the benchmark
+    setting: str  # what CLIP_DTYPE said
+    reason: str  # one sentence: why this dtype, for GET /, the logs and the benchmark
 
     @property
     def name(self) -> str:
@@ -73,19 +83,20 @@ def cpu_features(cpuinfo_path: str = "/proc/cpuinfo") -> CpuFeatures:
     except AttributeError:
         capability = "unknown"
     try:  # torch's own checks (cpuinfo + OS permission for the AMX tiles)
-        return CpuFeatures(bool(torch.cpu._is_amx_tile_supported()), bool(torch.cpu._is_avx512_bf16_supported()),
-                           capability, "torch")
+        return CpuFeatures(
+            bool(torch.cpu._is_amx_tile_supported()), bool(torch.cpu._is_avx512_bf16_supported()), capability, "torch"
+        )
     except AttributeError:  # an older or newer torch without these private checks
         flags = _cpuinfo_flags(cpuinfo_path)
         return CpuFeatures("amx_bf16" in flags, "avx512_bf16" in flags, capability, "cpuinfo")
 
 
-def measure_bf16(width: int = 768, tokens: int = 100, repeats: int = 5) -> Tuple[float, float]:
+def measure_bf16(width: int = 768, tokens: int = 100, repeats: int = 5) -> tuple[float, float]:
     """Median seconds of one pre-norm transformer MLP (ViT-B width, two images' tokens) in fp32 and
     in bf16: the layers that dominate a CLIP forward pass. Weights from a private generator."""
     gen = torch.Generator().manual_seed(0)
-    w1 = torch.randn(4 * width, width, generator=gen) / width ** .5
-    w2 = torch.randn(width, 4 * width, generator=gen) / (4 * width) ** .5
+    w1 = torch.randn(4 * width, width, generator=gen) / width**0.5
+    w2 = torch.randn(width, 4 * width, generator=gen) / (4 * width) ** 0.5
     x = torch.randn(tokens, width, generator=gen)
 
     def block(x, w1, w2):
@@ -102,12 +113,17 @@ def measure_bf16(width: int = 768, tokens: int = 100, repeats: int = 5) -> Tuple
                 if i >= 2:  # two warm-up runs: oneDNN builds its kernels on first use
                     times.append(time.perf_counter() - started)
         return statistics.median(times)
+
     return median(torch.float32), median(torch.bfloat16)
 
 
-def choose(setting: str, device_type: str, features: Optional[CpuFeatures] = None,
-           measure: Optional[Callable[[], Tuple[float, float]]] = measure_bf16,
-           cuda_bf16: bool = True) -> Precision:
+def choose(
+    setting: str,
+    device_type: str,
+    features: CpuFeatures | None = None,
+    measure: Callable[[], tuple[float, float]] | None = measure_bf16,
+    cuda_bf16: bool = True,
+) -> Precision:
     """The dtype for CLIP_DTYPE=`setting` on a `device_type` ("cpu"/"cuda") device. Pure but for
     `measure`, called only for `auto` on a CPU that reports native bf16."""
     setting = (setting or "auto").strip().lower()
@@ -120,8 +136,12 @@ def choose(setting: str, device_type: str, features: Optional[CpuFeatures] = Non
             raise ValueError("CLIP_DTYPE=bf16, but this GPU has no bf16 support; use fp16 or auto")
         return Precision(DTYPES[setting], setting, f"set by CLIP_DTYPE={setting}")
     if device_type != "cpu":
-        return Precision(torch.float32 if setting == "auto" else DTYPES[setting], setting,
-                         f"{setting} on a {device_type} device" + (": fp32, the safe choice" if setting == "auto" else ""))
+        safe = ": fp32, the safe choice" if setting == "auto" else ""
+        return Precision(
+            torch.float32 if setting == "auto" else DTYPES[setting],
+            setting,
+            f"{setting} on a {device_type} device{safe}",
+        )
     features = features or cpu_features()
     if setting == "fp32":
         return Precision(torch.float32, setting, f"set by CLIP_DTYPE=fp32; CPU: {features.describe()}")
@@ -129,8 +149,11 @@ def choose(setting: str, device_type: str, features: Optional[CpuFeatures] = Non
         note = "native" if features.native_bf16 else "emulated, several times slower than fp32"
         return Precision(torch.bfloat16, setting, f"set by CLIP_DTYPE=bf16 ({note}); CPU: {features.describe()}")
     if setting == "fp16":
-        return Precision(torch.float16, setting, f"set by CLIP_DTYPE=fp16 (most CPUs emulate fp16: usually "
-                                                 f"slower than fp32); CPU: {features.describe()}")
+        return Precision(
+            torch.float16,
+            setting,
+            f"set by CLIP_DTYPE=fp16 (most CPUs emulate fp16: usually slower than fp32); CPU: {features.describe()}",
+        )
     if not features.native_bf16:
         return Precision(torch.float32, setting, f"auto: fp32, this CPU has {features.describe()}")
     if measure is None:

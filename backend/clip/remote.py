@@ -8,6 +8,7 @@ One timer bounds the whole download, however slowly a server drips its headers o
 `resolve` and `address_ok` are the test seams: a fake resolver, and (only in tests, to fetch from a
 loopback test server) a wider address check. Production always uses getaddrinfo and public_address.
 """
+
 import functools
 import http.client
 import ipaddress
@@ -96,8 +97,9 @@ def _get(parts, addresses, deadline, timeout_s, max_bytes):
     timer.start()
     try:
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        conn.request("GET", path, headers={"Accept": "image/*", "Accept-Encoding": "identity",
-                                           "User-Agent": "clip-function"})
+        conn.request(
+            "GET", path, headers={"Accept": "image/*", "Accept-Encoding": "identity", "User-Agent": "clip-function"}
+        )
         response = conn.getresponse()
         if response.status in REDIRECTS and response.getheader("Location"):
             return response.getheader("Location"), None
@@ -119,8 +121,7 @@ def _get(parts, addresses, deadline, timeout_s, max_bytes):
     except (OSError, http.client.HTTPException, ValueError) as exc:  # ValueError: e.g. a non-ASCII path
         if conn.aborted or isinstance(exc, TimeoutError):
             raise ClientError(400, "url_timeout", f"The URL took longer than {timeout_s:g} s.") from None
-        raise ClientError(400, "url_unreachable", f"The URL could not be fetched ({type(exc).__name__}).") \
-            from None
+        raise ClientError(400, "url_unreachable", f"The URL could not be fetched ({type(exc).__name__}).") from None
     finally:
         timer.cancel()
         conn.close()
@@ -165,6 +166,7 @@ class _Connection(http.client.HTTPConnection):
 def tls_context():
     try:
         import certifi  # the CA bundle requests uses: a slim image may have no system CA store
+
         return ssl.create_default_context(cafile=certifi.where())
     except ImportError:
         return ssl.create_default_context()

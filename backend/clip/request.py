@@ -3,6 +3,7 @@
 Every accepted form (raw bytes, multipart, base64 or a data URL, JSON) is sorted here, so the service
 sees one shape whatever was sent. A picture refused while parsing (bad base64) is an Item with its
 error: it fails alone in a batch, the others go on."""
+
 import base64
 import binascii
 import io
@@ -29,10 +30,11 @@ class Item:
     """One picture of a request, from what was sent to its result: bytes or a URL in, then what the
     model takes (a preprocessed array, or the bytes for the device decoder), then its feature row; or
     the error that stopped it on the way, after which no later step touches it."""
+
     data: bytes | None = None
     url: str | None = None
     error: ClientError | None = None
-    prepared: object = None             # np.ndarray, or a device_decode.DeviceJpeg
+    prepared: object = None  # np.ndarray, or a device_decode.DeviceJpeg
     features: np.ndarray | None = None
 
     def result(self, rank) -> dict:
@@ -91,8 +93,12 @@ def parse_request(event, max_images: int) -> Request:
     elif body.strip():  # base64 or a data URL (curl -d sends these as a urlencoded "form")
         request.add_text(body)
     if not request.items:
-        raise ClientError(400, "missing_image", "No image in the request: send image bytes, a multipart "
-                          "field named 'image', base64 or a data URL, or JSON {\"image\": …}.")
+        raise ClientError(
+            400,
+            "missing_image",
+            "No image in the request: send image bytes, a multipart "
+            "field named 'image', base64 or a data URL, or JSON {\"image\": …}.",
+        )
     if len(request.items) > max_images:
         raise _too_many(max_images)
     return request
@@ -105,13 +111,18 @@ def _too_many(max_images):
 def _from_form(request, body, mimetype, params, max_images):
     """Adds the form's images, URLs and options; False if it held neither image nor url field."""
     # Parts are counted while parsing: 300,000 tiny parts are refused at the first one too many.
-    parser = FormDataParser(max_form_memory_size=len(body) + 1, silent=False,
-                            max_form_parts=max_images + FORM_EXTRA_PARTS)
+    parser = FormDataParser(
+        max_form_memory_size=len(body) + 1, silent=False, max_form_parts=max_images + FORM_EXTRA_PARTS
+    )
     try:
         _, form, files = parser.parse(io.BytesIO(body), mimetype, len(body), params)
     except RequestEntityTooLarge:
-        raise ClientError(400, "too_many_parts", f"The form has more than {max_images + FORM_EXTRA_PARTS} "
-                          f"parts; send at most {max_images} images and the options.") from None
+        raise ClientError(
+            400,
+            "too_many_parts",
+            f"The form has more than {max_images + FORM_EXTRA_PARTS} "
+            f"parts; send at most {max_images} images and the options.",
+        ) from None
     except ValueError as exc:
         raise ClientError(400, "invalid_form", f"The form data could not be parsed ({exc}).") from None
     for key in OPTION_KEYS:
@@ -168,23 +179,24 @@ def _json_object(body):
     return doc
 
 
-def decode_text(text: bytes) -> bytes:
+def decode_text(raw: bytes) -> bytes:
     """Base64 or a data URL -> image bytes; raises a ClientError saying why not."""
     try:
-        text = text.decode("ascii").strip()
+        text = raw.decode("ascii").strip()
     except UnicodeDecodeError:
         raise ClientError(400, "invalid_image", f"The body is not an image we can read ({SUPPORTED}).") from None
     match = DATA_URL.match(text)
     if match:
         if not match.group(3):
             raise ClientError(400, "invalid_image", "Only base64 data URLs are supported.")
-        text = text[match.end():]
+        text = text[match.end() :]
     text = re.sub(r"\s+", "", text.replace(" ", "+"))  # a form's '+' arrives as a space
     try:
         data = base64.b64decode(text.replace("-", "+").replace("_", "/") + "=" * (-len(text) % 4), validate=True)
     except (binascii.Error, ValueError):
-        raise ClientError(400, "invalid_image", f"The body is neither an image ({SUPPORTED}) nor valid base64.") \
-            from None
+        raise ClientError(
+            400, "invalid_image", f"The body is neither an image ({SUPPORTED}) nor valid base64."
+        ) from None
     if not sniff(data):
         raise ClientError(400, "invalid_image", f"The base64 data is not an image we can read ({SUPPORTED}).")
     return data

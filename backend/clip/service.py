@@ -1,17 +1,16 @@
 """The warm classifier: model, label embeddings and batcher, created once; classify() per request."""
+
 import io
 import logging
 import os
 import time
-
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image
 
-from . import device_decode, metrics, structure
+from . import device_decode, metrics, remote, structure
 from . import model as model_module
-from . import remote
 from .batcher import Batcher, DeadlineExceeded, QueueFull, wait
 from .decode_gate import DecodeGate
 from .errors import ClientError
@@ -27,50 +26,77 @@ class Service:
     def __init__(self, settings):
         started = time.perf_counter()
         self.settings = settings
-        self.model = model_module.create(settings.model, settings.pretrained, settings.device,
-                                         settings.cache_dir, settings.threads, settings.dtype)
+        self.model = model_module.create(
+            settings.model, settings.pretrained, settings.device, settings.cache_dir, settings.threads, settings.dtype
+        )
         self.max_batch = settings.max_batch or self.model.max_batch  # unset: chosen per device and dtype
         self.device_decoder = _device_decoder(self.model, settings.device_decode)
         encode = self.device_decoder.encode if self.device_decoder else self.model.encode_prepared
-        self.batcher = Batcher(encode, self.max_batch, settings.max_wait_ms / 1000, settings.max_queue,
-                               settings.stall_s)
+        self.batcher = Batcher(
+            encode, self.max_batch, settings.max_wait_ms / 1000, settings.max_queue, settings.stall_s
+        )
         # Decoding beyond the cores only slows the forward pass and holds more pixels in memory.
         self.decoder_count = settings.decoders or settings.threads or os.cpu_count() or 1
         self.gate = DecodeGate(self.decoder_count, settings.decode_memory_mb << 20, settings.heavy_pixels)
         self.limits = settings.structure_limits()
         # A batch request's pictures wait for the gate side by side; the gate decides who decodes.
         self.pool = ThreadPoolExecutor(max_workers=max(1, settings.max_queue), thread_name_prefix="decode")
-        self.labels = LabelStore(self.model, settings.cache_dir, settings.custom_templates,
-                                 settings.label_cache_size, run=self.batcher.call, chunk=32)
+        self.labels = LabelStore(
+            self.model,
+            settings.cache_dir,
+            settings.custom_templates,
+            settings.label_cache_size,
+            run=self.batcher.call,
+            chunk=32,
+        )
         for name in settings.preload_label_sets:
             self.labels.build(name)
         # One forward pass now, so the first user does not pay for lazy allocations.
-        self.batcher.submit([self.model.prepare(Image.new("RGB", (self.model.image_size,) * 2))],
-                            time.monotonic() + 600)[0].result()
+        self.batcher.submit(
+            [self.model.prepare(Image.new("RGB", (self.model.image_size,) * 2))], time.monotonic() + 600
+        )[0].result()
         if self.device_decoder:  # and one through the device decoder (nvJPEG's first call is slow)
-            self.batcher.submit([self.device_decoder.accept(_blank_jpeg(), settings.max_pixels)],
-                                time.monotonic() + 600)[0].result()
+            self.batcher.submit(
+                [self.device_decoder.accept(_blank_jpeg(), settings.max_pixels)], time.monotonic() + 600
+            )[0].result()
         LOG.info("ready in %.1f s: %s", time.perf_counter() - started, self.model.describe())
 
     def describe(self):
         s = self.settings
-        return {**self.model.describe(),
-                "label_sets": {name: {"labels": len(ls.classes), "templates": len(ls.templates),
-                                      "ready": self.labels.ready(name)}
-                               for name, ls in LABEL_SETS.items()},
-                "default_label_set": s.default_label_set,
-                "limits": {"max_body_bytes": s.max_body_bytes,
-                           "max_pixels": s.max_pixels, "max_images": s.max_images, "max_labels": s.max_labels,
-                           "max_label_chars": s.max_label_chars,
-                           "max_batch": self.max_batch, "max_wait_ms": s.max_wait_ms, "max_queue": s.max_queue,
-                           "decoders": self.decoder_count, "decode_memory_mb": s.decode_memory_mb,
-                           "heavy_pixels": s.heavy_pixels, "max_scan_pixels": s.max_scan_pixels,
-                           "max_jpeg_segments": s.max_jpeg_segments, "max_jpeg_fill_bytes": s.max_jpeg_fill_bytes,
-                           "max_rle_pixels": s.max_rle_pixels, "deadline_s": s.deadline_s},
-                "url_input": bool(s.url_allow_hosts),
-                "device_decode": bool(self.device_decoder),
-                "stats": {"batches": self.batcher.batches, "images": self.batcher.images,
-                          "queued": self.batcher.depth, "admitted": self.batcher.admitted}}
+        return {
+            **self.model.describe(),
+            "label_sets": {
+                name: {"labels": len(ls.classes), "templates": len(ls.templates), "ready": self.labels.ready(name)}
+                for name, ls in LABEL_SETS.items()
+            },
+            "default_label_set": s.default_label_set,
+            "limits": {
+                "max_body_bytes": s.max_body_bytes,
+                "max_pixels": s.max_pixels,
+                "max_images": s.max_images,
+                "max_labels": s.max_labels,
+                "max_label_chars": s.max_label_chars,
+                "max_batch": self.max_batch,
+                "max_wait_ms": s.max_wait_ms,
+                "max_queue": s.max_queue,
+                "decoders": self.decoder_count,
+                "decode_memory_mb": s.decode_memory_mb,
+                "heavy_pixels": s.heavy_pixels,
+                "max_scan_pixels": s.max_scan_pixels,
+                "max_jpeg_segments": s.max_jpeg_segments,
+                "max_jpeg_fill_bytes": s.max_jpeg_fill_bytes,
+                "max_rle_pixels": s.max_rle_pixels,
+                "deadline_s": s.deadline_s,
+            },
+            "url_input": bool(s.url_allow_hosts),
+            "device_decode": bool(self.device_decoder),
+            "stats": {
+                "batches": self.batcher.batches,
+                "images": self.batcher.images,
+                "queued": self.batcher.depth,
+                "admitted": self.batcher.admitted,
+            },
+        }
 
     def identity(self):
         """What every answer carries, so random weights can never pass for a real model."""
@@ -85,9 +111,12 @@ class Service:
             return options.labels, self.labels.custom(options.labels, deadline)
         embeddings = self.labels.get_set(options.label_set)
         if embeddings is None:
-            raise ClientError(503, "label_set_warming",
-                              f"The label set '{options.label_set}' is being prepared; try again shortly.",
-                              headers={"Retry-After": "30"})
+            raise ClientError(
+                503,
+                "label_set_warming",
+                f"The label set '{options.label_set}' is being prepared; try again shortly.",
+                headers={"Retry-After": "30"},
+            )
         return LABEL_SETS[options.label_set].labels, embeddings
 
     def admission(self, items, options):
@@ -108,11 +137,13 @@ class Service:
                 self._prepare_all(items, deadline)
                 self._encode(items, deadline, ticket)
         except QueueFull:
-            raise ClientError(429, "queue_full", "The classifier is at capacity; retry shortly.",
-                              headers={"Retry-After": "1"}) from None
+            raise ClientError(
+                429, "queue_full", "The classifier is at capacity; retry shortly.", headers={"Retry-After": "1"}
+            ) from None
         except DeadlineExceeded:
-            raise ClientError(504, "deadline_exceeded",
-                              f"No answer within the {s.deadline_s:g} s deadline; the classifier is busy.") from None
+            raise ClientError(
+                504, "deadline_exceeded", f"No answer within the {s.deadline_s:g} s deadline; the classifier is busy."
+            ) from None
         if len(items) == 1 and items[0].error:
             raise items[0].error
         top_k = min(options.top_k, len(labels))
@@ -133,8 +164,11 @@ class Service:
             return
         s = self.settings
         try:
-            data = item.data if item.url is None else remote.fetch(item.url, s.url_allow_hosts, s.url_timeout_s,
-                                                                   s.url_max_bytes)
+            data = (
+                item.data
+                if item.url is None
+                else remote.fetch(item.url, s.url_allow_hosts, s.url_timeout_s, s.url_max_bytes)
+            )
             item.prepared = self._for_device(data) or self._with_pillow(data, deadline)
         except ClientError as error:
             item.error = error

@@ -7,6 +7,7 @@ JPEGs with hundreds of scans (each scan decodes the whole picture again), and RL
 runs at C speed (regular expressions), stops at the first limit passed and costs well under a
 millisecond for a photo.
 """
+
 import re
 import struct
 from dataclasses import dataclass
@@ -19,10 +20,10 @@ STANDALONE = {0x01} | set(range(0xD0, 0xD8))  # TEM and RSTn carry no length
 
 @dataclass(frozen=True)
 class Limits:
-    max_segments: int = 1000          # a camera JPEG has a few dozen
-    max_fill_bytes: int = 65_536      # legal padding before markers; encoders write almost none
+    max_segments: int = 1000  # a camera JPEG has a few dozen
+    max_fill_bytes: int = 65_536  # legal padding before markers; encoders write almost none
     max_scan_pixels: int = 600_000_000  # scans × pixels: a 50 MP picture of 12 progressive scans
-    max_rle_pixels: int = 4_000_000   # RLE BMPs go through a pure-Python decoder
+    max_rle_pixels: int = 4_000_000  # RLE BMPs go through a pure-Python decoder
 
 
 SOF = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # frame headers (DHT, JPG and DAC share the range)
@@ -90,8 +91,10 @@ def jpeg_problem(data: bytes, limits: Limits) -> str | None:
     if shape.fill_bytes > limits.max_fill_bytes:
         return f"The JPEG is padded with over {limits.max_fill_bytes:,} fill bytes."
     if shape.scans * shape.pixels > limits.max_scan_pixels:
-        return (f"The JPEG has {shape.scans} scans of {shape.pixels:,} pixels each: more decoding work than the "
-                f"limit of {limits.max_scan_pixels:,} pixel-scans.")
+        return (
+            f"The JPEG has {shape.scans} scans of {shape.pixels:,} pixels each: more decoding work than the "
+            f"limit of {limits.max_scan_pixels:,} pixel-scans."
+        )
     return None
 
 
@@ -101,6 +104,7 @@ def bmp_problem(data: bytes, limits: Limits) -> str | None:
         width, height, _, _, compression = struct.unpack_from("<iiHHI", data, 18)
         pixels = abs(width * height)
         if compression in (1, 2) and pixels > limits.max_rle_pixels:
-            return (f"Run-length-encoded BMPs are decoded up to {limits.max_rle_pixels:,} pixels; "
-                    f"this one has {pixels:,}.")
+            return (
+                f"Run-length-encoded BMPs are decoded up to {limits.max_rle_pixels:,} pixels; this one has {pixels:,}."
+            )
     return None

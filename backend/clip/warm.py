@@ -9,28 +9,37 @@ plus bf16 where the building processor runs bf16 natively (elsewhere emulated bf
 Building for bf16 nodes on a processor without it: --dtypes fp32,bf16 (slow) or let the first start
 encode (fast on such a node).
 """
+
 import argparse
 import logging
 import time
 
-from . import config
+from . import config, precision
 from . import model as model_module
-from . import precision
 from .labels import LABEL_SETS, LabelStore
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--label-sets", default=None,
-                        help="comma-separated sets to embed (default: CLIP_PRELOAD_LABEL_SETS); 'all' for every set")
-    parser.add_argument("--dtypes", default=None,
-                        help="comma-separated dtypes to embed in (default: CLIP_DTYPE; auto: fp32, and bf16 "
-                             "where this processor runs it natively)")
+    parser.add_argument(
+        "--label-sets",
+        default=None,
+        help="comma-separated sets to embed (default: CLIP_PRELOAD_LABEL_SETS); 'all' for every set",
+    )
+    parser.add_argument(
+        "--dtypes",
+        default=None,
+        help="comma-separated dtypes to embed in (default: CLIP_DTYPE; auto: fp32, and bf16 "
+        "where this processor runs it natively)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(message)s")
     settings = config.from_env()
-    names = settings.preload_label_sets if args.label_sets is None else (
-        tuple(LABEL_SETS) if args.label_sets == "all" else tuple(n for n in args.label_sets.split(",") if n))
+    names = (
+        settings.preload_label_sets
+        if args.label_sets is None
+        else (tuple(LABEL_SETS) if args.label_sets == "all" else tuple(n for n in args.label_sets.split(",") if n))
+    )
     unknown = [n for n in names if n not in LABEL_SETS]
     if unknown:
         parser.error(f"unknown label sets {unknown}; known: {', '.join(LABEL_SETS)}")
@@ -42,8 +51,9 @@ def main(argv=None):
     if wrong:
         parser.error(f"unknown dtypes {wrong}; known: {', '.join(precision.DTYPES)}")
     for dtype in dtypes:
-        clip = model_module.create(settings.model, settings.pretrained, settings.device, settings.cache_dir,
-                                   settings.threads, dtype)
+        clip = model_module.create(
+            settings.model, settings.pretrained, settings.device, settings.cache_dir, settings.threads, dtype
+        )
         store = LabelStore(clip, settings.cache_dir)
         for name in names:
             started = time.perf_counter()

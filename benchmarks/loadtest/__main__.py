@@ -1,4 +1,5 @@
 """scripts/loadtest: python -m benchmarks.loadtest --help (the package's docstring says what it does)."""
+
 import argparse
 import math
 import sys
@@ -16,27 +17,40 @@ from localrun import ROOT
 
 def main():
     doc = benchmarks.loadtest.__doc__
-    parser = argparse.ArgumentParser(prog="scripts/loadtest", description=doc.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(doc.splitlines()[2:]))
+    parser = argparse.ArgumentParser(
+        prog="scripts/loadtest",
+        description=doc.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(doc.splitlines()[2:]),
+    )
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--duration", type=float, default=120, help="seconds of the main phase")
     parser.add_argument("--bad-fraction", type=float, default=0.1)
-    parser.add_argument("--target", choices=("clip", "index", "both"), default="clip",
-                        help="clip: the clip function directly (default, the model's own HTTP server); "
-                             "index: through the local gateway to index, which forwards to clip; "
-                             "both: through the gateway, each request to clip or index at random")
+    parser.add_argument(
+        "--target",
+        choices=("clip", "index", "both"),
+        default="clip",
+        help="clip: the clip function directly (default, the model's own HTTP server); "
+        "index: through the local gateway to index, which forwards to clip; "
+        "both: through the gateway, each request to clip or index at random",
+    )
     parser.add_argument("--model", default="ViT-B-32")
-    parser.add_argument("--cache-dir", default=str(ROOT / "bench-results" / "cache"),
-                        help="CLIP_CACHE_DIR (label embeddings), shared with scripts/bench")
+    parser.add_argument(
+        "--cache-dir",
+        default=str(ROOT / "bench-results" / "cache"),
+        help="CLIP_CACHE_DIR (label embeddings), shared with scripts/bench",
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run: 20 s main phase, 5 s overload")
     parser.add_argument("--no-overload", action="store_true", help="skip the overload phase")
     parser.add_argument("--no-hostile", action="store_true", help="skip the hostile-heavy phase")
     parser.add_argument("--hostile-duration", type=float, default=30)
     parser.add_argument("--overload-clients", type=int, default=64)
     parser.add_argument("--overload-duration", type=float, default=10)
-    parser.add_argument("--no-backoff", action="store_true",
-                        help="overload clients retry at once after a 429 instead of waiting Retry-After")
+    parser.add_argument(
+        "--no-backoff",
+        action="store_true",
+        help="overload clients retry at once after a 429 instead of waiting Retry-After",
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", default=None, help="default: bench-results/loadtest-<time>.json")
     args = parser.parse_args()
@@ -47,17 +61,27 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
 
     cache = Path(args.cache_dir)
-    env = {"CLIP_MODEL": args.model, "CLIP_PRETRAINED": "none", "CLIP_CACHE_DIR": str(cache),
-           "CLIP_PRELOAD_LABEL_SETS": "cifar100,cifar10", "LOG_LEVEL": "WARNING"}
+    env = {
+        "CLIP_MODEL": args.model,
+        "CLIP_PRETRAINED": "none",
+        "CLIP_CACHE_DIR": str(cache),
+        "CLIP_PRELOAD_LABEL_SETS": "cifar100,cifar10",
+        "LOG_LEVEL": "WARNING",
+    }
     if not any(cache.glob("embeddings/cifar100-*.npy")):
-        print(f"no label-embedding cache in {cache}: the first start builds it (minutes on a small CPU)",
-              file=sys.stderr)
+        print(
+            f"no label-embedding cache in {cache}: the first start builds it (minutes on a small CPU)", file=sys.stderr
+        )
     good, bad = payloads()
-    report = {"machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "config": {**vars(args), "env": env}, "payloads": {
-                  "good": {p.name: {"bytes": len(p.body), "weight": p.weight} for p in good},
-                  "bad": {p.name: {"bytes": len(p.body), "expect": list(p.statuses), "codes": list(p.codes)}
-                          for p in bad}}}
+    report = {
+        "machine": machine(),
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "config": {**vars(args), "env": env},
+        "payloads": {
+            "good": {p.name: {"bytes": len(p.body), "weight": p.weight} for p in good},
+            "bad": {p.name: {"bytes": len(p.body), "expect": list(p.statuses), "codes": list(p.codes)} for p in bad},
+        },
+    }
     workdir = Path(tempfile.mkdtemp(prefix="clip-loadtest-"))
     rows = []
 
@@ -69,11 +93,19 @@ def main():
         rss = first["rss"]
         rows += rows_for(first, "", limits=True)
         rows += [
-            ("warm-up problems (every input once)", len(first["warm_up_problems"]), "= 0",
-             not first["warm_up_problems"]),
+            (
+                "warm-up problems (every input once)",
+                len(first["warm_up_problems"]),
+                "= 0",
+                not first["warm_up_problems"],
+            ),
             ("clip RSS ready / peak (MB)", f"{rss['ready_mb']:.0f} / {rss['peak_mb']:.0f}", "", ""),
-            (f"clip RSS at t={rss['mid_t_s']:g} s / t={rss['end_t_s']:g} s (MB)",
-             f"{rss['mid_mb']:.0f} / {rss['end_mb']:.0f}", "", ""),
+            (
+                f"clip RSS at t={rss['mid_t_s']:g} s / t={rss['end_t_s']:g} s (MB)",
+                f"{rss['mid_mb']:.0f} / {rss['end_mb']:.0f}",
+                "",
+                "",
+            ),
             ("clip RSS growth, mid -> end (%)", round(rss["growth_pct"], 2), "< 10", rss["growth_pct"] < 10),
         ]
         limits = stack.describe().get("limits") or {}
@@ -85,13 +117,24 @@ def main():
             bound = 1.5 * (math.ceil(queue / max_batch) + 1) * p50 if p50 is not None else float("nan")
             rows += rows_for(hostile, prefix, limits=True)
             rows += [
-                (f"{prefix}p99 of normal 200s (ms)", "-" if p99 is None else f"{p99:,.0f}", f"≤ {bound:,.0f}",
-                 p99 is not None and p99 <= bound),
-                (f"{prefix}clip RSS before / peak / after 5 s idle (MB)",
-                 f"{rss['before_mb']:.0f} / {rss['peak_mb']:.0f} / {rss['after_idle_mb']:.0f}", "", ""),
-                (f"{prefix}RSS after idle vs before (%)",
-                 round((rss["after_idle_mb"] / rss["before_mb"] - 1) * 100, 1), "< 15",
-                 rss["after_idle_mb"] < 1.15 * rss["before_mb"]),
+                (
+                    f"{prefix}p99 of normal 200s (ms)",
+                    "-" if p99 is None else f"{p99:,.0f}",
+                    f"≤ {bound:,.0f}",
+                    p99 is not None and p99 <= bound,
+                ),
+                (
+                    f"{prefix}clip RSS before / peak / after 5 s idle (MB)",
+                    f"{rss['before_mb']:.0f} / {rss['peak_mb']:.0f} / {rss['after_idle_mb']:.0f}",
+                    "",
+                    "",
+                ),
+                (
+                    f"{prefix}RSS after idle vs before (%)",
+                    round((rss["after_idle_mb"] / rss["before_mb"] - 1) * 100, 1),
+                    "< 15",
+                    rss["after_idle_mb"] < 1.15 * rss["before_mb"],
+                ),
             ]
         if not args.no_overload:
             over = report["overload"] = overload_phase(args, stack, good, bad, "default settings")
@@ -102,10 +145,13 @@ def main():
             over["p99_bound_ms"] = bound
             rows += rows_for(over, prefix, limits=True)
             rows += [
-                (f"{prefix}requests shed with 429 (max_queue {queue})", over["shed_429"], "> 0",
-                 over["shed_429"] > 0),
-                (f"{prefix}p99 of 200s (ms)", "-" if p99 is None else f"{p99:,.0f}", f"≤ {bound:,.0f}",
-                 p99 is not None and p99 <= bound),
+                (f"{prefix}requests shed with 429 (max_queue {queue})", over["shed_429"], "> 0", over["shed_429"] > 0),
+                (
+                    f"{prefix}p99 of 200s (ms)",
+                    "-" if p99 is None else f"{p99:,.0f}",
+                    f"≤ {bound:,.0f}",
+                    p99 is not None and p99 <= bound,
+                ),
             ]
         problems = stack.log_problems()
     finally:

@@ -28,8 +28,9 @@ def check_body(payload, response):
             if not isinstance(predictions, list) or len(predictions) != payload.top_k:
                 return f"expected {payload.top_k} predictions, got {str(predictions)[:80]}", doc
             scores = [p.get("score") for p in predictions]
-            if not all(isinstance(p.get("label"), str) for p in predictions) or \
-                    not all(isinstance(s, (int, float)) and 0 <= s <= 1 for s in scores):
+            if not all(isinstance(p.get("label"), str) for p in predictions) or not all(
+                isinstance(s, (int, float)) and 0 <= s <= 1 for s in scores
+            ):
                 return f"bad prediction entries: {str(predictions)[:80]}", doc
             if scores != sorted(scores, reverse=True):
                 return "predictions not sorted by score", doc
@@ -37,8 +38,12 @@ def check_body(payload, response):
                 return f"labels outside the requested set: {[p['label'] for p in predictions]}", doc
         return None, doc
     error = doc.get("error")
-    if not isinstance(error, dict) or not isinstance(error.get("code"), str) or \
-            not isinstance(error.get("message"), str) or not error["message"]:
+    if (
+        not isinstance(error, dict)
+        or not isinstance(error.get("code"), str)
+        or not isinstance(error.get("message"), str)
+        or not error["message"]
+    ):
         return f"no error.code/message: {response.text[:80]!r}", doc
     if error["code"] not in payload.codes or (error["code"] == "queue_full") != (response.status_code == 429):
         return f"HTTP {response.status_code} with code {error['code']!r}, expected {'/'.join(payload.codes)}", doc

@@ -1,5 +1,6 @@
 """The load test's run: what the load goes to (clip alone, or the local gateway as scripts/serve runs it),
 the clients, and the phases (main, hostile, overload) with their figures."""
+
 import math
 import random
 import sys
@@ -21,6 +22,7 @@ TIMEOUT = (3, 60)  # connect, read: every request of every client
 
 
 # ---- what the load goes to -------------------------------------------------------------------
+
 
 class Target:
     """clip alone (target clip), or the local gateway running clip and index (localrun.Stack, as
@@ -72,16 +74,17 @@ class Target:
 
 # ---- the load ----------------------------------------------------------------------------------
 
+
 @dataclass
 class Record:
-    t: float            # when it finished, seconds since the phase began
+    t: float  # when it finished, seconds since the phase began
     payload: str
     good: bool
-    status: int         # 0: connection error
+    status: int  # 0: connection error
     latency: float
     problem: str = None  # unexpected status / contract violation / exception text
-    kind: str = None     # "unexpected", "contract", "connection", "no_retry_after"
-    route: str = ""      # the function the request went to (its URL's last part)
+    kind: str = None  # "unexpected", "contract", "connection", "no_retry_after"
+    route: str = ""  # the function the request went to (its URL's last part)
     server_ms: float = None  # a 200's own elapsed_ms: the time inside clip's handler
 
 
@@ -89,19 +92,27 @@ def one_request(session, payload, url):
     started = time.perf_counter()
     route = url.rstrip("/").rsplit("/", 1)[-1] if "/function/" in url else "clip"
     try:
-        response = session.request(payload.method, url, params=payload.params, data=payload.body,
-                                   headers=payload.headers(), timeout=TIMEOUT)
+        response = session.request(
+            payload.method, url, params=payload.params, data=payload.body, headers=payload.headers(), timeout=TIMEOUT
+        )
     except requests.RequestException as exc:
-        return None, Record(0, payload.name, payload.good, 0, time.perf_counter() - started,
-                            f"{type(exc).__name__}: {str(exc)[:200]}", "connection", route)
+        return None, Record(
+            0,
+            payload.name,
+            payload.good,
+            0,
+            time.perf_counter() - started,
+            f"{type(exc).__name__}: {str(exc)[:200]}",
+            "connection",
+            route,
+        )
     latency = time.perf_counter() - started
     record = Record(0, payload.name, payload.good, response.status_code, latency, route=route)
     if response.status_code not in payload.statuses:
         record.problem, record.kind = f"HTTP {response.status_code}: {response.text[:200]}", "unexpected"
     else:
         problem, doc = check_body(payload, response)
-        if response.status_code == 200 and isinstance(doc, dict) and \
-                isinstance(doc.get("elapsed_ms"), (int, float)):
+        if response.status_code == 200 and isinstance(doc, dict) and isinstance(doc.get("elapsed_ms"), (int, float)):
             record.server_ms = doc["elapsed_ms"]
         if problem:
             record.problem, record.kind = f"HTTP {response.status_code}: {problem}", "contract"
@@ -124,8 +135,7 @@ def run_load(urls, good, bad, clients, duration, bad_fraction, seed, honor_retry
             session.trust_env = False
             barrier.wait()
             while time.monotonic() < state["stop"]:
-                payload = rng.choice(bad) if bad and rng.random() < bad_fraction else \
-                    rng.choices(good, weights)[0]
+                payload = rng.choice(bad) if bad and rng.random() < bad_fraction else rng.choices(good, weights)[0]
                 response, record = one_request(session, payload, rng.choice(urls))
                 record.t = time.monotonic() - state["start"]
                 records.append(record)
@@ -173,28 +183,56 @@ def summarize(records, elapsed):
 
     def ms(values, q):
         return percentile(values, q) * 1000 if values else None
+
     return {
-        "requests": len(records), "elapsed_s": elapsed, "requests_per_s": len(records) / elapsed,
+        "requests": len(records),
+        "elapsed_s": elapsed,
+        "requests_per_s": len(records) / elapsed,
         "images_per_s": images / elapsed,
-        "good": sum(r.good for r in records), "bad": sum(not r.good for r in records),
-        "ok_200": len(ok_200), "shed_429": len(shed),
-        "unexpected": len(problems["unexpected"]), "contract_violations": len(problems["contract"]),
-        "connection_errors": len(problems["connection"]), "no_retry_after": len(problems["no_retry_after"]),
-        "latency_ms": {"p50": ms(ok_200, 50), "p90": ms(ok_200, 90), "p99": ms(ok_200, 99),
-                       "max": max(ok_200) * 1000 if ok_200 else None},
+        "good": sum(r.good for r in records),
+        "bad": sum(not r.good for r in records),
+        "ok_200": len(ok_200),
+        "shed_429": len(shed),
+        "unexpected": len(problems["unexpected"]),
+        "contract_violations": len(problems["contract"]),
+        "connection_errors": len(problems["connection"]),
+        "no_retry_after": len(problems["no_retry_after"]),
+        "latency_ms": {
+            "p50": ms(ok_200, 50),
+            "p90": ms(ok_200, 90),
+            "p99": ms(ok_200, 99),
+            "max": max(ok_200) * 1000 if ok_200 else None,
+        },
         "latency_429_ms": {"p50": ms(shed, 50), "p99": ms(shed, 99)},
-        "in_function_ms": {"p50": percentile(server, 50) if server else None,
-                           "p99": percentile(server, 99) if server else None},
-        "series_200": [[round(r.t, 2), round(r.latency * 1000), r.server_ms, r.payload]
-                       for r in sorted(records, key=lambda r: r.t) if r.good and r.status == 200],
+        "in_function_ms": {
+            "p50": percentile(server, 50) if server else None,
+            "p99": percentile(server, 99) if server else None,
+        },
+        "series_200": [
+            [round(r.t, 2), round(r.latency * 1000), r.server_ms, r.payload]
+            for r in sorted(records, key=lambda r: r.t)
+            if r.good and r.status == 200
+        ],
         "statuses_by_payload": {name: dict(counts) for name, counts in sorted(by_payload.items())},
         "statuses_by_route": {name: dict(counts) for name, counts in sorted(by_route.items())},
         "latency_p50_by_payload_ms": {
             name: ms([r.latency for r in records if r.payload == name and r.status == 200], 50)
-            for name in sorted(by_payload)},
-        "examples": {kind: [{"payload": r.payload, "route": r.route, "status": r.status, "t": round(r.t, 2),
-                             "latency_s": round(r.latency, 2), "problem": r.problem}
-                            for r in rs[:10]] for kind, rs in problems.items()},
+            for name in sorted(by_payload)
+        },
+        "examples": {
+            kind: [
+                {
+                    "payload": r.payload,
+                    "route": r.route,
+                    "status": r.status,
+                    "t": round(r.t, 2),
+                    "latency_s": round(r.latency, 2),
+                    "problem": r.problem,
+                }
+                for r in rs[:10]
+            ]
+            for kind, rs in problems.items()
+        },
     }
 
 
@@ -208,8 +246,11 @@ def clip_metrics(stack):
     """clip's GET /metrics, parsed: {(sample name, labels): value}; None when it does not answer."""
     try:
         text = requests.get(stack.clip_url + "/metrics", timeout=10).text
-        return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                for family in text_string_to_metric_families(text) for s in family.samples}
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
     except (requests.RequestException, ValueError):
         return None
 
@@ -219,8 +260,11 @@ def histogram_figures(before, after, name, scale=1.0):
     value is at most that), and the share of observations in each bucket."""
     if before is None or after is None:
         return None
-    cumulative = sorted((float(dict(labels)["le"]), after[(n, labels)] - before.get((n, labels), 0.0))
-                        for n, labels in after if n == f"{name}_bucket")
+    cumulative = sorted(
+        (float(dict(labels)["le"]), after[(n, labels)] - before.get((n, labels), 0.0))
+        for n, labels in after
+        if n == f"{name}_bucket"
+    )
     count = after.get((f"{name}_count", ()), 0.0) - before.get((f"{name}_count", ()), 0.0)
     total = after.get((f"{name}_sum", ()), 0.0) - before.get((f"{name}_sum", ()), 0.0)
     if not count:
@@ -228,18 +272,27 @@ def histogram_figures(before, after, name, scale=1.0):
 
     def bound(q):
         return next((le * scale for le, seen in cumulative if seen >= q * count), math.inf)
+
     shares, previous = {}, 0.0
     for le, seen in cumulative:
         if seen > previous:
             shares["+Inf" if math.isinf(le) else f"{le * scale:g}"] = round((seen - previous) / count, 3)
         previous = seen
-    return {"count": int(count), "mean": total / count * scale, "p50_le": bound(0.5), "p90_le": bound(0.9),
-            "p99_le": bound(0.99), "shares_by_le": shares}
+    return {
+        "count": int(count),
+        "mean": total / count * scale,
+        "p50_le": bound(0.5),
+        "p90_le": bound(0.9),
+        "p99_le": bound(0.99),
+        "shares_by_le": shares,
+    }
 
 
 def metric_figures(before, after):
-    return {"batch_size": histogram_figures(before, after, "clip_batch_size"),
-            "queue_wait_ms": histogram_figures(before, after, "clip_queue_wait_seconds", scale=1000)}
+    return {
+        "batch_size": histogram_figures(before, after, "clip_batch_size"),
+        "queue_wait_ms": histogram_figures(before, after, "clip_queue_wait_seconds", scale=1000),
+    }
 
 
 def batch_figures(before, after):
@@ -251,6 +304,7 @@ def batch_figures(before, after):
 
 # ---- the phases --------------------------------------------------------------------------------
 
+
 def main_phase(args, stack, good, bad):
     warm = warm_up(stack.urls, good, bad)
     warm_problems = [r for r in warm if r.kind]
@@ -259,53 +313,77 @@ def main_phase(args, stack, good, bad):
     stats0, metrics0 = server_stats(stack), clip_metrics(stack)
     process = stack.clip_process()
     rss_ready = tree_rss(process)
-    print(f"main phase: {args.clients} clients, {args.duration:g} s, {args.bad_fraction:.0%} bad, "
-          f"target {args.target} ({', '.join(stack.urls)})", file=sys.stderr, flush=True)
+    print(
+        f"main phase: {args.clients} clients, {args.duration:g} s, {args.bad_fraction:.0%} bad, "
+        f"target {args.target} ({', '.join(stack.urls)})",
+        file=sys.stderr,
+        flush=True,
+    )
     with RssSampler(process) as sampler:
-        records, elapsed = run_load(stack.urls, good, bad, args.clients, args.duration, args.bad_fraction,
-                                    args.seed)
+        records, elapsed = run_load(stack.urls, good, bad, args.clients, args.duration, args.bad_fraction, args.seed)
     stats1, metrics1 = server_stats(stack), clip_metrics(stack)
     result = summarize(records, elapsed)
     result["metrics"] = metric_figures(metrics0, metrics1)
-    result["warm_up_problems"] = [{"payload": r.payload, "status": r.status, "problem": r.problem}
-                                  for r in warm_problems]
+    result["warm_up_problems"] = [
+        {"payload": r.payload, "status": r.status, "problem": r.problem} for r in warm_problems
+    ]
     mid_t = args.duration / 2
     mid, end = sampler.at(mid_t), sampler.at(args.duration)
     result["rss"] = {
-        "ready_mb": rss_ready / 2**20, "mid_t_s": round(mid[0], 1), "mid_mb": mid[1] / 2**20,
-        "end_t_s": round(end[0], 1), "end_mb": end[1] / 2**20,
+        "ready_mb": rss_ready / 2**20,
+        "mid_t_s": round(mid[0], 1),
+        "mid_mb": mid[1] / 2**20,
+        "end_t_s": round(end[0], 1),
+        "end_mb": end[1] / 2**20,
         "peak_mb": sampler.peak / 2**20,
         "growth_pct": (end[1] - mid[1]) / mid[1] * 100,
-        "samples_mb": [[round(t, 1), round(b / 2**20, 1)] for t, b in sampler.samples]}
+        "samples_mb": [[round(t, 1), round(b / 2**20, 1)] for t, b in sampler.samples],
+    }
     result["server"] = batch_figures(stats0, stats1)
     return result
 
 
 def hostile_phase(args, stack, good, hostile, main):
     """Half the requests hostile: normal clients keep a bounded p99, memory comes back, no 5xx."""
-    print(f"hostile phase: {args.clients} clients, {args.hostile_duration:g} s, half of them bombs and floods",
-          file=sys.stderr, flush=True)
+    print(
+        f"hostile phase: {args.clients} clients, {args.hostile_duration:g} s, half of them bombs and floods",
+        file=sys.stderr,
+        flush=True,
+    )
     process, stats0, metrics0 = stack.clip_process(), server_stats(stack), clip_metrics(stack)
     with RssSampler(process, interval=0.5) as sampler:
-        records, elapsed = run_load(stack.urls, good, hostile, args.clients, args.hostile_duration, 0.5,
-                                    args.seed + 2)
+        records, elapsed = run_load(stack.urls, good, hostile, args.clients, args.hostile_duration, 0.5, args.seed + 2)
     stats1, metrics1 = server_stats(stack), clip_metrics(stack)
     time.sleep(5)  # idle: what the decodes took is given back
     result = summarize(records, elapsed)
     result["server"] = batch_figures(stats0, stats1)
     result["metrics"] = metric_figures(metrics0, metrics1)
-    result["rss"] = {"before_mb": main["rss"]["end_mb"], "peak_mb": sampler.peak / 2**20,
-                     "after_idle_mb": tree_rss(process) / 2**20}
+    result["rss"] = {
+        "before_mb": main["rss"]["end_mb"],
+        "peak_mb": sampler.peak / 2**20,
+        "after_idle_mb": tree_rss(process) / 2**20,
+    }
     return result
 
 
 def overload_phase(args, stack, good, bad, label):
-    print(f"overload ({label}): {args.overload_clients} clients, {args.overload_duration:g} s",
-          file=sys.stderr, flush=True)
+    print(
+        f"overload ({label}): {args.overload_clients} clients, {args.overload_duration:g} s",
+        file=sys.stderr,
+        flush=True,
+    )
     stats0, metrics0 = server_stats(stack), clip_metrics(stack)
     with RssSampler(stack.clip_process(), interval=0.5) as sampler:
-        records, elapsed = run_load(stack.urls, good, bad, args.overload_clients, args.overload_duration,
-                                    args.bad_fraction, args.seed + 1, honor_retry_after=not args.no_backoff)
+        records, elapsed = run_load(
+            stack.urls,
+            good,
+            bad,
+            args.overload_clients,
+            args.overload_duration,
+            args.bad_fraction,
+            args.seed + 1,
+            honor_retry_after=not args.no_backoff,
+        )
     stats1, metrics1 = server_stats(stack), clip_metrics(stack)
     result = summarize(records, elapsed)
     result["metrics"] = metric_figures(metrics0, metrics1)

@@ -1,8 +1,9 @@
 """The one network hop of the index function: to clip, with a timeout, errors always as JSON."""
+
 import os
 import threading
 import time
-from typing import Any, Optional
+from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -12,7 +13,7 @@ from . import metrics
 CLIP_URL = os.environ.get("CLIP_URL", "http://gateway.openfaas:8080/function/clip")
 CONNECT_TIMEOUT_S = float(os.environ.get("CLIP_CONNECT_TIMEOUT_S", "3"))
 TIMEOUT_S = float(os.environ.get("CLIP_TIMEOUT_S", "60"))  # >= clip's own deadline (CLIP_DEADLINE_S)
-INFO_TIMEOUT_S = 2.0   # the page must render fast even when clip is cold or down
+INFO_TIMEOUT_S = 2.0  # the page must render fast even when clip is cold or down
 INFO_TTL_S = 30.0
 INFO_RETRY_S = 5.0  # while clip cannot be asked, pages use a fallback instead of waiting each time
 
@@ -20,14 +21,14 @@ _session = requests.Session()
 _session.trust_env = False  # a proxy from the environment must not reroute in-cluster traffic
 _session.mount("http://", HTTPAdapter(pool_maxsize=32))
 _session.mount("https://", HTTPAdapter(pool_maxsize=32))
-_info = {"at": 0.0, "value": None}
+_info: dict[str, Any] = {"at": 0.0, "value": None}
 _info_lock = threading.Lock()
 
 
 Answer = tuple[int, dict, dict]  # (status, JSON body, headers to pass on)
 
 
-def _error(status: int, code: str, message: str, retry_after: Optional[int] = None) -> Answer:
+def _error(status: int, code: str, message: str, retry_after: int | None = None) -> Answer:
     headers = {"Retry-After": str(retry_after)} if retry_after else {}
     return status, {"error": {"code": code, "message": message}}, headers
 
@@ -35,22 +36,30 @@ def _error(status: int, code: str, message: str, retry_after: Optional[int] = No
 def classify(body: bytes, content_type: str, query_string: str, request_id: str) -> Answer:
     """Forward a classification request as it came. Returns (status, json_body, headers)."""
     url = CLIP_URL + (f"?{query_string}" if query_string else "")
-    headers = {"Content-Type": content_type or "application/octet-stream", "Accept": "application/json",
-               "X-Request-Id": request_id}
+    headers = {
+        "Content-Type": content_type or "application/octet-stream",
+        "Accept": "application/json",
+        "X-Request-Id": request_id,
+    }
     started = time.perf_counter()
     try:
         response = _session.post(url, data=body, headers=headers, timeout=(CONNECT_TIMEOUT_S, TIMEOUT_S))
     except requests.ConnectTimeout:
         metrics.upstream(started, "timeout")
-        return _error(503, "clip_unavailable", "The classifier did not accept the connection in time; "
-                      "it may be starting. Please try again.", retry_after=5)
+        return _error(
+            503,
+            "clip_unavailable",
+            "The classifier did not accept the connection in time; it may be starting. Please try again.",
+            retry_after=5,
+        )
     except requests.Timeout:
         metrics.upstream(started, "timeout")
         return _error(504, "clip_timeout", f"The classifier did not answer within {TIMEOUT_S:g} s.")
     except requests.RequestException:
         metrics.upstream(started, "refused")
-        return _error(502, "clip_unreachable", "The classifier could not be reached. Please try again shortly.",
-                      retry_after=5)
+        return _error(
+            502, "clip_unreachable", "The classifier could not be reached. Please try again shortly.", retry_after=5
+        )
     metrics.upstream(started, "5xx" if response.status_code >= 500 else None)
     try:
         answer = response.json()
@@ -59,17 +68,21 @@ def classify(body: bytes, content_type: str, query_string: str, request_id: str)
     except ValueError:
         # Not clip's JSON: a gateway or watchdog answering for it (not deployed, scaling, crashed).
         if response.status_code in (502, 503, 504, 429):
-            return _error(503 if response.status_code != 504 else 504, "clip_unavailable",
-                          "The classifier is not available right now (it may be scaling up). Please try again.",
-                          retry_after=5)
+            return _error(
+                503 if response.status_code != 504 else 504,
+                "clip_unavailable",
+                "The classifier is not available right now (it may be scaling up). Please try again.",
+                retry_after=5,
+            )
         metrics.upstream_failed("bad_answer")
-        return _error(502, "clip_bad_answer", f"The classifier answered HTTP {response.status_code} "
-                      "without a JSON body.")
+        return _error(
+            502, "clip_bad_answer", f"The classifier answered HTTP {response.status_code} without a JSON body."
+        )
     passed = {k: v for k, v in response.headers.items() if k in ("Retry-After",)}
     return response.status_code, answer, passed
 
 
-def info() -> Optional[dict[str, Any]]:
+def info() -> dict[str, Any] | None:
     """clip's self-description (model, untrained flag, label sets), cached briefly; None if unreachable."""
     with _info_lock:
         if time.monotonic() - _info["at"] < (INFO_TTL_S if _info["value"] is not None else INFO_RETRY_S):
@@ -87,6 +100,6 @@ def info() -> Optional[dict[str, Any]]:
     return value
 
 
-def problem() -> Optional[str]:
+def problem() -> str | None:
     """Why clip says it cannot start (as of the last info()), or None."""
     return _info.get("problem")

@@ -1,5 +1,6 @@
 """Form posts to index, parsed once with limits before anything is forwarded to clip: a flood of parts
 or a huge text field is refused early (werkzeug stops at the first part or byte over the limit)."""
+
 import io
 import os
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ class Refused(Exception):
 @dataclass
 class Form:
     """What a form post holds: text fields, the non-empty pictures (name, bytes) and the URLs."""
+
     fields: dict = field(default_factory=dict)
     pictures: list = field(default_factory=list)
     urls: list = field(default_factory=list)
@@ -34,7 +36,7 @@ class Form:
 def max_images(info: dict | None) -> int:
     """clip's per-request picture limit, from its self-description (one home for the fact)."""
     try:
-        return max(1, int(info["limits"]["max_images"]))
+        return max(1, int((info or {})["limits"]["max_images"]))
     except (TypeError, KeyError, ValueError):
         return DEFAULT_MAX_IMAGES
 
@@ -53,14 +55,14 @@ def parse(body: bytes, content_type: str, images_allowed: int) -> Form:
             raise _too_many_parts(max_parts)
         if len(body) > MAX_FIELD_BYTES:
             raise _field_too_large()
-    parser = FormDataParser(stream_factory=_in_memory, max_form_memory_size=MAX_FIELD_BYTES,
-                            max_form_parts=max_parts, silent=False)
+    parser = FormDataParser(
+        stream_factory=_in_memory, max_form_memory_size=MAX_FIELD_BYTES, max_form_parts=max_parts, silent=False
+    )
     try:
         _, fields, files = parser.parse(io.BytesIO(body), mimetype, len(body), params)
     except RequestEntityTooLarge:
         # werkzeug says only "too large": tell which limit from what was being read when it stopped.
-        raise (_too_many_parts(max_parts) if _part_count(body, params) > max_parts else _field_too_large()) \
-            from None
+        raise (_too_many_parts(max_parts) if _part_count(body, params) > max_parts else _field_too_large()) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise Refused(400, "invalid_form", f"The form data could not be read ({str(exc)[:80]}).") from None
     form = Form(fields={key: fields.get(key, "") for key in ("labels", "label_set", "top_k")})
@@ -89,10 +91,14 @@ def _part_count(body: bytes, params: dict) -> int:
 
 
 def _too_many_parts(max_parts: int) -> Refused:
-    return Refused(413, "too_many_parts", f"The form has more than {max_parts} parts; a picture form needs "
-                   "one part per picture and a few options.")
+    return Refused(
+        413,
+        "too_many_parts",
+        f"The form has more than {max_parts} parts; a picture form needs one part per picture and a few options.",
+    )
 
 
 def _field_too_large() -> Refused:
-    return Refused(413, "field_too_large", f"A text field of the form (labels?) is larger than "
-                   f"{MAX_FIELD_BYTES // 1024} KB.")
+    return Refused(
+        413, "field_too_large", f"A text field of the form (labels?) is larger than {MAX_FIELD_BYTES // 1024} KB."
+    )

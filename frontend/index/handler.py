@@ -1,4 +1,5 @@
 """index function: the upload page, and the forwarder to clip. Pure handle(event, context)."""
+
 import os
 import re
 import uuid
@@ -6,17 +7,21 @@ from typing import Any
 from urllib.parse import urlencode
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
-from werkzeug.http import parse_accept_header
 from werkzeug.datastructures import MIMEAccept
+from werkzeug.http import parse_accept_header
 
 from . import clip_client, forms, metrics, page
 
-TEMPLATES = Environment(loader=FileSystemLoader(os.path.join(os.path.dirname(__file__), "templates")),
-                        autoescape=select_autoescape(default=True, default_for_string=True))
+TEMPLATES = Environment(
+    loader=FileSystemLoader(os.path.join(os.path.dirname(__file__), "templates")),
+    autoescape=select_autoescape(default=True, default_for_string=True),
+)
 REQUEST_ID = re.compile(r"[\w.-]{1,64}", re.ASCII)  # echoed in a header: ASCII only, fullmatch
 # Everything the page needs is inline or from this function: nothing from another host, ever.
-CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data: blob:; "
-       "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'self'")
+CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data: blob:; "
+    "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'self'"
+)
 # A local model or checkpoint path names a folder on the server: the page shows only its last part.
 TEMPLATES.filters["short_name"] = lambda name: re.sub(r"(^|local-dir:)/\S*/", r"\1", str(name))
 
@@ -40,8 +45,14 @@ def respond(event: Any, request_id: str) -> dict:
     if event.method in ("GET", "HEAD"):
         return _page(200)
     if event.method != "POST":
-        return _json(405, {"error": {"code": "method_not_allowed", "message": "Use GET for the page or POST an "
-                                     "image."}, "request_id": request_id}, {"Allow": "GET, HEAD, POST"})
+        return _json(
+            405,
+            {
+                "error": {"code": "method_not_allowed", "message": "Use GET for the page or POST an image."},
+                "request_id": request_id,
+            },
+            {"Allow": "GET, HEAD, POST"},
+        )
     content_type = event.headers.get("Content-Type", "")
     html = _wants_html(event, content_type)
     form = None
@@ -71,13 +82,29 @@ def _wants_html(event, content_type):
 def _page(status, answer=None, form=None, headers=None):
     info = clip_client.info()
     html = TEMPLATES.get_template("page.html").render(
-        info=info, clip_problem=clip_client.problem(), settings=page.page_settings(info),
-        answer=page.answer_view(answer), form=page.refill(form), cards=page.cards(answer, form))
-    return {"statusCode": status, "body": html,
-            "headers": {"Content-Type": "text/html; charset=utf-8", "Content-Security-Policy": CSP,
-                        "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", **(headers or {})}}
+        info=info,
+        clip_problem=clip_client.problem(),
+        settings=page.page_settings(info),
+        answer=page.answer_view(answer),
+        form=page.refill(form),
+        cards=page.cards(answer, form),
+    )
+    return {
+        "statusCode": status,
+        "body": html,
+        "headers": {
+            "Content-Type": "text/html; charset=utf-8",
+            "Content-Security-Policy": CSP,
+            "Cache-Control": "no-store",
+            "X-Content-Type-Options": "nosniff",
+            **(headers or {}),
+        },
+    }
 
 
 def _json(status, body, headers=None):
-    return {"statusCode": status, "body": body,
-            "headers": {"Content-Type": "application/json", "Cache-Control": "no-store", **(headers or {})}}
+    return {
+        "statusCode": status,
+        "body": body,
+        "headers": {"Content-Type": "application/json", "Cache-Control": "no-store", **(headers or {})},
+    }

@@ -7,6 +7,7 @@ With PROMETHEUS_MULTIPROC_DIR set (the template host sets it when it runs severa
 every worker writes its samples to that directory and a scrape, whichever worker answers it, reads them
 all: the figures are the function's, not one worker's.
 """
+
 import json
 import logging
 import os
@@ -14,10 +15,18 @@ import re
 import sys
 import threading
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
-from prometheus_client import (REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics,
-                               multiprocess)
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    multiprocess,
+)
 from prometheus_client.exposition import choose_encoder
 
 disable_created_metrics()  # the *_created series double the output and no dashboard reads them
@@ -25,25 +34,35 @@ disable_created_metrics()  # the *_created series double the output and no dashb
 FUNCTION = "index"
 MULTIPROCESS_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
 SAMPLE_INTERVAL_S = 2.0
-LATENCY_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
-REQUESTS = Counter("index_requests_total", "Requests answered, by method, HTTP status and error code "
-                   "(code is empty on success)", ["method", "status", "code"])
-DURATION = Histogram("index_request_duration_seconds", "Time inside the function per POST request, any status",
-                     buckets=LATENCY_BUCKETS)
-UPSTREAM = Histogram("index_upstream_duration_seconds", "Duration of each classification call to clip, "
-                     "any outcome", buckets=LATENCY_BUCKETS)
-UPSTREAM_FAILURES = Counter("index_upstream_failures_total", "Calls to clip that failed, by kind: refused "
-                            "(no connection), timeout, 5xx, bad_answer (not JSON)", ["kind"])
+REQUESTS = Counter(
+    "index_requests_total",
+    "Requests answered, by method, HTTP status and error code (code is empty on success)",
+    ["method", "status", "code"],
+)
+DURATION = Histogram(
+    "index_request_duration_seconds", "Time inside the function per POST request, any status", buckets=LATENCY_BUCKETS
+)
+UPSTREAM = Histogram(
+    "index_upstream_duration_seconds",
+    "Duration of each classification call to clip, any outcome",
+    buckets=LATENCY_BUCKETS,
+)
+UPSTREAM_FAILURES = Counter(
+    "index_upstream_failures_total",
+    "Calls to clip that failed, by kind: refused (no connection), timeout, 5xx, bad_answer (not JSON)",
+    ["kind"],
+)
 FAILURE_KINDS = ("refused", "timeout", "5xx", "bad_answer")
 
-_samplers = []  # callables that set gauges from live state
+_samplers: list = []  # callables that set gauges from live state
 _refresh_lock = threading.Lock()
 _sampler_pid = [None]
 _local = threading.local()
 
 
-def upstream(started: float, failure: Optional[str] = None) -> None:
+def upstream(started: float, failure: str | None = None) -> None:
     """clip_client's report of one call to clip: when it started (perf_counter) and how it failed, if it did."""
     UPSTREAM.observe(time.perf_counter() - started)
     if failure:
@@ -60,6 +79,7 @@ for _kind in FAILURE_KINDS:  # every kind exported from the start, at 0: rate() 
 
 # ---- exposition ------------------------------------------------------------------------------------
 
+
 def exposition(event: Any) -> dict:
     """The answer to GET /metrics: every metric, in the format the scraper asked for."""
     _ensure_sampler()
@@ -70,14 +90,21 @@ def exposition(event: Any) -> dict:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
     encoder, content_type = choose_encoder(event.headers.get("Accept", ""))
-    return {"statusCode": 200, "body": encoder(registry),
-            "headers": {"Content-Type": content_type, "Cache-Control": "no-store"}}
+    return {
+        "statusCode": 200,
+        "body": encoder(registry),
+        "headers": {"Content-Type": content_type, "Cache-Control": "no-store"},
+    }
 
 
 def _process_figures():
     """Multiprocess mode has no process collector: each worker reports its own memory and CPU."""
-    memory = Gauge("process_resident_memory_bytes", "Resident memory of the function's live workers, summed",
-                   registry=None, multiprocess_mode="livesum")
+    memory = Gauge(
+        "process_resident_memory_bytes",
+        "Resident memory of the function's live workers, summed",
+        registry=None,
+        multiprocess_mode="livesum",
+    )
     cpu = Counter("process_cpu_seconds_total", "CPU time of the function's workers, summed", registry=None)
     page = os.sysconf("SC_PAGE_SIZE")
     spent = {"pid": None, "cpu": 0.0}
@@ -90,6 +117,7 @@ def _process_figures():
         now = sum(os.times()[:2])
         cpu.inc(max(0.0, now - spent["cpu"]))
         spent["cpu"] = now
+
     _samplers.append(sample)
 
 
@@ -127,8 +155,11 @@ def worker_exiting() -> None:
 def forget_dead_workers() -> None:
     """A worker that crashed never ran worker_exiting(): its live gauges (memory) would stay in the
     function's sums for good. Any process whose files are here but that no longer exists is marked dead."""
-    pids = {int(m.group(1)) for name in os.listdir(MULTIPROCESS_DIR)
-            if (m := re.fullmatch(r"gauge_live\w+_(\d+)\.db", name))}
+    pids = {
+        int(m.group(1))
+        for name in os.listdir(MULTIPROCESS_DIR)
+        if (m := re.fullmatch(r"gauge_live\w+_(\d+)\.db", name))
+    }
     for pid in pids - {os.getpid()}:
         try:
             os.kill(pid, 0)
@@ -140,13 +171,14 @@ def forget_dead_workers() -> None:
 
 # ---- per request: counters and the log line ------------------------------------------------------
 
+
 def observe(event: Any, request_id: str, answer: Callable[[], dict]) -> dict:
     """Run answer() (the handler's work) for one request; count it and log one line about it. The
     answer carries the request id in X-Request-Id, the one clip got and logged too."""
     started = time.perf_counter()
     _ensure_sampler()
     _local.answer = None
-    result = {"statusCode": 500, "body": {"error": {"code": "internal_error"}}}
+    result: dict = {"statusCode": 500, "body": {"error": {"code": "internal_error"}}}
     try:
         result = answer()
         result.setdefault("headers", {}).setdefault("X-Request-Id", request_id)
@@ -186,15 +218,29 @@ JSON_LOGS = os.environ.get("LOG_FORMAT", "text").strip().lower() == "json"
 _access_handler.setFormatter(logging.Formatter("%(message)s" if JSON_LOGS else "%(asctime)s %(message)s"))
 
 
-def log_request(request_id: str, method: str, status: int, code: Optional[str], images: Optional[int],
-                bytes_in: int, elapsed_s: float) -> None:
+def log_request(
+    request_id: str, method: str, status: int, code: str | None, images: int | None, bytes_in: int, elapsed_s: float
+) -> None:
     """One line per request. Never image bytes, labels or URLs: only sizes, counts and codes."""
-    fields = {"request_id": request_id, "function": FUNCTION, "method": method, "status": status,
-              "code": code or None, "images": images, "bytes_in": bytes_in, "ms": round(elapsed_s * 1000, 1),
-              "batches": None, "pid": os.getpid()}
+    fields = {
+        "request_id": request_id,
+        "function": FUNCTION,
+        "method": method,
+        "status": status,
+        "code": code or None,
+        "images": images,
+        "bytes_in": bytes_in,
+        "ms": round(elapsed_s * 1000, 1),
+        "batches": None,
+        "pid": os.getpid(),
+    }
     if JSON_LOGS:
-        fields = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z", "level": "info",
-                  "msg": "request", **fields}
+        fields = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z",
+            "level": "info",
+            "msg": "request",
+            **fields,
+        }
         ACCESS.info(json.dumps(fields, separators=(",", ":")))
         return
     ACCESS.info("request " + " ".join(f"{key}={'-' if value is None else value}" for key, value in fields.items()))

@@ -1,19 +1,24 @@
 """What the page shows: clip's self-description and answers turned into the template's context. Every
 piece of user input is cut to a screenful, so a huge field never becomes a huge page."""
+
 import base64
 import os
 
 from .forms import Form, max_images
 
-ECHO_MAX_CHARS = 2000      # a form field refilled on the results page; longer ones are left empty
-MESSAGE_MAX_CHARS = 400    # an error message (clip may quote the input)
-NAME_MAX_CHARS = 120       # a file name or an address
-LABEL_MAX_CHARS = 200      # one result label (clip's own default limit)
-ROWS_MAX = 20              # result rows per picture in the page without JavaScript
-PREVIEW_MAX_BYTES = 2 * 1024 * 1024    # a picture echoed as a data: URL (page without JavaScript)...
+ECHO_MAX_CHARS = 2000  # a form field refilled on the results page; longer ones are left empty
+MESSAGE_MAX_CHARS = 400  # an error message (clip may quote the input)
+NAME_MAX_CHARS = 120  # a file name or an address
+LABEL_MAX_CHARS = 200  # one result label (clip's own default limit)
+ROWS_MAX = 20  # result rows per picture in the page without JavaScript
+PREVIEW_MAX_BYTES = 2 * 1024 * 1024  # a picture echoed as a data: URL (page without JavaScript)...
 PREVIEW_BUDGET_BYTES = 4 * 1024 * 1024  # ...and all of them together
-PREVIEW_KINDS = ((b"\xff\xd8\xff", "image/jpeg"), (b"\x89PNG\r\n\x1a\n", "image/png"), (b"GIF8", "image/gif"),
-                 (b"RIFF", "image/webp"))
+PREVIEW_KINDS = (
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"GIF8", "image/gif"),
+    (b"RIFF", "image/webp"),
+)
 HOST_MAX_BODY_BYTES = int(os.environ.get("MAX_BODY_BYTES", str(32 * 1024 * 1024)))  # the function host's limit
 SHRINK_MAX_SIDE = int(os.environ.get("INDEX_SHRINK_MAX_SIDE", "1024"))  # browser-side downscale before upload
 SHRINK_QUALITY = float(os.environ.get("INDEX_SHRINK_QUALITY", "0.9"))  # JPEG quality of a downscaled picture
@@ -21,12 +26,17 @@ SHRINK_QUALITY = float(os.environ.get("INDEX_SHRINK_QUALITY", "0.9"))  # JPEG qu
 
 def short(text: object, limit: int) -> str:
     text = str(text)
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def size_text(count: int) -> str:
-    return f"{count} bytes" if count < 1024 else f"{count / 1024:.0f} KB" if count < 1024 * 1024 \
+    return (
+        f"{count} bytes"
+        if count < 1024
+        else f"{count / 1024:.0f} KB"
+        if count < 1024 * 1024
         else f"{count / 1024 / 1024:.1f} MB"
+    )
 
 
 def page_settings(info: dict | None) -> dict:
@@ -34,12 +44,18 @@ def page_settings(info: dict | None) -> dict:
     info = info or {}
     sets = info.get("label_sets")
     names = [str(name) for name in sets] if isinstance(sets, dict) else []
-    limits = info.get("limits") if isinstance(info.get("limits"), dict) else {}
+    limits = info["limits"] if isinstance(info.get("limits"), dict) else {}
     clip_max_body = limits.get("max_body_bytes")
     max_bytes = min(HOST_MAX_BODY_BYTES, clip_max_body if isinstance(clip_max_body, int) else HOST_MAX_BODY_BYTES)
-    return {"label_sets": names, "default_label_set": str(info.get("default_label_set") or ""),
-            "max_images": max_images(info), "max_bytes": max_bytes, "url_input": info.get("url_input") is True,
-            "shrink_side": SHRINK_MAX_SIDE, "shrink_quality": SHRINK_QUALITY}
+    return {
+        "label_sets": names,
+        "default_label_set": str(info.get("default_label_set") or ""),
+        "max_images": max_images(info),
+        "max_bytes": max_bytes,
+        "url_input": info.get("url_input") is True,
+        "shrink_side": SHRINK_MAX_SIDE,
+        "shrink_quality": SHRINK_QUALITY,
+    }
 
 
 def refill(form: Form | None) -> dict:
@@ -54,8 +70,7 @@ def answer_view(answer: dict | None) -> dict | None:
         return None
     view = {key: answer.get(key) for key in ("model", "label_set", "elapsed_ms", "untrained")}
     if isinstance(answer.get("error"), dict):
-        view["error"] = short(answer["error"].get("message", "The classifier refused the request."),
-                              MESSAGE_MAX_CHARS)
+        view["error"] = short(answer["error"].get("message", "The classifier refused the request."), MESSAGE_MAX_CHARS)
     return view
 
 
@@ -63,8 +78,10 @@ def cards(answer: dict | None, form: Form | None) -> list[dict]:
     """One card per picture sent, in clip's order (pictures, then addresses), with its own result."""
     if form is None:
         return []
-    items = [{"name": short(name, NAME_MAX_CHARS), "sent": size_text(len(data)), "data": data}
-             for name, data in form.pictures]
+    items = [
+        {"name": short(name, NAME_MAX_CHARS), "sent": size_text(len(data)), "data": data}
+        for name, data in form.pictures
+    ]
     items += [{"name": short(url, NAME_MAX_CHARS), "sent": "by address", "data": None} for url in form.urls]
     answer = answer or {}
     if isinstance(answer.get("results"), list):
@@ -80,10 +97,13 @@ def cards(answer: dict | None, form: Form | None) -> list[dict]:
         item["preview"] = preview
         outcome = outcome if isinstance(outcome, dict) else {}
         if isinstance(outcome.get("error"), dict):
-            item["error"] = short(outcome["error"].get("message", "This picture could not be classified."),
-                                  MESSAGE_MAX_CHARS)
-        item["predictions"] = [{"label": short(row.get("label", ""), LABEL_MAX_CHARS), "score": row.get("score", 0)}
-                               for row in (outcome.get("predictions") or [])[:ROWS_MAX]]
+            item["error"] = short(
+                outcome["error"].get("message", "This picture could not be classified."), MESSAGE_MAX_CHARS
+            )
+        item["predictions"] = [
+            {"label": short(row.get("label", ""), LABEL_MAX_CHARS), "score": row.get("score", 0)}
+            for row in (outcome.get("predictions") or [])[:ROWS_MAX]
+        ]
     return items
 
 

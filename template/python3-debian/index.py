@@ -6,21 +6,22 @@ once it is (False: the function can no longer serve; the host takes it out), and
 handler.shutdown() runs last when SIGTERM has drained the requests. Readiness, liveness and
 drain: lifecycle.py; several worker processes behind the one port: workers.py.
 """
+
 import json
 import logging
 import os
 import signal
 import sys
 import threading
-from typing import Any, Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
+from typing import Any
 
+import lifecycle
 import waitress.utilities
+import workers
 from waitress import create_server
 from werkzeug.wrappers import Request, Response
 from werkzeug.wsgi import ClosingIterator
-
-import lifecycle
-import workers
 
 lifecycle.load_env_file("function.env")  # before the handler reads its settings
 from function import handler  # noqa: E402
@@ -102,7 +103,7 @@ def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
 WAITRESS_CODES = {413: "body_too_large", 431: "headers_too_large", 400: "bad_request"}
 
 
-def waitress_error_as_json(self: waitress.utilities.Error, ident: Optional[str] = None) -> tuple:
+def waitress_error_as_json(self: waitress.utilities.Error, ident: str | None = None) -> tuple:
     code = WAITRESS_CODES.get(self.code, "http_error")
     message = f"The request body is larger than {MAX_BODY} bytes." if self.code == 413 else f"{self.reason}."
     body = json.dumps({"error": {"code": code, "message": message}}).encode()
@@ -126,8 +127,11 @@ def json_protocol_errors() -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO"),
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     lifecycle.remove_lock()
     if workers.is_supervisor():  # FUNCTION_WORKERS > 1: this process only starts and watches them
         sys.exit(workers.supervise(HOST, PORT, lifecycle.LOCK_FILE, lifecycle.DRAIN_TIMEOUT))
@@ -135,17 +139,25 @@ def main() -> None:
     # the listening socket is made here and handed to waitress (its `sockets` argument): its
     # connections say whether they hold unfinished work, which the drain waits for
     listener = lifecycle.Listener.wrap(workers.listen_socket(HOST, PORT))
-    server = create_server(app, sockets=[listener], threads=THREADS,
-                           max_request_body_size=MAX_BODY + 1, channel_timeout=120, ident="function",
-                           connection_limit=CONNECTIONS, asyncore_use_poll=True,
-                           inbuf_overflow=8 * 1024 * 1024)  # photo-sized bodies stay in memory, not a temp file
+    server = create_server(
+        app,
+        sockets=[listener],
+        threads=THREADS,
+        max_request_body_size=MAX_BODY + 1,
+        channel_timeout=120,
+        ident="function",
+        connection_limit=CONNECTIONS,
+        asyncore_use_poll=True,
+        inbuf_overflow=8 * 1024 * 1024,
+    )  # photo-sized bodies stay in memory, not a temp file
 
     def busy() -> bool:
         return IN_FLIGHT.count > 0 or listener.busy()
 
     def drain(signum: int, frame: Any) -> None:
-        threading.Thread(target=lifecycle.drain_then_exit, name="drain", daemon=True,
-                         args=(busy, getattr(handler, "shutdown", None))).start()
+        threading.Thread(
+            target=lifecycle.drain_then_exit, name="drain", daemon=True, args=(busy, getattr(handler, "shutdown", None))
+        ).start()
 
     signal.signal(signal.SIGTERM, drain)
     signal.signal(signal.SIGINT, drain)

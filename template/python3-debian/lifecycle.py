@@ -13,6 +13,7 @@ waitress (its documented `sockets` argument) is a Listener, whose connections no
 bytes received but not yet answered (an upload still arriving, a request waiting for a thread) or
 an answer the kernel has not yet taken.
 """
+
 import logging
 import os
 import socket
@@ -21,7 +22,8 @@ import tempfile
 import threading
 import time
 import weakref
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 LOG = logging.getLogger("host")
 LOCK_FILE = os.path.join(tempfile.gettempdir(), ".lock")
@@ -104,7 +106,7 @@ class Listener(socket.socket):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.connections: "weakref.WeakSet[Connection]" = weakref.WeakSet()
+        self.connections: weakref.WeakSet[Connection] = weakref.WeakSet()
 
     @classmethod
     def wrap(cls, sock: socket.socket) -> "Listener":
@@ -133,10 +135,11 @@ def remove_lock() -> None:
         pass
 
 
-def start_warm_up(init: Optional[Callable[[], None]], alive: Optional[Callable[[], bool]] = None) -> None:
+def start_warm_up(init: Callable[[], None] | None, alive: Callable[[], bool] | None = None) -> None:
     """Run init() in the background, then write the lock; a failed init exits so the platform restarts.
     Once ready, alive() is polled: False (the function can no longer serve) removes the lock and exits 1,
     so the platform replaces the replica instead of keeping one that looks healthy."""
+
     def warm_up() -> None:
         try:
             if init is not None:
@@ -153,6 +156,7 @@ def start_warm_up(init: Optional[Callable[[], None]], alive: Optional[Callable[[
                 LOG.critical("the function can no longer serve; exiting so the platform replaces it")
                 logging.shutdown()
                 os._exit(1)
+
     threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
 
 
@@ -164,7 +168,7 @@ def _still_alive(alive: Callable[[], bool]) -> bool:
         return False
 
 
-def drain_then_exit(busy: Callable[[], bool], shutdown: Optional[Callable[[], None]] = None) -> None:
+def drain_then_exit(busy: Callable[[], bool], shutdown: Callable[[], None] | None = None) -> None:
     """SIGTERM: lock first (readiness red), then wait for busy() and the watchdog, then the function's
     optional shutdown() (e.g. a worker leaving shared metrics), then exit 0."""
     remove_lock()

@@ -14,6 +14,7 @@ accepts it first, and connections wait in the shared backlog while a worker is r
 - PROMETHEUS_MULTIPROC_DIR, when unset, is set to a fresh empty directory shared by the workers.
 Each worker sees FUNCTION_WORKERS (to share out function-wide limits) and FUNCTION_WORKER (its index).
 """
+
 import ctypes
 import logging
 import os
@@ -23,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Optional
 
 LOG = logging.getLogger("host.workers")
 LISTEN_FD = "FUNCTION_LISTEN_FD"
@@ -68,15 +68,16 @@ class Worker:
         self.dir = os.path.join(root, f"worker-{index}")
         os.makedirs(self.dir, exist_ok=True)
         self.lock = os.path.join(self.dir, ".lock")
-        self.process: Optional[subprocess.Popen] = None
+        self.process: subprocess.Popen  # set by start()
         self.was_ready = False
 
     def start(self) -> None:
         if os.path.exists(self.lock):
             os.remove(self.lock)
         env = {**os.environ, LISTEN_FD: str(self.fd), "FUNCTION_WORKER": str(self.index), "TMPDIR": self.dir}
-        self.process = subprocess.Popen([sys.executable, os.path.abspath(sys.argv[0])], env=env,
-                                        pass_fds=(self.fd,), preexec_fn=_die_with_parent)
+        self.process = subprocess.Popen(
+            [sys.executable, os.path.abspath(sys.argv[0])], env=env, pass_fds=(self.fd,), preexec_fn=_die_with_parent
+        )
         self.was_ready = False
 
     def ready(self) -> bool:
@@ -94,13 +95,14 @@ def supervise(host: str, port: int, lock_file: str, drain_timeout_s: float) -> i
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="prometheus-multiproc-")
     workers = [Worker(i, tempfile.gettempdir(), listener.fileno()) for i in range(n)]
-    stop = []
+    stop: list[int | str] = []
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda signum, frame: stop.append(signum))
     for worker in workers:
         worker.start()
     LOG.info("%d workers serving on http://%s:%d", n, host, port)
-    deaths, status = [], 0
+    deaths: list[float] = []
+    status = 0
     while not stop:
         for worker in workers:
             code = worker.process.poll()
@@ -109,9 +111,14 @@ def supervise(host: str, port: int, lock_file: str, drain_timeout_s: float) -> i
             now = time.monotonic()
             deaths = [t for t in deaths if now - t < DEATH_WINDOW_S] + [now]
             if not worker.was_ready or len(deaths) >= MAX_DEATHS:
-                LOG.error("worker %d exited with %s %s; exiting so the platform restarts the function",
-                          worker.index, code, "before it was ready" if not worker.was_ready else
-                          f"({len(deaths)} deaths within {DEATH_WINDOW_S:g} s)")
+                LOG.error(
+                    "worker %d exited with %s %s; exiting so the platform restarts the function",
+                    worker.index,
+                    code,
+                    "before it was ready"
+                    if not worker.was_ready
+                    else f"({len(deaths)} deaths within {DEATH_WINDOW_S:g} s)",
+                )
                 stop.append("failed")
                 status = 1
                 break
