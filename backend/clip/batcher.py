@@ -20,13 +20,17 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
+from typing import Any, TypeVar
 
 from .config import Settings
 
 LOG = logging.getLogger("batcher")
+T = TypeVar("T")
+Ticket = dict[str, bool]  # admit()'s: {"counted": still counted as preparing}
 
 
 class QueueFull(Exception):
@@ -43,7 +47,7 @@ class Batcher:
 
     def __init__(
         self,
-        encode,
+        encode: Callable[[list[Any]], Iterable[Any]],
         max_batch: int,
         max_wait_s: float = Settings.max_wait_ms / 1000,
         max_queue: int = Settings.max_queue,
@@ -63,17 +67,18 @@ class Batcher:
         self._cond = threading.Condition()
         self.batches = 0
         self.images = 0
-        self.on_batch = None  # hook: on_batch(futures, started, encode_s) after each forward pass (metrics)
-        self._busy_since = None  # when the piece of work in hand started (None: idle)
-        self.failure = None  # why the loop died, if it did
+        # hook: on_batch(futures, started, encode_s) after each forward pass (metrics)
+        self.on_batch: Callable[[list[Future[Any]], float, float], None] | None = None
+        self._busy_since: float | None = None  # when the piece of work in hand started (None: idle)
+        self.failure: BaseException | None = None  # why the loop died, if it did
         self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
         self._thread.start()
 
     @contextmanager
-    def admit(self, images):
+    def admit(self, images: int) -> Iterator[Ticket]:
         """Admit a request of `images` images for its whole life (raises QueueFull when that would
         pass max_queue); it counts as preparing until submit(), which hands over in one step."""
-        ticket = {"counted": True}
+        ticket: Ticket = {"counted": True}
         with self._cond:
             if self._admitted + images > self.max_queue:
                 raise QueueFull()
@@ -87,27 +92,27 @@ class Batcher:
                 self._release(ticket)
                 self._cond.notify_all()
 
-    def _release(self, ticket):  # call with the lock held
+    def _release(self, ticket: Ticket | None) -> None:  # call with the lock held
         if ticket and ticket["counted"]:
             ticket["counted"] = False
             self._preparing -= 1
 
-    def call(self, fn, deadline=None):
+    def call(self, fn: Callable[[], T], deadline: float | None = None) -> T:
         """Run fn() on the model thread, between batches; returns its result (or raises its error).
         With a deadline (time.monotonic()), raises DeadlineExceeded when it has not run by then."""
-        future = Future()
+        future: Future[T] = Future()
         with self._cond:
             self._jobs.append((fn, future, deadline))
             self._cond.notify_all()
         return wait(future, deadline)
 
-    def healthy(self):
+    def healthy(self) -> bool:
         """False once the loop has died or has been on one piece of work for longer than stall_s."""
         busy_since = self._busy_since
         stalled = busy_since is not None and time.monotonic() - busy_since > self.stall_s
         return self._thread.is_alive() and not stalled
 
-    def problem(self):
+    def problem(self) -> str | None:
         if self.failure is not None:
             return f"the model thread died: {self.failure!r}"
         if not self._thread.is_alive():
@@ -116,24 +121,24 @@ class Batcher:
             return f"the model thread has been on one batch for over {self.stall_s:g} s"
         return None
 
-    def submit(self, items, deadline, ticket=None):
+    def submit(self, items: Sequence[Any], deadline: float, ticket: Ticket | None = None) -> list[Future[Any]]:
         """Queue prepared images; returns one Future per image (its feature row)."""
         with self._cond:
-            futures = [Future() for _ in items]
+            futures: list[Future[Any]] = [Future() for _ in items]
             queued_at = time.monotonic()
             for future in futures:
-                future.queued_at = queued_at  # for the queue-wait metric
+                future.queued_at = queued_at  # type: ignore[attr-defined]  # for the queue-wait metric
             self._queue.extend((t, f, deadline) for t, f in zip(items, futures))
             self._release(ticket)  # queued and no longer preparing: the worker sees both at once
             self._cond.notify_all()
         return futures
 
     @property
-    def depth(self):
+    def depth(self) -> int:
         return len(self._queue)
 
     @property
-    def admitted(self):
+    def admitted(self) -> int:
         return self._admitted
 
     def _next(self):
@@ -174,7 +179,7 @@ class Batcher:
             LOG.critical("model thread died: %r", exc, exc_info=True)
 
     @staticmethod
-    def _run_job(fn, future, deadline):
+    def _run_job(fn: Callable[[], Any], future: Future[Any], deadline: float | None) -> None:
         if not future.set_running_or_notify_cancel():
             return  # its caller gave up
         if deadline is not None and deadline < time.monotonic():
@@ -185,7 +190,7 @@ class Batcher:
         except Exception as exc:
             future.set_exception(exc)
 
-    def _run_batch(self, batch):
+    def _run_batch(self, batch: list[tuple[Any, Future[Any], float]]) -> None:
         now = time.monotonic()
         live = []
         for item, future, deadline in batch:
@@ -211,7 +216,7 @@ class Batcher:
             future.set_result(row)
 
 
-def wait(future, deadline):
+def wait(future: Future[T], deadline: float | None) -> T:
     """The future's result, waiting no later than deadline (None: no limit); past it, the future is
     cancelled (skipped if not started) and DeadlineExceeded raised."""
     try:

@@ -3,16 +3,19 @@
 import math
 import os
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from .structure import Limits
 
+T = TypeVar("T")
 
-def _env(name, default):
+
+def _env(name: str, default: T) -> str | T:
     value = os.environ.get(name, "").strip()
     return value if value else default
 
 
-def _list(name, default=""):
+def _list(name: str, default: str = "") -> list[str]:
     return [item.strip() for item in _env(name, default).split(",") if item.strip()]
 
 
@@ -51,11 +54,11 @@ class Settings:
     max_scan_pixels: int = Limits.max_scan_pixels
     max_rle_pixels: int = Limits.max_rle_pixels
 
-    def structure_limits(self):
+    def structure_limits(self) -> Limits:
         return Limits(self.max_jpeg_segments, self.max_jpeg_fill_bytes, self.max_scan_pixels, self.max_rle_pixels)
 
 
-def workers():
+def workers() -> int:
     """Host processes serving this function (the template's FUNCTION_WORKERS); each has its own model."""
     try:
         return max(1, int(os.environ.get("FUNCTION_WORKERS", "1") or 1))
@@ -63,13 +66,13 @@ def workers():
         return 1
 
 
-def per_worker(total, count):
+def per_worker(total: int, count: int) -> int:
     """A function-wide limit as each worker's share, rounded up: the function admits at most
     count × ceil(total / count), never fewer than `total`."""
     return max(1, math.ceil(total / count))
 
 
-def from_env():
+def from_env() -> Settings:
     count = workers()
     return Settings(
         model=_env("CLIP_MODEL", Settings.model),

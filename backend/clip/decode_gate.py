@@ -10,6 +10,7 @@ import ctypes
 import ctypes.util
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 from .batcher import DeadlineExceeded
@@ -49,13 +50,13 @@ class DecodeGate:
         self._cond = threading.Condition()
         self._busy = self._heavy = self._bytes = self._small_waiting = 0
 
-    def _fits(self, cost, heavy):
+    def _fits(self, cost: int, heavy: bool) -> bool:
         if self._busy >= self.slots or (heavy and (self._heavy >= self.heavy_slots or self._small_waiting)):
             return False
         return self._busy == 0 or self._bytes + cost <= self.memory_bytes  # alone, any picture may decode
 
     @contextmanager
-    def enter(self, pixels: int, cost: int, deadline: float):
+    def enter(self, pixels: int, cost: int, deadline: float) -> Iterator[None]:
         """Hold a decoding slot for `cost` bytes; raises DeadlineExceeded if none frees up in time."""
         heavy = pixels > self.heavy_pixels
         with self._cond:

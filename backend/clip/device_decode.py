@@ -12,10 +12,14 @@ or non-8-bit JPEGs, Adobe RGB-coded JPEGs, files not ending in an EOI marker (tr
 strips, and any JPEG the device decoder refuses (the request thread then decodes it with Pillow).
 """
 
+from __future__ import annotations
+
 import io
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -25,6 +29,9 @@ from torchvision.transforms import functional as F
 
 from . import structure
 from .images import MAX_ASPECT, sniff
+
+if TYPE_CHECKING:
+    from .model import ClipModel
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec; decode_jpeg still works.
 warnings.filterwarnings(
@@ -64,7 +71,7 @@ def enabled(mode: str, device: torch.device) -> bool:
 
 
 class DeviceDecoder:
-    def __init__(self, model):
+    def __init__(self, model: ClipModel):
         self.model = model
         self.device = model.device
         self.resize, self.interpolation, self.crop, mean, std = _read_transform(model.preprocess.transforms)
@@ -73,7 +80,7 @@ class DeviceDecoder:
 
     # ---- request threads: header only, no torch ----
 
-    def accept(self, data: bytes, max_pixels: int):
+    def accept(self, data: bytes, max_pixels: int) -> DeviceJpeg | None:
         """A DeviceJpeg when the bytes are a plain baseline JPEG within the limits, else None (Pillow path:
         it gives every refusal, 413 and 400 included, in its own words)."""
         if sniff(data) != "JPEG" or not structure.plain_single_scan(data):
@@ -103,7 +110,7 @@ class DeviceDecoder:
     # ---- the model thread ----
 
     @torch.inference_mode()
-    def encode(self, items: list) -> list:
+    def encode(self, items: list) -> torch.Tensor | list:
         """The batcher's encode: prepared arrays and DeviceJpegs in one forward pass; one row per item, a
         Refused in place of a JPEG the device could not decode."""
         jpegs = [i for i, item in enumerate(items) if isinstance(item, DeviceJpeg)]
@@ -128,10 +135,10 @@ class DeviceDecoder:
                 rows[i] = row
         return rows
 
-    def preprocess(self, jobs: list) -> list:
+    def preprocess(self, jobs: list[DeviceJpeg]) -> list[torch.Tensor | None]:
         """DeviceJpegs -> normalised CHW float tensors on the device (None where decoding failed)."""
-        out: list = []
-        chunk: list = []
+        out: list[torch.Tensor | None] = []
+        chunk: list[DeviceJpeg] = []
         pixels = 0
         for job in jobs:
             if chunk and pixels + job.width * job.height > PIXELS_PER_DECODE:
@@ -143,11 +150,11 @@ class DeviceDecoder:
             out += self._preprocess_chunk(chunk)
         return out
 
-    def _preprocess_chunk(self, jobs):
+    def _preprocess_chunk(self, jobs: list[DeviceJpeg]) -> list[torch.Tensor | None]:
         """Pictures of one size and orientation (a camera's, a benchmark's) go through the resize together:
         a few kernel launches per group instead of per picture; the crops are normalised as one batch."""
         images = self._decode(jobs)
-        groups = {}
+        groups: dict[tuple[tuple[int, ...], int], list[int]] = {}
         for i, (job, image) in enumerate(zip(jobs, images)):
             if image is not None:
                 groups.setdefault((tuple(image.shape), job.orientation), []).append(i)
@@ -155,21 +162,22 @@ class DeviceDecoder:
             return [None] * len(jobs)
         order, crops = [], []
         for (_, orientation), members in groups.items():
-            crops.append(self._resize_crop(torch.stack([images[i] for i in members]), orientation))
+            stack = torch.stack([images[i] for i in members])  # type: ignore[misc]  # decoded ones only
+            crops.append(self._resize_crop(stack, orientation))
             order += members
         batch = torch.cat(crops).round_().clamp_(0, 255)  # Pillow resizes to uint8: the same rounding
         batch = (batch - self.mean) / self.std
-        out = [None] * len(jobs)
+        out: list[torch.Tensor | None] = [None] * len(jobs)
         for i, row in zip(order, batch):
             out[i] = row
         return out
 
-    def _decode(self, jobs):
+    def _decode(self, jobs: list[DeviceJpeg]) -> Sequence[torch.Tensor | None]:
         encoded = [torch.frombuffer(bytearray(job.data), dtype=torch.uint8) for job in jobs]
         try:  # one call: nvJPEG decodes the batch together
             return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
         except RuntimeError:  # one bad file fails the call: find it, decode the rest
-            images = []
+            images: list[torch.Tensor | None] = []
             for data in encoded:
                 try:
                     images.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
@@ -177,7 +185,7 @@ class DeviceDecoder:
                     images.append(None)
             return images
 
-    def _resize_crop(self, images, orientation):
+    def _resize_crop(self, images: torch.Tensor, orientation: int) -> torch.Tensor:
         """uint8 NCHW of one size -> float NCHW crops, as open_clip's Resize/CenterCrop do (before rounding)."""
         images = orient(images, orientation).float()
         scale = draft_scale(images.shape[-1], images.shape[-2], self.model.image_size)
@@ -215,7 +223,7 @@ def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
     return image
 
 
-def _read_transform(steps):
+def _read_transform(steps: Sequence[Any]) -> tuple[int, InterpolationMode, int, tuple[float, ...], tuple[float, ...]]:
     """(resize, interpolation, crop, mean, std) of an open_clip eval transform of the usual shape:
     Resize(shortest side) -> CenterCrop -> convert to RGB -> ToTensor -> Normalize."""
     names = [type(step).__name__ for step in steps]

@@ -6,22 +6,26 @@ import re
 import threading
 import time
 import uuid
+from typing import TYPE_CHECKING, Any, cast
 
 from . import config, metrics
 from .decode_gate import trim_memory
 from .errors import ClientError
 from .request import parse_request
 
+if TYPE_CHECKING:
+    from .service import Service  # torch and open_clip: never at import (see init())
+
 LOG = logging.getLogger("clip")
 SETTINGS = config.from_env()
 READY_PATHS = ("/ready", "/_/ready")
 REQUEST_ID = re.compile(r"[\w.-]{1,64}", re.ASCII)  # echoed in a header: ASCII only, fullmatch
 BIG_BODY = 4 << 20
-SERVICE = None  # set once by init(); requests before that answer 503
-LOAD_ERROR = None  # why init() failed, said in every answer instead of "still loading"
+SERVICE: "Service | None" = None  # set once by init(); requests before that answer 503
+LOAD_ERROR: str | None = None  # why init() failed, said in every answer instead of "still loading"
 
 
-def init():
+def init() -> None:
     """Called once by the template host before the lock file is written: load everything."""
     global SERVICE, LOAD_ERROR
     from .model import WeightsUnavailable
@@ -33,15 +37,15 @@ def init():
         LOAD_ERROR = str(exc)
         LOG.error("%s", LOAD_ERROR)
         threading.Event().wait()  # init never returns: the lock file is never written
-    metrics.watch(SERVICE)
+    metrics.watch(cast("Service", SERVICE))  # set: init() returns only once it is
 
 
-def shutdown():
+def shutdown() -> None:
     """Called by the template host when it drains this worker."""
     metrics.worker_exiting()
 
 
-def alive():
+def alive() -> bool:
     """Polled by the template host: False takes the replica out of service (lock removed, exit 1)."""
     problem = SERVICE.batcher.problem() if SERVICE is not None else None
     if problem:
@@ -49,7 +53,7 @@ def alive():
     return problem is None
 
 
-def handle(event, context):
+def handle(event: Any, context: Any) -> dict:
     if event.path == "/metrics" and event.method in ("GET", "HEAD"):
         return metrics.exposition(event)
     request_id = event.headers.get("X-Request-Id", "")
@@ -57,7 +61,7 @@ def handle(event, context):
     return metrics.observe(event, request_id, lambda: respond(event, request_id))
 
 
-def respond(event, request_id):
+def respond(event: Any, request_id: str) -> dict:
     started = time.perf_counter()
     try:
         status, body, headers = 200, route(event), {}
@@ -81,20 +85,20 @@ def respond(event, request_id):
     }
 
 
-def _shown(setting):
+def _shown(setting: str) -> str:
     """A setting as answers may show it: a local path only by its last part."""
     prefix = "local-dir:" if setting.startswith("local-dir:") else ""
     path = setting[len(prefix) :]
     return prefix + os.path.basename(path.rstrip("/")) if prefix or path.startswith(("/", ".")) else setting
 
 
-def not_loaded():
+def not_loaded() -> ClientError:
     if LOAD_ERROR:
         return ClientError(503, "model_unavailable", LOAD_ERROR)
     return ClientError(503, "loading", "The model is still loading; try again in a few seconds.", {"Retry-After": "5"})
 
 
-def route(event):
+def route(event: Any) -> dict:
     if event.method in ("GET", "HEAD"):
         if event.path in READY_PATHS:
             if SERVICE is None:

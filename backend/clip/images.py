@@ -6,6 +6,7 @@ import io
 import re
 import struct
 import zlib
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -95,7 +96,7 @@ def load_image(
 
 
 @contextmanager
-def _decoder_errors(fmt, max_pixels):
+def _decoder_errors(fmt: str, max_pixels: int | None) -> Iterator[None]:
     """Whatever a decoder raises on bad data becomes a plain-worded ClientError."""
     try:
         yield
@@ -113,7 +114,7 @@ def _decoder_errors(fmt, max_pixels):
         ) from None
 
 
-def _png_checksums_match(data):
+def _png_checksums_match(data: bytes) -> bool:
     """Pillow checks the CRCs of the header chunks only and decodes pixel data (IDAT) with a bad CRC;
     like libpng, refuse it. zlib.crc32 runs at GB/s: well under a millisecond for a photo-sized PNG."""
     view, pos = memoryview(data), 8
@@ -130,7 +131,8 @@ def _png_checksums_match(data):
     return True
 
 
-def _to_rgb(image):
+def _to_rgb(image: Image.Image) -> Image.Image:
+    pixels: np.ndarray  # uint8 or float32, by branch
     if image.mode == "RGB":
         image.load()
         return image
@@ -156,7 +158,7 @@ def _to_rgb(image):
     return image.convert("RGB")
 
 
-def _crop_extreme_aspect(image):
+def _crop_extreme_aspect(image: Image.Image) -> Image.Image:
     """Keep the centre of very long strips: the model's centre crop sees no more, and resizing a
     1×3000 strip to a 224-pixel short side would allocate hundreds of MB."""
     width, height = image.size

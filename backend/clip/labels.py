@@ -10,15 +10,25 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from open_clip import zero_shot_metadata as imagenet
 
 from . import metrics
 from .batcher import DeadlineExceeded
+
+if TYPE_CHECKING:
+    import torch
+
+    from .model import ClipModel
+
+Template = str | Callable[[str], str]  # a prompt: "a photo of a {}." or a function of the label
+Encoder = Callable[[list[str]], "torch.Tensor | np.ndarray"]  # prompts -> [len(prompts), D] on the CPU
 
 LOG = logging.getLogger("labels")
 with open(os.path.join(os.path.dirname(__file__), "zero_shot.json")) as _f:
@@ -28,12 +38,12 @@ CIFAR_TEMPLATES = tuple(_REFERENCE["cifar_templates"])
 SIMPLE_TEMPLATES = ("a photo of a {}.",)
 
 
-def cache_key(*parts) -> str:
+def cache_key(*parts: object) -> str:
     """A short, stable name for what an embedding file was built from (JSON of the parts, hashed)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:40]
 
 
-def _format(template, name):
+def _format(template: Template, name: str) -> str:
     return template(name) if callable(template) else template.format(name)
 
 
@@ -44,7 +54,7 @@ class LabelSet:
     templates: tuple
 
     @property
-    def labels(self):  # shown to users: underscores as spaces
+    def labels(self) -> tuple[str, ...]:  # shown to users: underscores as spaces
         return tuple(c.replace("_", " ") for c in self.classes)
 
 
@@ -57,7 +67,9 @@ LABEL_SETS = {
 }
 
 
-def class_embeddings(encode_texts, labels, templates, chunk: int = 256) -> np.ndarray:
+def class_embeddings(
+    encode_texts: Encoder, labels: Sequence[str], templates: Sequence[Template], chunk: int = 256
+) -> np.ndarray:
     """Each class: mean of its L2-normalised prompt embeddings, L2-normalised again -> float32 [N, D].
     encode_texts(prompts) -> a [len(prompts), D] CPU tensor (or array)."""
     prompts = [_format(t, label) for label in labels for t in templates]
@@ -67,11 +79,11 @@ def class_embeddings(encode_texts, labels, templates, chunk: int = 256) -> np.nd
     return features / np.linalg.norm(features, axis=-1, keepdims=True)
 
 
-def _templates_id(templates):
+def _templates_id(templates: Iterable[Template]) -> list[str]:
     return [_format(t, "{}") for t in templates]
 
 
-def _load(path, rows):
+def _load(path: str, rows: int) -> np.ndarray | None:
     """The cached [rows, D] embeddings at path, or None when absent, torn, foreign or of another shape."""
     if not os.path.exists(path):
         return None
@@ -83,7 +95,7 @@ def _load(path, rows):
     return embeddings if embeddings.ndim == 2 and embeddings.shape[0] == rows else None
 
 
-def _save(path, embeddings):
+def _save(path: str, embeddings: np.ndarray) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "wb") as file:  # a file object: np.save adds no second suffix
         np.save(file, embeddings, allow_pickle=False)
@@ -93,7 +105,15 @@ def _save(path, embeddings):
 class LabelStore:
     """Embeddings (numpy [N, D]) of the built-in sets (disk-cached) and of custom labels (bounded LRU per label)."""
 
-    def __init__(self, model, cache_dir, custom_templates="simple", lru_size=4096, run=None, chunk=256):
+    def __init__(
+        self,
+        model: "ClipModel",
+        cache_dir: str,
+        custom_templates: str = "simple",
+        lru_size: int = 4096,
+        run: Callable[[Callable[[], Any], float | None], Any] | None = None,
+        chunk: int = 256,
+    ):
         """run(fn, deadline): executes a callable where torch may run (the service's model thread), by
         the deadline; chunk: prompts encoded per call, small in a live service so image batches
         interleave with a long build."""
@@ -103,13 +123,14 @@ class LabelStore:
         self.cache_dir = os.path.join(cache_dir, "embeddings")
         self.custom_templates = CIFAR_TEMPLATES if custom_templates == "cifar" else SIMPLE_TEMPLATES
         self.lru_size = lru_size
-        self._sets = {}
-        self._building = set()
-        self._lru = OrderedDict()
-        self._encoding = {}  # label -> Future of {label: row}: a label being encoded, by one request
+        self._sets: dict[str, np.ndarray] = {}
+        self._building: set[str] = set()
+        self._lru: OrderedDict[str, np.ndarray] = OrderedDict()
+        # label -> Future of {label: row}: a label being encoded, by one request
+        self._encoding: dict[str, Future[dict[str, np.ndarray]]] = {}
         self._lock = threading.Lock()
 
-    def cache_path(self, label_set):
+    def cache_path(self, label_set: LabelSet) -> str:
         # keyed by dtype too: bf16 embeddings differ from fp32 ones (and fp16 from both)
         key = cache_key(
             self.model.weights_id, str(self.model.dtype), label_set.labels, _templates_id(label_set.templates)
@@ -131,10 +152,10 @@ class LabelStore:
             self._building.discard(name)
         return embeddings
 
-    def ready(self, name):
+    def ready(self, name: str) -> bool:
         return name in self._sets
 
-    def get_set(self, name):
+    def get_set(self, name: str) -> np.ndarray | None:
         """Embeddings if built; else None, and a build starts in the background (once)."""
         with self._lock:
             if name in self._sets:
@@ -145,7 +166,7 @@ class LabelStore:
         threading.Thread(target=self._build_quietly, args=(name,), name=f"build-{name}", daemon=True).start()
         return None
 
-    def _build_quietly(self, name):
+    def _build_quietly(self, name: str) -> None:
         try:
             self.build(name)
         except Exception:
@@ -153,15 +174,15 @@ class LabelStore:
             with self._lock:
                 self._building.discard(name)
 
-    def _encoder(self, deadline):
+    def _encoder(self, deadline: float | None) -> Encoder:
         return lambda texts: self.run(lambda: self.model.encode_texts(texts), deadline)
 
-    def uncached(self, labels):
+    def uncached(self, labels: Iterable[str]) -> int:
         """How many of these labels have no embedding yet (what encoding them will cost)."""
         with self._lock:
             return sum(label not in self._lru for label in dict.fromkeys(labels))
 
-    def custom(self, labels, deadline=None):
+    def custom(self, labels: Sequence[str], deadline: float | None = None) -> np.ndarray:
         """Embeddings for user labels; each label is encoded once and kept in a bounded LRU. A label
         another request is encoding right now is waited for, not encoded a second time. Past the
         deadline (time.monotonic()), raises DeadlineExceeded."""
@@ -170,7 +191,7 @@ class LabelStore:
             rows = {label: self._lru[label] for label in unique if label in self._lru}
             others = {label: self._encoding[label] for label in unique if label not in rows and label in self._encoding}
             mine = [label for label in unique if label not in rows and label not in others]
-            future = Future()
+            future: Future[dict[str, np.ndarray]] = Future()
             for label in mine:
                 self._encoding[label] = future
         metrics.label_lookups(hits=len(rows), misses=len(mine), shared=len(others))
@@ -195,14 +216,14 @@ class LabelStore:
             self._remember(rows)
         return np.stack([rows[label] for label in labels])
 
-    def _forget_encoding(self, labels, rows=None):
+    def _forget_encoding(self, labels: Iterable[str], rows: dict[str, np.ndarray] | None = None) -> None:
         with self._lock:
             if rows:
                 self._remember(rows)  # before the hand-over: a new request finds them here
             for label in labels:
                 del self._encoding[label]
 
-    def _remember(self, rows):  # call with the lock held
+    def _remember(self, rows: dict[str, np.ndarray]) -> None:  # call with the lock held
         for label, row in rows.items():
             self._lru[label] = row
             self._lru.move_to_end(label)

@@ -9,6 +9,8 @@ all: the figures are the function's, not one worker's. Gauges say how workers co
 and a sampler thread keeps each worker's gauges current, since a scrape cannot call into other workers.
 """
 
+from __future__ import annotations
+
 import functools
 import json
 import logging
@@ -17,6 +19,9 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from prometheus_client import (
     REGISTRY,
@@ -28,6 +33,12 @@ from prometheus_client import (
     multiprocess,
 )
 from prometheus_client.exposition import choose_encoder
+
+if TYPE_CHECKING:
+    from .service import Service
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 disable_created_metrics()  # the *_created series double the output and no dashboard reads them
 
@@ -91,7 +102,7 @@ _batch_seq = [0]
 # ---- exposition ------------------------------------------------------------------------------------
 
 
-def exposition(event) -> dict:
+def exposition(event: Any) -> dict:
     """The answer to GET /metrics: every metric, in the format the scraper asked for."""
     _ensure_sampler()
     refresh()
@@ -187,7 +198,7 @@ def forget_dead_workers() -> None:
 # ---- the service's hooks -------------------------------------------------------------------------
 
 
-def watch(service) -> None:
+def watch(service: Service) -> None:
     """Gauges that read the warm service: queue, admission, label sets, model."""
     info = service.model.describe()
     MODEL.labels(info["model"], info["pretrained"], info["device"], info["dtype"], str(info["untrained"]).lower()).set(
@@ -207,7 +218,7 @@ def watch(service) -> None:
     refresh()
 
 
-def on_batch(futures, started: float, encode_s: float) -> None:
+def on_batch(futures: list[Future[Any]], started: float, encode_s: float) -> None:
     """Called by the batcher's thread after each forward pass, before the results are handed out."""
     try:
         with _batch_lock:
@@ -216,7 +227,7 @@ def on_batch(futures, started: float, encode_s: float) -> None:
         BATCH_SIZE.observe(len(futures))
         ENCODE.observe(encode_s)
         for future in futures:
-            future.batch = batch
+            future.batch = batch  # type: ignore[attr-defined]
             QUEUE_WAIT.observe(max(0.0, started - getattr(future, "queued_at", started)))
     except Exception:  # never take the model thread down
         LOG.exception("batch metrics failed")
@@ -228,7 +239,7 @@ def note_images(count: int) -> None:
         record["images"] = count
 
 
-def rode(future) -> None:
+def rode(future: Future[Any]) -> None:
     """The request on this thread got a row from `future`: remember which batch carried it."""
     record = getattr(_local, "record", None)
     batch = getattr(future, "batch", None)
@@ -242,11 +253,11 @@ def label_lookups(hits: int, misses: int, shared: int) -> None:
             LABEL_CACHE.labels(result).inc(count)
 
 
-def counts_fetches(fetch):
+def counts_fetches(fetch: Callable[P, R]) -> Callable[P, R]:
     """Decorates remote.fetch: every URL input counted by outcome."""
 
     @functools.wraps(fetch)
-    def counted(*args, **kwargs):
+    def counted(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             data = fetch(*args, **kwargs)
         except Exception as error:
@@ -261,7 +272,7 @@ def counts_fetches(fetch):
 # ---- per request: counters and the log line ------------------------------------------------------
 
 
-def observe(event, request_id: str, answer) -> dict:
+def observe(event: Any, request_id: str, answer: Callable[[], dict]) -> dict:
     """Run answer() (the handler's work) for one request; count it and log one line about it."""
     started = time.perf_counter()
     _ensure_sampler()
@@ -290,7 +301,7 @@ def observe(event, request_id: str, answer) -> dict:
         log_request(request_id, event.method, status, code, images, len(event.body or b""), elapsed, record["batches"])
 
 
-def _predictions(body) -> int:
+def _predictions(body: object) -> int:
     if not isinstance(body, dict):
         return 0
     if "predictions" in body:
@@ -307,7 +318,16 @@ JSON_LOGS = os.environ.get("LOG_FORMAT", "text").strip().lower() == "json"
 _access_handler.setFormatter(logging.Formatter("%(message)s" if JSON_LOGS else "%(asctime)s %(message)s"))
 
 
-def log_request(request_id, method, status, code, images, bytes_in, elapsed_s, batches) -> None:
+def log_request(
+    request_id: str,
+    method: str,
+    status: int,
+    code: str,
+    images: int | None,
+    bytes_in: int,
+    elapsed_s: float,
+    batches: list[tuple[int, int]],
+) -> None:
     """One line per request. Never image bytes, labels or URLs: only sizes, counts and codes."""
     fields = {
         "request_id": request_id,

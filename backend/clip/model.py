@@ -2,14 +2,20 @@
 
 import logging
 import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import open_clip
 import torch
 from open_clip.factory import parse_model_name
+from torchvision.transforms import Compose
 
 from . import precision
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 LOG = logging.getLogger("model")
 RANDOM_SEED = 0  # CLIP_PRETRAINED=none: same random weights every start, so caches stay valid
@@ -22,8 +28,8 @@ class WeightsUnavailable(RuntimeError):
 @dataclass
 class ClipModel:
     model: torch.nn.Module
-    preprocess: object  # open_clip's eval transform: PIL image -> normalised CHW float tensor
-    tokenizer: object
+    preprocess: Compose  # open_clip's eval transform: PIL image -> normalised CHW float tensor
+    tokenizer: Callable[[list[str]], torch.Tensor]  # texts -> token ids
     device: torch.device
     dtype: torch.dtype
     name: str
@@ -51,12 +57,12 @@ class ClipModel:
         else:  # an unusual transform: apply its tensor half image by image, still on the model thread
             self._tensor_steps = steps[cut:]
 
-    def prepare(self, image):
+    def prepare(self, image: "Image.Image") -> np.ndarray:
         """PIL image -> HWC uint8 array, ready for encode_prepared (no torch compute: any thread)."""
         image = _compose(self._pil_steps, image)
         return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
 
-    def to_batch(self, arrays):
+    def to_batch(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
         """What ToTensor + Normalize do, for a whole batch at once (the same arithmetic, bit for bit)."""
         if self._tensor_steps is not None:
             return torch.stack([_compose(self._tensor_steps, a) for a in arrays])
@@ -65,22 +71,25 @@ class ClipModel:
         return batch.sub_(self._mean).div_(self._std)
 
     @torch.inference_mode()
-    def encode_prepared(self, arrays):
+    def encode_prepared(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
         return self.encode_images(self.to_batch(arrays))
 
     @torch.inference_mode()
-    def encode_images(self, batch):
+    def encode_images(self, batch: torch.Tensor) -> torch.Tensor:
         """A batch of preprocessed images -> L2-normalised float32 features on the CPU."""
-        features = self.model.encode_image(batch.to(self.device, self.dtype, non_blocking=True))
+        # open_clip's models are untyped: to mypy a Module's attribute is a Tensor or a Module, not a method
+        features = self.model.encode_image(  # type: ignore[operator]
+            batch.to(self.device, self.dtype, non_blocking=True),
+        )
         return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
 
     @torch.inference_mode()
-    def encode_texts(self, texts):
+    def encode_texts(self, texts: Iterable[str]) -> torch.Tensor:
         tokens = self.tokenizer(list(texts)).to(self.device)
-        features = self.model.encode_text(tokens)
+        features = self.model.encode_text(tokens)  # type: ignore[operator]
         return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
 
-    def describe(self):
+    def describe(self) -> dict[str, Any]:
         return {
             "model": self.name,
             "pretrained": self.pretrained,
@@ -93,13 +102,13 @@ class ClipModel:
         }
 
 
-def _compose(steps, value):
+def _compose(steps: Iterable[Callable[[Any], Any]], value: Any) -> Any:
     for step in steps:
         value = step(value)
     return value
 
 
-def pick_device(setting):
+def pick_device(setting: str) -> torch.device:
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if setting == "cuda" and not torch.cuda.is_available():
@@ -107,7 +116,7 @@ def pick_device(setting):
     return torch.device(setting)
 
 
-def _file_id(path):
+def _file_id(path: str) -> str:
     stat = os.stat(path)
     return f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}"
 
@@ -145,7 +154,8 @@ def create(
     dev = pick_device(device)
     chosen = precision.choose(dtype, dev.type, cuda_bf16=dev.type != "cuda" or torch.cuda.is_bf16_supported())
     LOG.info("dtype %s: %s", chosen.name, chosen.reason)
-    logit_scale = float(model.logit_scale.detach().float().exp().item())  # before rounding to bf16/fp16
+    # before rounding to bf16/fp16 (open_clip's models are untyped: see encode_images)
+    logit_scale = float(model.logit_scale.detach().float().exp().item())  # type: ignore[operator]
     model = model.to(dev, chosen.dtype)
     crop = next(t.size for t in preprocess.transforms if hasattr(t, "size"))  # the model's input size
     image_size = crop[0] if isinstance(crop, (tuple, list)) else int(crop)
@@ -167,7 +177,7 @@ def create(
     )
 
 
-def _load(name, tag, pretrained, cache_dir):
+def _load(name: str, tag: str | None, pretrained: str, cache_dir: str | None) -> tuple[torch.nn.Module, Compose]:
     """open_clip's model (in eval mode) and eval transform; tag None: the schema's own weights, or
     random ones (CLIP_PRETRAINED=none)."""
     weights_dir = os.path.join(cache_dir, "weights") if cache_dir else None
@@ -190,14 +200,14 @@ def _load(name, tag, pretrained, cache_dir):
     return model, preprocess
 
 
-def _display_name(name):
+def _display_name(name: str) -> str:
     schema, folder = parse_model_name(name)
     if schema == "local-dir":  # the folder's name, e.g. local-dir:/models/ViT-B-32 -> ViT-B-32
         return os.path.basename(os.path.normpath(folder))
     return name
 
 
-def _display_pretrained(name, pretrained, untrained):
+def _display_pretrained(name: str, pretrained: str, untrained: bool) -> str:
     """What answers show of the weights: never a server's file paths."""
     schema, _ = parse_model_name(name)
     if untrained:

@@ -1,9 +1,15 @@
 """Request options (top_k, labels, label_set): validated, with a clear 400 for anything off."""
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from werkzeug.datastructures import MultiDict
 
 from .errors import ClientError
 from .labels import LABEL_SETS
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 
 @dataclass(frozen=True)
@@ -13,12 +19,12 @@ class Options:
     labels: tuple = ()  # custom labels, when given
 
 
-def _one(options, key):
+def _one(options: MultiDict[str, Any], key: str) -> Any:
     values = options.getlist(key)
     return values[-1] if values else None
 
 
-def parse_options(options, settings):
+def parse_options(options: MultiDict[str, Any], settings: "Settings") -> Options:
     top_k = _parse_top_k(_one(options, "top_k"), settings.top_k)
     labels = _parse_labels(options.getlist("labels"), settings)
     label_set = _one(options, "label_set")
@@ -34,7 +40,7 @@ def parse_options(options, settings):
     return Options(top_k=top_k, label_set=label_set)
 
 
-def _parse_top_k(value, default):
+def _parse_top_k(value: Any, default: int) -> int:
     if value is None or value == "":
         return default
     if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
@@ -48,7 +54,7 @@ def _parse_top_k(value, default):
     return top_k  # larger than the label count is clamped where the count is known
 
 
-def _parse_labels(values, settings):
+def _parse_labels(values: list[Any], settings: "Settings") -> tuple[str, ...]:
     """labels: a JSON list of strings, or comma-separated text (query or form)."""
     values = [v for v in values if not (isinstance(v, str) and not v.strip())]  # an empty form field
     if not values:

@@ -99,11 +99,11 @@ def measure_bf16(width: int = 768, tokens: int = 100, repeats: int = 5) -> tuple
     w2 = torch.randn(width, 4 * width, generator=gen) / (4 * width) ** 0.5
     x = torch.randn(tokens, width, generator=gen)
 
-    def block(x, w1, w2):
+    def block(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
         h = torch.nn.functional.layer_norm(x, (x.shape[-1],))
         return x + torch.nn.functional.linear(torch.nn.functional.gelu(torch.nn.functional.linear(h, w1)), w2)
 
-    def median(dtype):
+    def median(dtype: torch.dtype) -> float:
         args = [t.to(dtype) for t in (x, w1, w2)]
         times = []
         with torch.inference_mode():

@@ -16,7 +16,9 @@ import socket
 import ssl
 import threading
 import time
-from urllib.parse import urljoin, urlsplit
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, cast
+from urllib.parse import SplitResult, urljoin, urlsplit
 
 from . import metrics
 from .errors import ClientError
@@ -24,9 +26,10 @@ from .errors import ClientError
 MAX_REDIRECTS = 3
 REDIRECTS = (301, 302, 303, 307, 308)
 NAT64 = ipaddress.ip_network("64:ff9b::/96")  # IPv6 addresses that carry an IPv4 one in their low bits
+Resolver = Callable[..., Sequence[tuple[Any, ...]]]  # socket.getaddrinfo's shape: (host, port, proto=...) -> infos
 
 
-def host_allowed(host, allow_hosts):
+def host_allowed(host: str, allow_hosts: Iterable[str]) -> bool:
     """Exact host names, or '.example.com' for the domain and its subdomains."""
     host = host.lower().rstrip(".")
     for allowed in allow_hosts:
@@ -37,7 +40,7 @@ def host_allowed(host, allow_hosts):
     return False
 
 
-def public_address(ip):
+def public_address(ip: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     """Globally routable unicast only: no loopback, private, link-local (cloud metadata at
     169.254.169.254 and fd00:ec2::254), shared, reserved or multicast address, nor an IPv6 one
     that embeds such an IPv4 address (mapped, 6to4, NAT64)."""
@@ -54,7 +57,12 @@ def public_address(ip):
     return address.is_global and not address.is_multicast
 
 
-def check_url(url, allow_hosts, resolve=socket.getaddrinfo, address_ok=public_address):
+def check_url(
+    url: str,
+    allow_hosts: Iterable[str],
+    resolve: Resolver = socket.getaddrinfo,
+    address_ok: Callable[[str], bool] = public_address,
+) -> tuple[SplitResult, list[str]]:
     """Refuse the URL unless it may be fetched; return (its parts, the checked addresses to connect to)."""
     try:
         parts = urlsplit(url)
@@ -76,7 +84,14 @@ def check_url(url, allow_hosts, resolve=socket.getaddrinfo, address_ok=public_ad
 
 
 @metrics.counts_fetches
-def fetch(url, allow_hosts, timeout_s, max_bytes, resolve=socket.getaddrinfo, address_ok=public_address):
+def fetch(
+    url: str,
+    allow_hosts: Sequence[str],
+    timeout_s: float,
+    max_bytes: int,
+    resolve: Resolver = socket.getaddrinfo,
+    address_ok: Callable[[str], bool] = public_address,
+) -> bytes:
     """Download an image, re-checking every redirect hop, within a size and an overall time limit."""
     if not allow_hosts:
         raise ClientError(400, "url_disabled", "URL input is off on this server (no CLIP_URL_ALLOW_HOSTS).")
@@ -85,12 +100,14 @@ def fetch(url, allow_hosts, timeout_s, max_bytes, resolve=socket.getaddrinfo, ad
         parts, addresses = check_url(url, allow_hosts, resolve, address_ok)
         location, data = _get(parts, addresses, deadline, timeout_s, max_bytes)
         if location is None:
-            return data
+            return cast(bytes, data)  # no location: the body
         url = urljoin(url, location)
     raise ClientError(400, "url_refused", f"More than {MAX_REDIRECTS} redirects.")
 
 
-def _get(parts, addresses, deadline, timeout_s, max_bytes):
+def _get(
+    parts: SplitResult, addresses: list[str], deadline: float, timeout_s: float, max_bytes: int
+) -> tuple[str | None, bytes | None]:
     """One GET to the checked addresses -> (redirect location, None) or (None, body)."""
     conn = _Connection(parts, addresses, timeout=max(0.01, deadline - time.monotonic()))
     timer = threading.Timer(max(0.0, deadline - time.monotonic()), conn.abort)
@@ -130,9 +147,9 @@ def _get(parts, addresses, deadline, timeout_s, max_bytes):
 class _Connection(http.client.HTTPConnection):
     """HTTP or HTTPS to the checked addresses only; abort() (from the timer's thread) ends any wait."""
 
-    def __init__(self, parts, addresses, timeout):
+    def __init__(self, parts: SplitResult, addresses: list[str], timeout: float):
         https = parts.scheme == "https"
-        super().__init__(parts.hostname, parts.port or (443 if https else 80), timeout=timeout)
+        super().__init__(cast(str, parts.hostname), parts.port or (443 if https else 80), timeout=timeout)
         self.addresses, self.https, self.aborted = addresses, https, False
 
     def connect(self):
@@ -163,7 +180,7 @@ class _Connection(http.client.HTTPConnection):
 
 
 @functools.lru_cache(maxsize=1)
-def tls_context():
+def tls_context() -> ssl.SSLContext:
     try:
         import certifi  # the CA bundle requests uses: a slim image may have no system CA store
 

@@ -9,7 +9,9 @@ import binascii
 import io
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 from werkzeug.datastructures import MultiDict
@@ -37,19 +39,19 @@ class Item:
     prepared: object = None  # np.ndarray, or a device_decode.DeviceJpeg
     features: np.ndarray | None = None
 
-    def result(self, rank) -> dict:
+    def result(self, rank: Callable[[np.ndarray], list[dict]]) -> dict:
         """Its entry in the answer; rank(features) -> predictions."""
         if self.error:
             return {"error": self.error.body()}
-        return {"predictions": rank(self.features)}
+        return {"predictions": rank(cast(np.ndarray, self.features))}  # no error: features are set
 
 
 class Request:
     """What one request asks: its pictures, in input order, and its options (not yet validated)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.items: list[Item] = []
-        self.options = MultiDict()
+        self.options: MultiDict[str, Any] = MultiDict()
 
     def add_bytes(self, data: bytes) -> None:
         self.items.append(Item(data=data))
@@ -74,7 +76,7 @@ class Request:
         return [item.url for item in self.items if item.url is not None]
 
 
-def parse_request(event, max_images: int) -> Request:
+def parse_request(event: Any, max_images: int) -> Request:
     """Sort the body into pictures and options by content type, sniffing raw bodies."""
     request = Request()
     for key in OPTION_KEYS:
@@ -104,11 +106,11 @@ def parse_request(event, max_images: int) -> Request:
     return request
 
 
-def _too_many(max_images):
+def _too_many(max_images: int) -> ClientError:
     return ClientError(400, "too_many_images", f"At most {max_images} images per request.")
 
 
-def _from_form(request, body, mimetype, params, max_images):
+def _from_form(request: Request, body: bytes, mimetype: str, params: dict[str, str], max_images: int) -> bool:
     """Adds the form's images, URLs and options; False if it held neither image nor url field."""
     # Parts are counted while parsing: 300,000 tiny parts are refused at the first one too many.
     parser = FormDataParser(
@@ -141,7 +143,7 @@ def _from_form(request, body, mimetype, params, max_images):
     return "image" in files or "image" in form or "url" in form
 
 
-def _from_json(request, body, max_images):
+def _from_json(request: Request, body: bytes, max_images: int) -> None:
     doc = _json_object(body)
     for key in OPTION_KEYS:
         if key in doc:
@@ -165,7 +167,7 @@ def _from_json(request, body, max_images):
         request.add_url(doc["url"].strip())
 
 
-def _json_object(body):
+def _json_object(body: bytes) -> dict[str, Any]:
     try:
         doc = json.loads(body)
         if b"\\u" in body:  # "\ud800" is valid JSON but no text: refuse lone surrogates anywhere

@@ -4,26 +4,29 @@ import io
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, cast
 
 import numpy as np
 from PIL import Image
 
 from . import device_decode, metrics, remote, structure
 from . import model as model_module
-from .batcher import Batcher, DeadlineExceeded, QueueFull, wait
+from .batcher import Batcher, DeadlineExceeded, QueueFull, Ticket, wait
+from .config import Settings
 from .decode_gate import DecodeGate
 from .errors import ClientError
 from .images import decode, open_image, sniff
 from .labels import LABEL_SETS, LabelStore
-from .options import parse_options
-from .request import Request
+from .options import Options, parse_options
+from .request import Item, Request
 
 LOG = logging.getLogger("clip")
 
 
 class Service:
-    def __init__(self, settings):
+    def __init__(self, settings: Settings):
         started = time.perf_counter()
         self.settings = settings
         self.model = model_module.create(
@@ -61,7 +64,7 @@ class Service:
             )[0].result()
         LOG.info("ready in %.1f s: %s", time.perf_counter() - started, self.model.describe())
 
-    def describe(self):
+    def describe(self) -> dict[str, Any]:
         s = self.settings
         return {
             **self.model.describe(),
@@ -98,7 +101,7 @@ class Service:
             },
         }
 
-    def identity(self):
+    def identity(self) -> dict[str, Any]:
         """What every answer carries, so random weights can never pass for a real model."""
         m = self.model
         answer = {"model": m.name, "pretrained": m.pretrained, "untrained": m.untrained}
@@ -106,7 +109,7 @@ class Service:
             answer["warning"] = "Random, untrained weights (CLIP_PRETRAINED=none): predictions are meaningless."
         return answer
 
-    def label_matrix(self, options, deadline):
+    def label_matrix(self, options: Options, deadline: float) -> tuple[tuple[str, ...], np.ndarray]:
         if options.labels:
             return options.labels, self.labels.custom(options.labels, deadline)
         embeddings = self.labels.get_set(options.label_set)
@@ -119,7 +122,7 @@ class Service:
             )
         return LABEL_SETS[options.label_set].labels, embeddings
 
-    def admission(self, items, options):
+    def admission(self, items: list[Item], options: Options) -> int:
         """What a request takes of the queue: its images, plus its new labels (a slot per text chunk)."""
         text = -(-self.labels.uncached(options.labels) // self.labels.chunk) if options.labels else 0
         return len(items) + min(text, max(0, self.batcher.max_queue - len(items)))  # labels alone always fit
@@ -151,7 +154,7 @@ class Service:
         answer = {"label_set": options.label_set, **self.identity()}
         return {**results[0], **answer} if len(items) == 1 else {"results": results, **answer}
 
-    def _prepare_all(self, items, deadline):
+    def _prepare_all(self, items: list[Item], deadline: float) -> None:
         """Fetch, decode and preprocess every picture, a batch's pictures in parallel."""
         if len(items) == 1:
             self._prepare(items[0], deadline)
@@ -159,13 +162,13 @@ class Service:
             for done in [self.pool.submit(self._prepare, item, deadline) for item in items]:
                 done.result()  # each is bounded by the deadline itself
 
-    def _prepare(self, item, deadline):
+    def _prepare(self, item: Item, deadline: float) -> None:
         if item.error:
             return
         s = self.settings
         try:
             data = (
-                item.data
+                cast(bytes, item.data)  # no URL: bytes
                 if item.url is None
                 else remote.fetch(item.url, s.url_allow_hosts, s.url_timeout_s, s.url_max_bytes)
             )
@@ -173,7 +176,7 @@ class Service:
         except ClientError as error:
             item.error = error
 
-    def _for_device(self, data):
+    def _for_device(self, data: bytes) -> device_decode.DeviceJpeg | None:
         """The bytes themselves, header-checked, when the model's device decodes them; else None."""
         if not self.device_decoder:
             return None
@@ -182,12 +185,12 @@ class Service:
             raise ClientError(400, "image_too_complex", problem)
         return self.device_decoder.accept(data, self.settings.max_pixels)
 
-    def _with_pillow(self, data, deadline):
+    def _with_pillow(self, data: bytes, deadline: float) -> np.ndarray:
         opened = open_image(data, self.settings.max_pixels, self.model.image_size, self.limits)
         with self.gate.enter(opened.pixels, opened.cost, deadline):
             return self.model.prepare(decode(opened))
 
-    def _encode(self, items, deadline, ticket):
+    def _encode(self, items: list[Item], deadline: float, ticket: Ticket) -> None:
         ready = [item for item in items if not item.error]
         if not ready:
             return
@@ -196,7 +199,7 @@ class Service:
             item.prepared = None  # the batcher holds it now; the request need not
             self._features(item, future, deadline)
 
-    def _features(self, item, future, deadline):
+    def _features(self, item: Item, future: Future[Any], deadline: float) -> None:
         """The item's feature row; a JPEG the device could not decode goes through Pillow instead."""
         row = wait(future, deadline)
         if isinstance(row, device_decode.Refused):
@@ -209,7 +212,7 @@ class Service:
         item.features = row.numpy()
         metrics.rode(future)
 
-    def rank(self, features: np.ndarray, labels, embeddings: np.ndarray, top_k: int) -> list[dict]:
+    def rank(self, features: np.ndarray, labels: Sequence[str], embeddings: np.ndarray, top_k: int) -> list[dict]:
         """softmax(logit_scale × cosine) over all labels, in numpy: request threads never run torch."""
         logits = self.model.logit_scale * np.einsum("nd,d->n", embeddings, np.asarray(features))
         probs = np.exp(logits - logits.max())
@@ -218,7 +221,7 @@ class Service:
         return [{"label": labels[i], "score": round(float(probs[i]), 6)} for i in order]
 
 
-def _device_decoder(model, mode):
+def _device_decoder(model: model_module.ClipModel, mode: str) -> device_decode.DeviceDecoder | None:
     if not device_decode.enabled(mode, model.device):
         return None
     try:
@@ -228,7 +231,7 @@ def _device_decoder(model, mode):
         return None
 
 
-def _blank_jpeg():
+def _blank_jpeg() -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (64, 48), (128, 128, 128)).save(buffer, "JPEG")
     return buffer.getvalue()

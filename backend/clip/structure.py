@@ -75,7 +75,7 @@ def plain_single_scan(data: bytes) -> bool:
     return shape.scans == 1 and shape.entropy_end == len(data) - 2 and data.endswith(b"\xff\xd9")
 
 
-def problem(fmt: str, data: bytes, limits: Limits) -> str | None:
+def problem(fmt: str | None, data: bytes, limits: Limits) -> str | None:
     """Why this file would cost far more to decode than its pixel count says, or None."""
     if fmt == "JPEG":
         return jpeg_problem(data, limits)

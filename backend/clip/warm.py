@@ -13,13 +13,14 @@ encode (fast on such a node).
 import argparse
 import logging
 import time
+from collections.abc import Sequence
 
 from . import config, precision
 from . import model as model_module
 from .labels import LABEL_SETS, LabelStore
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--label-sets",

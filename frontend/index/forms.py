@@ -77,7 +77,12 @@ def parse(body: bytes, content_type: str, images_allowed: int) -> Form:
     return form
 
 
-def _in_memory(total_content_length=None, content_type=None, filename=None, content_length=None):
+def _in_memory(
+    total_content_length: int | None = None,
+    content_type: str | None = None,
+    filename: str | None = None,
+    content_length: int | None = None,
+) -> io.BytesIO:
     return io.BytesIO()  # the body is in memory already: no temporary files on disk for its parts
 
 

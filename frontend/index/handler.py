@@ -71,7 +71,7 @@ def respond(event: Any, request_id: str) -> dict:
     return _json(status, answer, headers)
 
 
-def _wants_html(event, content_type):
+def _wants_html(event: Any, content_type: str) -> bool:
     """A plain form post from a browser (no JavaScript) gets the results page; scripts get JSON."""
     if not forms.is_form(content_type):
         return False
@@ -79,7 +79,7 @@ def _wants_html(event, content_type):
     return accept.best_match(["application/json", "text/html"]) == "text/html"
 
 
-def _page(status, answer=None, form=None, headers=None):
+def _page(status: int, answer: dict | None = None, form: forms.Form | None = None, headers: dict | None = None) -> dict:
     info = clip_client.info()
     html = TEMPLATES.get_template("page.html").render(
         info=info,
@@ -102,7 +102,7 @@ def _page(status, answer=None, form=None, headers=None):
     }
 
 
-def _json(status, body, headers=None):
+def _json(status: int, body: dict, headers: dict | None = None) -> dict:
     return {
         "statusCode": status,
         "body": body,

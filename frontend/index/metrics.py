@@ -201,7 +201,7 @@ def note_answer(answer: dict) -> None:
     _local.answer = answer
 
 
-def _images(body):
+def _images(body: object) -> int | None:
     if not isinstance(body, dict):
         return None
     if "predictions" in body:
