@@ -80,10 +80,13 @@ class DeviceDecoder:
 
     # ---- request threads: header only, no torch ----
 
-    def accept(self, data: bytes, max_pixels: int) -> DeviceJpeg | None:
+    def accept(self, data: bytes, max_pixels: int, shape: structure.JpegShape | None = None) -> DeviceJpeg | None:
         """A DeviceJpeg when the bytes are a plain baseline JPEG within the limits, else None (Pillow path:
-        it gives every refusal, 413 and 400 included, in its own words)."""
-        if sniff(data) != "JPEG" or not structure.plain_single_scan(data):
+        it gives every refusal, 413 and 400 included, in its own words). shape: the file's segment walk,
+        when the caller has made it already."""
+        if sniff(data) != "JPEG":
+            return None
+        if not structure.plain_single_scan(data, shape or structure.jpeg_shape(data, structure.Limits())):
             return None
         try:
             image = Image.open(io.BytesIO(data), formats=["JPEG"])

@@ -180,10 +180,12 @@ class Service:
         """The bytes themselves, header-checked, when the model's device decodes them; else None."""
         if not self.device_decoder:
             return None
-        problem = structure.problem(sniff(data), data, self.limits)  # before any header parse
-        if problem:
+        fmt = sniff(data)
+        shape = structure.jpeg_shape(data, self.limits) if fmt == "JPEG" else None  # one walk serves both
+        problem = structure.shape_problem(shape, self.limits) if shape else structure.problem(fmt, data, self.limits)
+        if problem:  # before any header parse
             raise ClientError(400, "image_too_complex", problem)
-        return self.device_decoder.accept(data, self.settings.max_pixels)
+        return self.device_decoder.accept(data, self.settings.max_pixels, shape)
 
     def _with_pillow(self, data: bytes, deadline: float) -> np.ndarray:
         opened = open_image(data, self.settings.max_pixels, self.model.image_size, self.limits)

@@ -67,11 +67,10 @@ def jpeg_shape(data: bytes, limits: Limits) -> JpegShape:
     return shape
 
 
-def plain_single_scan(data: bytes) -> bool:
+def plain_single_scan(data: bytes, shape: JpegShape) -> bool:
     """One scan whose entropy-coded data runs to the end-of-image marker closing the file: no stray or
     unknown marker inside it, nothing after it. libjpeg refuses a stray marker; nvJPEG may decode the
     garbage silently, so the device decoder takes only these and leaves the rest to Pillow's verdict."""
-    shape = jpeg_shape(data, Limits())
     return shape.scans == 1 and shape.entropy_end == len(data) - 2 and data.endswith(b"\xff\xd9")
 
 
@@ -85,7 +84,11 @@ def problem(fmt: str | None, data: bytes, limits: Limits) -> str | None:
 
 
 def jpeg_problem(data: bytes, limits: Limits) -> str | None:
-    shape = jpeg_shape(data, limits)
+    return shape_problem(jpeg_shape(data, limits), limits)
+
+
+def shape_problem(shape: JpegShape, limits: Limits) -> str | None:
+    """Why a JPEG of this shape (walked with these limits) would cost far more to decode, or None."""
     if shape.segments > limits.max_segments:
         return f"The JPEG holds over {limits.max_segments:,} segments; real pictures hold a few dozen."
     if shape.fill_bytes > limits.max_fill_bytes:
