@@ -2,13 +2,15 @@
 index.py + handler in function/): exactly what a container runs. Used by the local gateway
 (scripts/serve), the tests, the benchmark and the load test. Given the path of fwatchdog (localrun.of_watchdog
 finds it), the function runs behind the real of-watchdog as in its image: `url` and `port` are then
-the watchdog's, `host_url` the template host's own."""
+the watchdog's, `host_url` the template host's own. Where network namespaces can be made (localrun.netns),
+each watchdog gets a network of its own, as in its container, so any number run side by side."""
 
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+from localrun import netns
 from localrun.layout import ROOT, layout
 from localrun.of_watchdog import watchdog_env
 from localrun.processes import free_port, stop_group, terminate, wait_until
@@ -18,20 +20,29 @@ FUNCTION_DIRS = {"clip": ROOT / "backend" / "clip", "index": ROOT / "frontend" /
 
 class FunctionProcess:
     """One function, started with the template's fprocess from its own build context, alone or behind
-    the of-watchdog binary `watchdog`. env's FUNCTION_PORT, if given, is the port clients use.
-    (of-watchdog 0.11.6 serves its metrics on :8081, always: one watchdog per network namespace.)"""
+    the of-watchdog binary `watchdog`. env's FUNCTION_PORT, if given, is the port clients use; `replaces`,
+    a stopped FunctionProcess whose address and port this one takes over.
+    (of-watchdog 0.11.6 serves its metrics on :8081, always: one watchdog per network namespace.
+    `isolate` None: a namespace of its own where localrun.netns can make one.)"""
 
-    def __init__(self, name, workdir, env=None, log_to_file=True, watchdog=None):
+    def __init__(self, name, workdir, env=None, log_to_file=True, watchdog=None, isolate=None, replaces=None):
         self.name = name
         self.dir = layout(FUNCTION_DIRS[name], Path(workdir) / name)
         self.tmp = self.dir / "tmp"
         self.tmp.mkdir(exist_ok=True)
         env = dict(env or {})
-        self.port = int(env.pop("FUNCTION_PORT", 0)) or free_port()
+        self.port = int(env.pop("FUNCTION_PORT", 0)) or (replaces.port if replaces else free_port())
         self.watchdog = watchdog
+        if isolate is None:
+            isolate = bool(watchdog) and netns.problem() is None
+        slot = replaces.network.slot if replaces and replaces.network else None
+        self.network = netns.Network(slot) if isolate else None
+        address, host_address = (self.network.inside, self.network.outside) if self.network else ("127.0.0.1",) * 2
         self.host_port = free_port() if self.watchdog else self.port
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.host_url = f"http://127.0.0.1:{self.host_port}"
+        self.address = (address, self.port)  # where clients connect
+        self.host_address = (host_address, self.host_port)  # where the template host listens
+        self.url = f"http://{address}:{self.port}"
+        self.host_url = f"http://{host_address}:{self.host_port}"
         self.lock = self.tmp / ".lock"
         self.env = {
             "MALLOC_ARENA_MAX": "2",  # as the template's image sets it (memory goes back after big decodes)
@@ -40,13 +51,18 @@ class FunctionProcess:
             "TMPDIR": str(self.tmp),
             **env,
         }
+        if self.network:
+            self.env["FUNCTION_HOST"] = host_address  # the host stays in our network, on our end of the pair
         if self.watchdog:
-            self.env.update(watchdog_env(sys.executable, self.host_port, self.port, free_port(), self.env))
+            back = netns.Network.back() if self.network else []
+            self.env.update(watchdog_env(back + [sys.executable], self.host_url, self.port, free_port(), self.env))
         self.process = None
         self.log = open(self.dir / "function.log", "wb") if log_to_file else None  # None: our stdout
 
     def start(self, wait_ready=True):
         command = [self.watchdog] if self.watchdog else [sys.executable, "index.py"]
+        if self.network:
+            command = self.network.enter() + command
         # its own process group: the host the watchdog starts is stopped with it, never left behind
         self.process = subprocess.Popen(
             command,
@@ -70,7 +86,9 @@ class FunctionProcess:
         """The template host's process id (the watchdog's child when behind one)."""
         if not self.watchdog:
             return self.process.pid
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+        # any of the watchdog's threads may have forked it (Go), so each thread's children are read
+        threads = Path(f"/proc/{self.process.pid}/task").iterdir()
+        children = [pid for thread in threads for pid in (thread / "children").read_text().split()]
         return int(children[0])
 
     def healthy(self):
@@ -89,6 +107,8 @@ class FunctionProcess:
             stop_group(self.process.pid, timeout)  # the host exits once its watchdog has
         if self.log:
             self.log.close()
+        if self.network:
+            self.network.close()
         return self.process.returncode if self.process else None
 
     def __enter__(self):

@@ -94,7 +94,7 @@ def make_app(functions):
 
 def proxy(session, fn, request, path):
     headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
-    url = f"http://127.0.0.1:{fn.port}{path}"
+    url = fn.url + path
     try:
         upstream = session.request(
             request.method,
@@ -129,6 +129,11 @@ def main():
         help="proxy /function/NAME to a function already running on 127.0.0.1:PORT "
         "(repeatable; then no function is started here)",
     )
+    parser.add_argument(
+        "--watchdog",
+        metavar="FWATCHDOG",
+        help="run each function behind this of-watchdog binary, as its image does (the tests do)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
     waitress.utilities.Error.to_response = protocol_error_as_json
@@ -154,7 +159,7 @@ def main():
     if args.upstream:
         for spec in args.upstream:
             name, _, port = spec.partition("=")
-            functions[name] = types.SimpleNamespace(name=name, port=int(port), healthy=lambda: True)
+            functions[name] = types.SimpleNamespace(name=name, url=f"http://127.0.0.1:{port}", healthy=lambda: True)
         print(f"proxying {', '.join(args.upstream)} on http://{args.host}:{args.port}/function/NAME", flush=True)
         server.run()
         return
@@ -164,11 +169,11 @@ def main():
     if env.get("CLIP_URL"):
         LOG.info("CLIP_URL=%s: running index only", env["CLIP_URL"])  # fronting a remote clip
     else:
-        functions["clip"] = FunctionProcess("clip", build_root, env, log_to_file=False)
+        functions["clip"] = FunctionProcess("clip", build_root, env, False, args.watchdog)
         # index calls clip's own process, not back through this gateway: with every gateway thread
         # waiting on index, index's calls would queue behind them (the real gateway has no such pool).
         env = {**env, "CLIP_URL": functions["clip"].url + "/"}
-    functions["index"] = FunctionProcess("index", build_root, env, log_to_file=False)
+    functions["index"] = FunctionProcess("index", build_root, env, False, args.watchdog)
     for fn in functions.values():
         fn.start(wait_ready=False)
         LOG.info("%s: pid %d on %s", fn.name, fn.process.pid, fn.url)

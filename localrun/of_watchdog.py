@@ -58,18 +58,19 @@ WATCHDOG_KEYS = (
 )
 
 
-def watchdog_env(python: str, host_port: int, port: int, metrics_port: int, env: dict[str, str]) -> dict[str, str]:
-    """The watchdog's variables from the image, then the caller's (a stack's timeouts), then the ports."""
+def watchdog_env(python: list[str], upstream: str, port: int, metrics_port: int, env: dict[str, str]) -> dict[str, str]:
+    """The watchdog's variables from the image, then the caller's (a stack's timeouts), then the ports.
+    `python` is the command that stands in for the image's `python`; `upstream` the host's URL."""
     image = image_environment()
     settings = {k: v for k, v in image.items() if k in WATCHDOG_KEYS}
     settings.update(LOCAL_OVERRIDES)
     settings.update({k: v for k, v in env.items() if k in WATCHDOG_KEYS})
     command = shlex.split(settings["fprocess"])
     if command[0] == "python":
-        command[0] = python  # the venv's interpreter stands in for the image's
+        command[0:1] = python  # the venv's interpreter stands in for the image's
     settings.update(
         fprocess=" ".join(command),
-        upstream_url=f"http://127.0.0.1:{host_port}",
+        upstream_url=upstream,
         port=str(port),
         metrics_port=str(metrics_port),
     )

@@ -15,9 +15,10 @@ from localrun.processes import free_port, terminate, wait_until
 class Stack:
     """The gateway and the functions it runs (both, or index alone when env has CLIP_URL), as
     `scripts/serve` runs them; with `upstreams` ({name: port}) the gateway only proxies to functions
-    already running. Its output goes to workdir/gateway.log, its build contexts to workdir/build."""
+    already running; with `watchdog` (the path of fwatchdog) each function runs behind it. Its output goes
+    to workdir/gateway.log, its build contexts to workdir/build."""
 
-    def __init__(self, workdir, env=None, upstreams=None):
+    def __init__(self, workdir, env=None, upstreams=None, watchdog=None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.workdir = Path(workdir)
@@ -25,6 +26,7 @@ class Stack:
         self.build_dir = self.workdir / "build"
         self.env = {**os.environ, **(env or {})}
         self.upstreams = dict(upstreams or {})
+        self.watchdog = watchdog
         self.process = None
         self.log = open(self.workdir / "gateway.log", "wb")
 
@@ -46,6 +48,7 @@ class Stack:
             str(self.build_dir),
         ]
         command += [f"--upstream={name}={port}" for name, port in self.upstreams.items()]
+        command += [f"--watchdog={self.watchdog}"] if self.watchdog else []
         self.process = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
 
         def ready():

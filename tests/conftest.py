@@ -1,8 +1,15 @@
-"""Shared fixtures: a tiny open_clip model directory and real servers on loopback."""
+"""Shared fixtures: a tiny open_clip model directory and real servers (behind the real of-watchdog
+where support.servers finds it)."""
 import pytest
 
-from support.servers import FunctionProcess, Stack
+from support.servers import WATCHDOG, WATCHDOG_ABSENT, FunctionProcess, Stack
 from support.tiny_model import make_tiny_model
+
+
+def pytest_report_header():
+    if WATCHDOG:
+        return f"functions run behind the real of-watchdog ({WATCHDOG}), each in its own network namespace"
+    return f"functions run without of-watchdog: {WATCHDOG_ABSENT}"
 
 
 @pytest.fixture(scope="session")

@@ -172,19 +172,19 @@ def test_lock_file_follows_readiness_and_sigterm(clip_env, tmp_path):
     try:
         def answering():
             try:
-                return requests.get(fn.url + "/ready", timeout=2) is not None
+                return requests.get(fn.host_url + "/ready", timeout=2) is not None
             except requests.ConnectionError:
                 return False
         wait_until(answering, 60, what="server up")
         # Still loading (importing torch alone takes seconds): 503 and no lock file, so the
         # watchdog's /_/health and Kubernetes readiness stay red.
         assert not fn.lock.exists()
-        early = requests.post(fn.url, data=image_bytes(), timeout=30)
+        early = requests.post(fn.host_url, data=image_bytes(), timeout=30)
         assert early.status_code == 503 and early.json()["error"]["code"] == "loading"
         assert "Retry-After" in early.headers
-        assert requests.get(fn.url + "/ready", timeout=5).status_code == 503
+        assert requests.get(fn.host_url + "/ready", timeout=5).status_code == 503
         fn.wait_ready()
-        assert requests.get(fn.url + "/ready", timeout=5).status_code == 200
+        assert requests.get(fn.host_url + "/ready", timeout=5).status_code == 200
         assert requests.post(fn.url, data=image_bytes(), timeout=30).status_code == 200
     finally:
         code = fn.stop()

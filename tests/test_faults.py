@@ -53,7 +53,7 @@ def test_index_answers_502_while_clip_is_stopped_and_recovers_when_it_is_back(cl
         assert requests.get(index.url, timeout=30).status_code == 200  # the page itself still renders
 
         # clip comes back on the same address; index is not restarted.
-        again = FunctionProcess("clip", tmp_path / "second", {**clip_env, "FUNCTION_PORT": str(clip.port)})
+        again = FunctionProcess("clip", tmp_path / "second", clip_env, replaces=clip)
         again.start(wait_ready=False)
         try:
             seen = set()
@@ -173,7 +173,7 @@ def answers_across_sigterm(fn, raw_requests, held_back=0.0, pause=0.0):
     socks = []
     try:
         for raw, at in zip(raw_requests, cut):
-            sock = socket.create_connection(("127.0.0.1", fn.port), timeout=120)
+            sock = socket.create_connection(fn.address, timeout=120)
             sock.sendall(raw[:at])
             socks.append(sock)
         time.sleep(0.3)  # let the host read what was sent

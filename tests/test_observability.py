@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 import yaml
@@ -291,8 +292,9 @@ def test_a_crashed_workers_live_gauges_leave_the_function_sums(tmp_path):
     with FunctionProcess("index", tmp_path / "one", env) as one, FunctionProcess("index", tmp_path / "two", env) as two:
         scrape(one.url)  # a scrape samples the worker it reaches (and a sampler thread every 2 s)
         both = value(scrape(two.url), "process_resident_memory_bytes")
-        one.process.kill()
-        one.process.wait(10)
+        worker = psutil.Process(one.host_pid)  # the worker itself, not a watchdog in front of it
+        worker.kill()
+        wait_until(lambda: not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE, 10, 0.05, "worker gone")
         assert 0 < value(scrape(two.url), "process_resident_memory_bytes") < 0.75 * both
 
 

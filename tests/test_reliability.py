@@ -308,16 +308,16 @@ def test_a_flood_of_form_parts_is_refused_by_count(clip_server):
 
 # ---- connections and local stacks -------------------------------------------------------------------------------
 
-def idle_connections(port, count):
+def idle_connections(address, count):
     socks = []
     for _ in range(count):
-        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        sock = socket.create_connection(address, timeout=5)
         socks.append(sock)
     return socks
 
 
 def test_150_idle_connections_do_not_stall_the_function(clip_server):
-    socks = idle_connections(clip_server.port, 150)
+    socks = idle_connections(clip_server.host_address, 150)  # the template host's own connection limit
     try:
         assert requests.post(clip_server.url, data=PNG, timeout=15).status_code == 200
     finally:
@@ -326,7 +326,7 @@ def test_150_idle_connections_do_not_stall_the_function(clip_server):
 
 
 def test_150_idle_connections_do_not_stall_the_gateway(stack):
-    socks = idle_connections(stack.port, 150)
+    socks = idle_connections(("127.0.0.1", stack.port), 150)
     try:
         assert requests.get(f"{stack.url}/function/clip", timeout=15).status_code == 200
     finally:

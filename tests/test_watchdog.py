@@ -1,40 +1,23 @@
 """The functions behind the real of-watchdog (fwatchdog: $FWATCHDOG, PATH or ../shared/bin), configured
 as the template's image configures it (mode=http, the Dockerfile's ENV, the stack's timeouts): what a
-container answers on its port 8080, without building an image. of-watchdog 0.11.6 always serves its
-metrics on :8081, so one watchdog runs at a time (a container has a network of its own)."""
+container answers on its port 8080, without building an image. The other tests' functions run behind it
+too (support.servers); these check the watchdog's own endpoints, timeouts and drain with the stack's
+settings."""
 import base64
-import socket
 from pathlib import Path
 
 import pytest
 import requests
 import yaml
 
-from localrun.of_watchdog import find_fwatchdog
 from support.images import noise_image
-from support.servers import FunctionProcess, wait_until
+from support.servers import WATCHDOG, WATCHDOG_ABSENT, FunctionProcess, wait_until
 from test_faults import answers_across_sigterm, big_picture, http_request
 
 ROOT = Path(__file__).resolve().parents[1]
-FWATCHDOG = find_fwatchdog()
 
-
-def metrics_port_free():
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("", 8081))
-            return True
-        except OSError:
-            return False
-
-
-pytestmark = [
-    pytest.mark.skipif(not FWATCHDOG, reason="no fwatchdog (of-watchdog 0.11.6): set FWATCHDOG, put it on PATH "
-                       "or in ../shared/bin; these tests run the functions behind the real watchdog"),
-    pytest.mark.skipif(FWATCHDOG is not None and not metrics_port_free(),
-                       reason="port 8081 is taken: of-watchdog 0.11.6 serves its metrics there, always"),
-]
+pytestmark = pytest.mark.skipif(not WATCHDOG, reason=f"these tests run the functions behind the real watchdog: "
+                                f"{WATCHDOG_ABSENT}")
 
 
 def stack_environment(name):
@@ -44,7 +27,7 @@ def stack_environment(name):
 
 
 def behind_watchdog(name, workdir, env):
-    return FunctionProcess(name, workdir, {**stack_environment(name), **env}, watchdog=FWATCHDOG)
+    return FunctionProcess(name, workdir, {**stack_environment(name), **env}, watchdog=WATCHDOG)
 
 
 def test_health_and_ready_follow_the_lock_file_and_requests_pass_through(clip_env, tmp_path):
