@@ -23,13 +23,15 @@ def probe(tmp_path, workers=3, **env):
 
 
 def worker_processes(fn):
-    return psutil.Process(fn.process.pid).children()
+    return psutil.Process(fn.host_pid).children()
 
 
-def ask(fn, **params):
-    with requests.Session() as session:  # a new connection each time
+def ask(fn, through_watchdog=False, **params):
+    """One request on a new connection, to the template host's own port: a watchdog in front keeps one
+    connection to the host for requests that come one after another, so they would all meet one worker."""
+    with requests.Session() as session:
         session.trust_env = False
-        response = session.get(fn.url, params=params, timeout=30)
+        response = session.get(fn.url if through_watchdog else fn.host_url, params=params, timeout=30)
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -41,6 +43,14 @@ def test_every_worker_answers_on_the_one_port(tmp_path):
         assert {a["worker"] for a in answers} == {"0", "1", "2"}
         assert {a["workers"] for a in answers} == {"3"}
         assert {a["pid"] for a in answers} == {p.pid for p in worker_processes(fn)}
+
+
+def test_concurrent_requests_through_the_watchdog_reach_every_worker(tmp_path):
+    """The watchdog opens a connection to the host for each request it holds at once; the kernel spreads
+    those among the workers (SO_REUSEPORT)."""
+    with probe(tmp_path, workers=2) as fn, ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda _: ask(fn, through_watchdog=True, sleep="0.5"), range(32)))
+    assert {a["worker"] for a in answers} == {"0", "1"}
 
 
 def test_the_lock_file_waits_for_the_slowest_worker(tmp_path):
@@ -69,12 +79,15 @@ def test_sigterm_drains_every_worker(tmp_path):
     with ThreadPoolExecutor(8) as pool:
         slow = [pool.submit(ask, fn, sleep="1.5") for _ in range(8)]
         time.sleep(0.5)  # all eight are being handled, on both workers
-        children = worker_processes(fn)
+        children, host = worker_processes(fn), psutil.Process(fn.host_pid)
         fn.process.send_signal(signal.SIGTERM)
         wait_until(lambda: not fn.lock.exists(), 5, 0.01, "lock removed")
         answers = [f.result() for f in slow]  # every request in flight is answered
     assert {a["worker"] for a in answers} == {"0", "1"}
     assert fn.process.wait(30) == 0
+    # behind a watchdog the host ends its own drain just after the watchdog has gone (in a container,
+    # PID 1's exit would end it there and then)
+    wait_until(lambda: not host.is_running() or host.status() == psutil.STATUS_ZOMBIE, 30, 0.05, "host exited")
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in children)
     fn.stop()
 

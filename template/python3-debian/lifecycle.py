@@ -33,6 +33,30 @@ ALIVE_INTERVAL = float(os.environ.get("FUNCTION_ALIVE_INTERVAL_S", "1"))
 QUIET_S = 0.2
 # of-watchdog passes its own environment to the process it starts: fprocess names this host.
 STARTED_BY_WATCHDOG = bool(os.environ.get("fprocess"))
+# A worker (FUNCTION_WORKERS) is the host's child, not the watchdog's: the host names the watchdog here.
+WATCHDOG_PID = "FUNCTION_WATCHDOG_PID"
+
+
+def watchdog_pid() -> int | None:
+    """The of-watchdog that started this host (the parent, or the parent's parent for a worker)."""
+    if not STARTED_BY_WATCHDOG:
+        return None
+    return int(os.environ.get(WATCHDOG_PID) or os.getppid())
+
+
+def _running(pid: int) -> bool:
+    """Whether a process exists and has not exited (a zombie has)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: existence only
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
 
 
 def load_env_file(path: str) -> None:
@@ -172,13 +196,13 @@ def drain_then_exit(busy: Callable[[], bool], shutdown: Callable[[], None] | Non
     """SIGTERM: lock first (readiness red), then wait for busy() and the watchdog, then the function's
     optional shutdown() (e.g. a worker leaving shared metrics), then exit 0."""
     remove_lock()
-    watchdog = os.getppid() if STARTED_BY_WATCHDOG else None
+    watchdog = watchdog_pid()
     LOG.info("SIGTERM: lock removed, draining%s", " until the watchdog exits" if watchdog else "")
     time.sleep(0.05)  # let requests already accepted reach the app
     deadline = time.monotonic() + DRAIN_TIMEOUT
     quiet_since = None
     while time.monotonic() < deadline:
-        if busy() or (watchdog is not None and os.getppid() == watchdog):
+        if busy() or (watchdog is not None and _running(watchdog)):
             quiet_since = None
         elif quiet_since is None:
             quiet_since = time.monotonic()

@@ -25,6 +25,8 @@ import sys
 import tempfile
 import time
 
+import lifecycle
+
 LOG = logging.getLogger("host.workers")
 LISTEN_FD = "FUNCTION_LISTEN_FD"
 MAX_DEATHS, DEATH_WINDOW_S = 5, 60.0
@@ -75,6 +77,9 @@ class Worker:
         if os.path.exists(self.lock):
             os.remove(self.lock)
         env = {**os.environ, LISTEN_FD: str(self.fd), "FUNCTION_WORKER": str(self.index), "TMPDIR": self.dir}
+        watchdog = lifecycle.watchdog_pid()
+        if watchdog:  # a worker drains until the watchdog has gone, as a lone host does
+            env[lifecycle.WATCHDOG_PID] = str(watchdog)
         self.process = subprocess.Popen(
             [sys.executable, os.path.abspath(sys.argv[0])], env=env, pass_fds=(self.fd,), preexec_fn=_die_with_parent
         )
