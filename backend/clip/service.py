@@ -11,13 +11,13 @@ from typing import Any, cast
 import numpy as np
 from PIL import Image
 
-from . import device_decode, metrics, remote, structure
+from . import device_decode, metrics, remote
 from . import model as model_module
 from .batcher import Batcher, DeadlineExceeded, QueueFull, Ticket, wait
 from .config import Settings
 from .decode_gate import DecodeGate
 from .errors import ClientError
-from .images import decode, open_image, sniff
+from .images import decode, open_image
 from .labels import LABEL_SETS, LabelStore
 from .options import Options, parse_options
 from .request import Item, Request
@@ -180,12 +180,7 @@ class Service:
         """The bytes themselves, header-checked, when the model's device decodes them; else None."""
         if not self.device_decoder:
             return None
-        fmt = sniff(data)
-        shape = structure.jpeg_shape(data, self.limits) if fmt == "JPEG" else None  # one walk serves both
-        problem = structure.shape_problem(shape, self.limits) if shape else structure.problem(fmt, data, self.limits)
-        if problem:  # before any header parse
-            raise ClientError(400, "image_too_complex", problem)
-        return self.device_decoder.accept(data, self.settings.max_pixels, shape)
+        return device_decode.admit(data, self.limits, self.settings.max_pixels)
 
     def _with_pillow(self, data: bytes, deadline: float) -> np.ndarray:
         opened = open_image(data, self.settings.max_pixels, self.model.image_size, self.limits)
