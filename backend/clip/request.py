@@ -24,6 +24,9 @@ from .images import SUPPORTED, sniff
 
 DATA_URL = re.compile(r"^data:([\w.+/-]*)((?:;[\w=.+-]+)*?)(;base64)?,", re.I)
 OPTION_KEYS = ("top_k", "labels", "label_set")
+# decode_text's clean-up: what \s matches in ASCII text is removed, but a space is a form's '+'.
+BASE64_DELETE = bytes(c for c in range(128) if chr(c).isspace() and c != 0x20)
+BASE64_TABLE = bytes.maketrans(b" -_", b"++/")
 FORM_EXTRA_PARTS = 8  # form parts beyond the images: options, a url, a browser's submit button
 
 
@@ -170,7 +173,9 @@ def _from_json(request: Request, body: bytes, max_images: int) -> None:
 def _json_object(body: bytes) -> dict[str, Any]:
     try:
         doc = json.loads(body)
-        if b"\\u" in body:  # "\ud800" is valid JSON but no text: refuse lone surrogates anywhere
+        # "\ud800" is valid JSON but no text: refuse lone surrogates anywhere. (The one-byte search
+        # first: memchr, where the two-byte one costs 2 ms over 16 pictures of base64.)
+        if b"\\" in body and b"\\u" in body:
             json.dumps(doc, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
         raise ClientError(400, "invalid_json", "The JSON holds a string that is not valid Unicode text.") from None
@@ -192,9 +197,11 @@ def decode_text(raw: bytes) -> bytes:
         if not match.group(3):
             raise ClientError(400, "invalid_image", "Only base64 data URLs are supported.")
         text = text[match.end() :]
-    text = re.sub(r"\s+", "", text.replace(" ", "+"))  # a form's '+' arrives as a space
+    # One C pass: a form's '+' arrives as a space; other whitespace (line breaks) goes; URL-safe to standard.
+    # (re.sub over a photo's 100 KB of base64 cost 3 ms a picture.)
+    coded = text.encode("ascii").translate(BASE64_TABLE, BASE64_DELETE)
     try:
-        data = base64.b64decode(text.replace("-", "+").replace("_", "/") + "=" * (-len(text) % 4), validate=True)
+        data = base64.b64decode(coded + b"=" * (-len(coded) % 4), validate=True)
     except (binascii.Error, ValueError):
         raise ClientError(
             400, "invalid_image", f"The body is neither an image ({SUPPORTED}) nor valid base64."
