@@ -141,3 +141,44 @@ def test_file_parts_stay_in_memory_whatever_their_size(monkeypatch):
     event = Event(body, content_type="multipart/form-data; boundary=B")
     parsed = request.parse_request(event, 16)
     assert [len(item.data) for item in parsed.items] == [700_000] and parsed.options.getlist("top_k") == ["3"]
+
+
+# ---- a full function refuses before parsing ------------------------------------------------------------------
+
+@pytest.fixture
+def warm(tiny_model, clip_env):
+    from clip import handler
+    from support.inprocess import service
+    svc = service(tiny_model, clip_env["CLIP_CACHE_DIR"], max_queue=4)
+    previous, handler.SERVICE = handler.SERVICE, svc
+    yield handler, svc
+    handler.SERVICE = previous
+
+
+def test_a_full_function_answers_429_without_parsing_the_body(warm, monkeypatch):
+    """Not even one image fits: every request would be refused, so its body is not parsed. A body that
+    would be a 400 gets the 429 too; its retry, once there is room, gets the 400."""
+    handler, svc = warm
+    bad = Event(b"not an image", content_type="image/png")
+    with svc.batcher.admit(svc.batcher.max_queue):  # the queue is full: all its slots admitted
+        parsed = []
+        monkeypatch.setattr(handler, "parse_request", lambda *args: parsed.append(args))
+        answer = handler.handle(bad, None)
+        assert parsed == [], "the body was parsed"
+        monkeypatch.undo()
+        assert answer["statusCode"] == 429 and answer["body"]["error"]["code"] == "queue_full"
+        assert answer["headers"]["Retry-After"] == "1" and answer["headers"]["Content-Type"] == "application/json"
+    answer = handler.handle(bad, None)
+    assert answer["statusCode"] == 400 and answer["body"]["error"]["code"] == "invalid_image"
+
+
+def test_with_room_for_one_image_a_request_is_parsed_and_admission_decides(warm):
+    handler, svc = warm
+    png = noise_image("PNG")
+    body = b"".join(part("image", png) for _ in range(2)) + b"--B--\r\n"
+    with svc.batcher.admit(svc.batcher.max_queue - 1):
+        assert handler.handle(Event(b"not an image", content_type="image/png"), None)["statusCode"] == 400
+        two = handler.handle(Event(body, content_type="multipart/form-data; boundary=B"), None)
+        assert two["statusCode"] == 429 and two["body"]["error"]["code"] == "queue_full"
+        one = handler.handle(Event(png, content_type="image/png"), None)
+        assert one["statusCode"] == 200 and one["body"]["predictions"]

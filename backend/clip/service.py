@@ -127,6 +127,13 @@ class Service:
         text = -(-self.labels.uncached(options.labels) // self.labels.chunk) if options.labels else 0
         return len(items) + min(text, max(0, self.batcher.max_queue - len(items)))  # labels alone always fit
 
+    def refuse_if_full(self) -> None:
+        """429 queue_full before the body is parsed when not even one image could be admitted: every
+        request holds at least one, so parsing it would only be refused after the work (a 16-image
+        body is milliseconds of host CPU, the resource a full function lacks)."""
+        if self.batcher.full():
+            raise _queue_full()
+
     def classify(self, request: Request) -> dict:
         """Raises ClientError for request-wide problems; per-image problems land in their result."""
         s = self.settings
@@ -140,9 +147,7 @@ class Service:
                 self._prepare_all(items, deadline)
                 self._encode(items, deadline, ticket)
         except QueueFull:
-            raise ClientError(
-                429, "queue_full", "The classifier is at capacity; retry shortly.", headers={"Retry-After": "1"}
-            ) from None
+            raise _queue_full() from None
         except DeadlineExceeded:
             raise ClientError(
                 504, "deadline_exceeded", f"No answer within the {s.deadline_s:g} s deadline; the classifier is busy."
@@ -216,6 +221,10 @@ class Service:
         probs /= probs.sum()
         order = np.argsort(-probs, kind="stable")[:top_k]
         return [{"label": labels[i], "score": round(float(probs[i]), 6)} for i in order]
+
+
+def _queue_full() -> ClientError:
+    return ClientError(429, "queue_full", "The classifier is at capacity; retry shortly.", headers={"Retry-After": "1"})
 
 
 def _device_decoder(model: model_module.ClipModel, mode: str) -> device_decode.DeviceDecoder | None:
