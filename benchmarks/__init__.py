@@ -3,6 +3,7 @@
 
 - bench: `scripts/bench` (python -m benchmarks.bench): the speed figures against the model's own forward time;
 - bench_gpu: `scripts/bench --gpu`: the GPU path, from the raw model to served images/s;
+- intake: `scripts/bench --intake`: host CPU per request before the model (parsing and the device path's checks);
 - loadtest: `scripts/loadtest` (python -m benchmarks.loadtest): payloads, contract check, run, report;
 - measure: timing, memory sampling, the machine's description and the table printer they share;
 - pictures: the synthetic photos (also used by tests/test_device_decode.py).

@@ -5,6 +5,7 @@
     scripts/bench --dtypes fp32,bf16   # both dtypes side by side (the default where bf16 is native)
     scripts/bench --numerics      # only bf16 against fp32: feature cosines and CIFAR-100 |Δp|
     scripts/bench --gpu           # the GPU figures (benchmarks/bench_gpu.py; says so and skips without CUDA)
+    scripts/bench --intake        # host CPU per request before the model: parse and checks (benchmarks/intake.py)
 
 Prints tables (figure, value, reference, ratio; a per-stage breakdown of one request; bf16 against
 fp32) and writes JSON (bench-results/*.json). Every figure names the dtype and why it was chosen.
@@ -372,14 +373,16 @@ def main():
         help="comma-separated, e.g. fp32,bf16 (default: fp32,bf16 where bf16 is native, else fp32)",
     )
     parser.add_argument("--gpu", action="store_true", help="the GPU figures instead (benchmarks/bench_gpu.py)")
+    parser.add_argument("--intake", action="store_true", help="only the host CPU cost of parsing and checking bodies")
     parser.add_argument("--model", default="ViT-B-32")
     parser.add_argument("--runs", type=int, default=40, help="timed runs per latency figure")
     parser.add_argument("--concurrent-requests", type=int, default=25, help="requests per client, 8 clients")
     parser.add_argument("--cache-dir", default=str(ROOT / "bench-results" / "cache"))
     parser.add_argument("--out", default=None)
-    from benchmarks import bench_gpu
+    from benchmarks import bench_gpu, intake
 
     bench_gpu.add_arguments(parser)
+    intake.add_arguments(parser)
     args = parser.parse_args()
     mode = (
         "models"
@@ -390,6 +393,8 @@ def main():
         if args.numerics
         else "sweep"
         if args.sweep
+        else "intake"
+        if args.intake
         else "bench"
     )
     out = Path(args.out or ROOT / "bench-results" / f"{mode}.json")
@@ -400,13 +405,15 @@ def main():
     auto = precision.choose("auto", "cuda" if torch.cuda.is_available() else "cpu")
     report.update(dtypes=dtypes, auto={"dtype": auto.name, "reason": auto.reason})
     print(f"processor: {report['machine']['cpu']}; CLIP_DTYPE=auto -> {auto.name}: {auto.reason}")
-    if "bf16" not in dtypes and not args.numerics:
+    if "bf16" not in dtypes and not (args.numerics or args.intake):
         print(
             "bf16: not measured, this processor has no native bf16 (emulated bf16 is many times slower than "
             "fp32); force it with --dtypes fp32,bf16"
         )
 
-    if args.gpu:
+    if args.intake:
+        report["intake"] = intake.run(args)
+    elif args.gpu:
         report["gpu"] = bench_gpu.run(args)
         if report["gpu"] is None:
             return

@@ -92,6 +92,11 @@ class Batcher:
                 self._release(ticket)
                 self._cond.notify_all()
 
+    def full(self) -> bool:
+        """Whether not even one more image could be admitted now: a hint read without the lock (admit()
+        decides), so that a request can be refused before its body is parsed."""
+        return self._admitted >= self.max_queue
+
     def _release(self, ticket: Ticket | None) -> None:  # call with the lock held
         if ticket and ticket["counted"]:
             ticket["counted"] = False

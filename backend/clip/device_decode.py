@@ -28,6 +28,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
 from . import structure
+from .errors import ClientError
 from .images import MAX_ASPECT, sniff
 
 if TYPE_CHECKING:
@@ -81,34 +82,8 @@ class DeviceDecoder:
     # ---- request threads: header only, no torch ----
 
     def accept(self, data: bytes, max_pixels: int, shape: structure.JpegShape | None = None) -> DeviceJpeg | None:
-        """A DeviceJpeg when the bytes are a plain baseline JPEG within the limits, else None (Pillow path:
-        it gives every refusal, 413 and 400 included, in its own words). shape: the file's segment walk,
-        when the caller has made it already."""
-        if sniff(data) != "JPEG":
-            return None
-        if not structure.plain_single_scan(data, shape or structure.jpeg_shape(data, structure.Limits())):
-            return None
-        try:
-            image = Image.open(io.BytesIO(data), formats=["JPEG"])
-            width, height = image.size
-            info = image.info
-            if (
-                image.format != "JPEG"
-                or image.mode not in ("RGB", "L")
-                or getattr(image, "bits", 8) != 8
-                or info.get("progressive")
-                or info.get("progression")
-                or (image.mode == "RGB" and "adobe" in info and info.get("adobe_transform") == 0)
-                or not 1 <= width * height <= max_pixels
-                or max(width, height) > MAX_ASPECT * min(width, height)
-            ):
-                return None
-            orientation = image.getexif().get(ORIENTATION, 1)
-        except Exception:  # a header Pillow cannot read: its own path says why
-            return None
-        if orientation not in range(1, 9):
-            orientation = 1
-        return DeviceJpeg(data, width, height, orientation)
+        """read_header(): the device takes the JPEG, or None (the Pillow path)."""
+        return read_header(data, max_pixels, shape)
 
     # ---- the model thread ----
 
@@ -196,6 +171,48 @@ class DeviceDecoder:
             images = torch.nn.functional.avg_pool2d(images, scale, ceil_mode=True)
         images = F.resize(images, [self.resize], self.interpolation, antialias=True)
         return F.center_crop(images, [self.crop, self.crop])
+
+
+def admit(data: bytes, limits: structure.Limits, max_pixels: int) -> DeviceJpeg | None:
+    """A request thread's whole check of one picture for the device path: the decode-bomb checks (a
+    ClientError 400 image_too_complex), then read_header(). One segment walk serves both."""
+    fmt = sniff(data)
+    shape = structure.jpeg_shape(data, limits) if fmt == "JPEG" else None
+    problem = structure.shape_problem(shape, limits) if shape else structure.problem(fmt, data, limits)
+    if problem:  # before any header parse
+        raise ClientError(400, "image_too_complex", problem)
+    return read_header(data, max_pixels, shape)
+
+
+def read_header(data: bytes, max_pixels: int, shape: structure.JpegShape | None = None) -> DeviceJpeg | None:
+    """A DeviceJpeg when the bytes are a plain baseline JPEG within the limits, else None (Pillow path:
+    it gives every refusal, 413 and 400 included, in its own words). shape: the file's segment walk,
+    when the caller has made it already."""
+    if sniff(data) != "JPEG":
+        return None
+    if not structure.plain_single_scan(data, shape or structure.jpeg_shape(data, structure.Limits())):
+        return None
+    try:
+        image = Image.open(io.BytesIO(data), formats=["JPEG"])
+        width, height = image.size
+        info = image.info
+        if (
+            image.format != "JPEG"
+            or image.mode not in ("RGB", "L")
+            or getattr(image, "bits", 8) != 8
+            or info.get("progressive")
+            or info.get("progression")
+            or (image.mode == "RGB" and "adobe" in info and info.get("adobe_transform") == 0)
+            or not 1 <= width * height <= max_pixels
+            or max(width, height) > MAX_ASPECT * min(width, height)
+        ):
+            return None
+        orientation = image.getexif().get(ORIENTATION, 1)
+    except Exception:  # a header Pillow cannot read: its own path says why
+        return None
+    if orientation not in range(1, 9):
+        orientation = 1
+    return DeviceJpeg(data, width, height, orientation)
 
 
 def draft_scale(width: int, height: int, image_size: int) -> int:

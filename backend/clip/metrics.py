@@ -59,7 +59,11 @@ DURATION = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 IMAGES = Counter("clip_images_classified_total", "Images answered with predictions")
-SHED = Counter("clip_shed_images_total", "Images refused with 429: the admission limit (CLIP_MAX_QUEUE) was reached")
+SHED = Counter(
+    "clip_shed_images_total",
+    "Images refused with 429: the admission limit (CLIP_MAX_QUEUE) was reached (a request refused before its body "
+    "was parsed, the function already full, is counted in clip_requests_total only: its images are unknown)",
+)
 BATCH_SIZE = Histogram("clip_batch_size", "Images per forward pass", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64))
 QUEUE_WAIT = Histogram(
     "clip_queue_wait_seconds",

@@ -11,7 +11,7 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import IO, Any, cast
 
 import numpy as np
 from werkzeug.datastructures import MultiDict
@@ -24,6 +24,9 @@ from .images import SUPPORTED, sniff
 
 DATA_URL = re.compile(r"^data:([\w.+/-]*)((?:;[\w=.+-]+)*?)(;base64)?,", re.I)
 OPTION_KEYS = ("top_k", "labels", "label_set")
+# decode_text's clean-up: what \s matches in ASCII text is removed, but a space is a form's '+'.
+BASE64_DELETE = bytes(c for c in range(128) if chr(c).isspace() and c != 0x20)
+BASE64_TABLE = bytes.maketrans(b" -_", b"++/")
 FORM_EXTRA_PARTS = 8  # form parts beyond the images: options, a url, a browser's submit button
 
 
@@ -114,10 +117,10 @@ def _from_form(request: Request, body: bytes, mimetype: str, params: dict[str, s
     """Adds the form's images, URLs and options; False if it held neither image nor url field."""
     # Parts are counted while parsing: 300,000 tiny parts are refused at the first one too many.
     parser = FormDataParser(
-        max_form_memory_size=len(body) + 1, silent=False, max_form_parts=max_images + FORM_EXTRA_PARTS
+        _in_memory, max_form_memory_size=len(body) + 1, silent=False, max_form_parts=max_images + FORM_EXTRA_PARTS
     )
     try:
-        _, form, files = parser.parse(io.BytesIO(body), mimetype, len(body), params)
+        _, form, files = parser.parse(_reads(body, mimetype, params), mimetype, len(body), params)
     except RequestEntityTooLarge:
         raise ClientError(
             400,
@@ -141,6 +144,51 @@ def _from_form(request: Request, body: bytes, mimetype: str, params: dict[str, s
         if url.strip():
             request.add_url(url.strip())
     return "image" in files or "image" in form or "url" in form
+
+
+def _in_memory(*_args: Any, **_kwargs: Any) -> IO[bytes]:
+    """werkzeug's stream factory for a file part: the body is in memory already (at most MAX_BODY_BYTES),
+    so its parts stay there too. werkzeug's default spools each part into a SpooledTemporaryFile, which
+    goes to a file on disk past 500 KB."""
+    return io.BytesIO()
+
+
+class _UpToBoundaries(io.BytesIO):
+    """The body as werkzeug's multipart parser reads it: each read ends just before the line break and
+    boundary delimiter that close a part (or where werkzeug's read size ends it). werkzeug still parses
+    every byte; only where its reads stop changes. Why: a read holding a part's data and the boundary
+    after it is searched with werkzeug's boundary regex byte by byte (about 0.4 ms per 80 KB picture on a
+    2-core EPYC); a read holding no boundary is passed on after one bytes.find. Reads are at least
+    MIN_READ long, so a body stuffed with delimiter-like text is read in at most len/MIN_READ pieces."""
+
+    MIN_READ = 4096
+
+    def __init__(self, body: bytes, delimiter: bytes):
+        super().__init__(body)
+        self._body, self._delimiter = body, delimiter
+        self._next = 0  # the first delimiter at or after the last search's start; -1: none left
+
+    def read(self, size: int | None = -1) -> bytes:
+        start = self.tell()
+        if self._next != -1 and self._next < start + self.MIN_READ:  # passed it: search on (once per part)
+            self._next = self._body.find(self._delimiter, start + self.MIN_READ)
+        end = self._next
+        if end != -1:
+            # The line break before the delimiter goes with it: a read never ends between a CR and its LF.
+            if self._body[end - 1 : end] == b"\n":
+                end -= 1
+            if self._body[end - 1 : end] == b"\r":
+                end -= 1
+            if size is None or size < 0 or end - start < size:
+                size = end - start
+        return super().read(size)
+
+
+def _reads(body: bytes, mimetype: str, params: dict[str, str]) -> IO[bytes]:
+    boundary = params.get("boundary", "")
+    if mimetype != "multipart/form-data" or not boundary or not boundary.isascii():
+        return io.BytesIO(body)  # werkzeug reads it whole, or refuses it in its own words
+    return _UpToBoundaries(body, b"--" + boundary.encode("ascii"))
 
 
 def _from_json(request: Request, body: bytes, max_images: int) -> None:
@@ -170,7 +218,9 @@ def _from_json(request: Request, body: bytes, max_images: int) -> None:
 def _json_object(body: bytes) -> dict[str, Any]:
     try:
         doc = json.loads(body)
-        if b"\\u" in body:  # "\ud800" is valid JSON but no text: refuse lone surrogates anywhere
+        # "\ud800" is valid JSON but no text: refuse lone surrogates anywhere. (The one-byte search
+        # first: memchr, where the two-byte one costs 2 ms over 16 pictures of base64.)
+        if b"\\" in body and b"\\u" in body:
             json.dumps(doc, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
         raise ClientError(400, "invalid_json", "The JSON holds a string that is not valid Unicode text.") from None
@@ -192,9 +242,11 @@ def decode_text(raw: bytes) -> bytes:
         if not match.group(3):
             raise ClientError(400, "invalid_image", "Only base64 data URLs are supported.")
         text = text[match.end() :]
-    text = re.sub(r"\s+", "", text.replace(" ", "+"))  # a form's '+' arrives as a space
+    # One C pass: a form's '+' arrives as a space; other whitespace (line breaks) goes; URL-safe to standard.
+    # (re.sub over a photo's 100 KB of base64 cost 3 ms a picture.)
+    coded = text.encode("ascii").translate(BASE64_TABLE, BASE64_DELETE)
     try:
-        data = base64.b64decode(text.replace("-", "+").replace("_", "/") + "=" * (-len(text) % 4), validate=True)
+        data = base64.b64decode(coded + b"=" * (-len(coded) % 4), validate=True)
     except (binascii.Error, ValueError):
         raise ClientError(
             400, "invalid_image", f"The body is neither an image ({SUPPORTED}) nor valid base64."

@@ -11,13 +11,13 @@ from typing import Any, cast
 import numpy as np
 from PIL import Image
 
-from . import device_decode, metrics, remote, structure
+from . import device_decode, metrics, remote
 from . import model as model_module
 from .batcher import Batcher, DeadlineExceeded, QueueFull, Ticket, wait
 from .config import Settings
 from .decode_gate import DecodeGate
 from .errors import ClientError
-from .images import decode, open_image, sniff
+from .images import decode, open_image
 from .labels import LABEL_SETS, LabelStore
 from .options import Options, parse_options
 from .request import Item, Request
@@ -127,6 +127,13 @@ class Service:
         text = -(-self.labels.uncached(options.labels) // self.labels.chunk) if options.labels else 0
         return len(items) + min(text, max(0, self.batcher.max_queue - len(items)))  # labels alone always fit
 
+    def refuse_if_full(self) -> None:
+        """429 queue_full before the body is parsed when not even one image could be admitted: every
+        request holds at least one, so parsing it would only be refused after the work (a 16-image
+        body is milliseconds of host CPU, the resource a full function lacks)."""
+        if self.batcher.full():
+            raise _queue_full()
+
     def classify(self, request: Request) -> dict:
         """Raises ClientError for request-wide problems; per-image problems land in their result."""
         s = self.settings
@@ -140,9 +147,7 @@ class Service:
                 self._prepare_all(items, deadline)
                 self._encode(items, deadline, ticket)
         except QueueFull:
-            raise ClientError(
-                429, "queue_full", "The classifier is at capacity; retry shortly.", headers={"Retry-After": "1"}
-            ) from None
+            raise _queue_full() from None
         except DeadlineExceeded:
             raise ClientError(
                 504, "deadline_exceeded", f"No answer within the {s.deadline_s:g} s deadline; the classifier is busy."
@@ -180,12 +185,7 @@ class Service:
         """The bytes themselves, header-checked, when the model's device decodes them; else None."""
         if not self.device_decoder:
             return None
-        fmt = sniff(data)
-        shape = structure.jpeg_shape(data, self.limits) if fmt == "JPEG" else None  # one walk serves both
-        problem = structure.shape_problem(shape, self.limits) if shape else structure.problem(fmt, data, self.limits)
-        if problem:  # before any header parse
-            raise ClientError(400, "image_too_complex", problem)
-        return self.device_decoder.accept(data, self.settings.max_pixels, shape)
+        return device_decode.admit(data, self.limits, self.settings.max_pixels)
 
     def _with_pillow(self, data: bytes, deadline: float) -> np.ndarray:
         opened = open_image(data, self.settings.max_pixels, self.model.image_size, self.limits)
@@ -221,6 +221,10 @@ class Service:
         probs /= probs.sum()
         order = np.argsort(-probs, kind="stable")[:top_k]
         return [{"label": labels[i], "score": round(float(probs[i]), 6)} for i in order]
+
+
+def _queue_full() -> ClientError:
+    return ClientError(429, "queue_full", "The classifier is at capacity; retry shortly.", headers={"Retry-After": "1"})
 
 
 def _device_decoder(model: model_module.ClipModel, mode: str) -> device_decode.DeviceDecoder | None:
