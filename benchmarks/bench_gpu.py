@@ -256,9 +256,29 @@ def served(args, device, workdir):
                         "ready_s": ready_s,
                         **wrk_run(wrk, fn.url, body, connections, args.duration, script),
                     }
+                    row["memory_mb"] = host_memory_mb(fn.host_pid)  # after the load: what the workers hold
                     out.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
     return out
+
+
+def host_memory_mb(pid):
+    """Resident memory (MB) of the template host `pid` and of each of its worker processes, from /proc."""
+
+    def rss(p):
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+        return None
+
+    workers = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rpartition(")")[2].split()[1]) == pid:
+                workers.append(rss(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            pass  # gone meanwhile
+    return {"host": rss(pid), "workers": sorted(w for w in workers if w is not None)}
 
 
 def run(args):
@@ -303,7 +323,8 @@ def run(args):
                 f"served, {r['workers']} workers, {r['request']}, {r['connections']} conn",
                 r["images_per_s"],
                 f"p50 {r['p50_ms']:.0f} / p99 {r['p99_ms']:.0f} ms, 5xx {r['server_errors_5xx']}, "
-                f"429 {r['statuses'].get('429', 0)}, GPU {r.get('gpu_util_mean_pct', float('nan')):.0f} %",
+                f"429 {r['statuses'].get('429', 0)}, GPU {r.get('gpu_util_mean_pct', float('nan')):.0f} %, "
+                f"RSS per worker {max(r['memory_mb']['workers'] or [r['memory_mb']['host']]):.0f} MB",
             )
         )
     print_table(["figure", "images/s", "detail"], rows)

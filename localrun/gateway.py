@@ -24,6 +24,7 @@ import waitress.utilities
 from waitress import create_server
 from werkzeug.wrappers import Request, Response
 
+from localrun import netns
 from localrun.functions import FunctionProcess
 from localrun.layout import ROOT
 
@@ -132,9 +133,13 @@ def main():
     parser.add_argument(
         "--watchdog",
         metavar="FWATCHDOG",
-        help="run each function behind this of-watchdog binary, as its image does (the tests do)",
+        help="run each function behind this of-watchdog binary, as its image does (the tests do); "
+        "each in a network namespace of its own, so as root with iproute2",
     )
     args = parser.parse_args()
+    if args.watchdog and not args.upstream and netns.problem():
+        # of-watchdog 0.11.6 always binds :8081: a second one on this network would panic
+        parser.error(f"--watchdog needs a network namespace per function: {netns.problem()}")
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
     waitress.utilities.Error.to_response = protocol_error_as_json
     functions = {}

@@ -24,7 +24,9 @@ from werkzeug.wrappers import Request, Response
 from werkzeug.wsgi import ClosingIterator
 
 lifecycle.load_env_file("function.env")  # before the handler reads its settings
-from function import handler  # noqa: E402
+# function/handler.py, imported by main() once this host listens: connections that come while the
+# function's modules load (a watchdog's, as the function starts) wait in the backlog, not refused.
+handler: Any = None
 
 LOG = logging.getLogger("host")
 HOST = os.environ.get("FUNCTION_HOST", "127.0.0.1")
@@ -139,6 +141,9 @@ def main() -> None:
     # the listening socket is made here and handed to waitress (its `sockets` argument): its
     # connections say whether they hold unfinished work, which the drain waits for
     listener = lifecycle.Listener.wrap(workers.listen_socket(HOST, PORT))
+    global handler
+    from function import handler
+
     server = create_server(
         app,
         sockets=[listener],
