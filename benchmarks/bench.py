@@ -37,7 +37,8 @@ from PIL import Image
 
 from benchmarks.measure import RssSampler, machine, percentile, print_table
 from benchmarks.pictures import jpeg, photo
-from localrun import ROOT, FunctionProcess, Stack
+from localrun import ROOT, FunctionProcess, Stack, netns
+from localrun.of_watchdog import find_fwatchdog
 
 # Published zero-shot CIFAR-100 accuracy (open_clip's results table; MobileCLIP2 from Apple's tables).
 MODELS = [
@@ -195,6 +196,17 @@ def serve_figures(args, raws):
         gateway = Stack(workdir / "gateway", upstreams={d: fn.port for d, fn in fns.items()})
         stack.callback(gateway.stop, 10)
         gateway_url = gateway.start(timeout=30, interval=0.1).url
+        # the same function behind the real of-watchdog, as its image runs it (the hop every deployment has)
+        watchdog = find_fwatchdog()
+        why_not = "no fwatchdog (FWATCHDOG, PATH, ../shared/bin)" if not watchdog else netns.problem()
+        behind = {}
+        if why_not:
+            print(f"bench: the of-watchdog figure is skipped: {why_not}", file=sys.stderr)
+        else:
+            behind = {
+                d: stack.enter_context(FunctionProcess("clip", workdir / f"watchdog-{d}", env, watchdog=watchdog))
+                for d, env in envs.items()
+            }
         session = stack.enter_context(requests.Session())
         session.trust_env = False
 
@@ -214,6 +226,8 @@ def serve_figures(args, raws):
             named[f"raw {d}"] = ((lambda c=raws[d], x=one: c.encode_images(x)), args.runs // rounds)
             named[f"small {d}"] = ((lambda u=fn.url: once(u, small)), args.runs // rounds)
             named[f"gateway {d}"] = ((lambda u=f"{gateway_url}/function/{d}": once(u, small)), args.runs // rounds)
+            if d in behind:
+                named[f"watchdog {d}"] = ((lambda u=behind[d].url: once(u, small)), args.runs // rounds)
             named[f"large {d}"] = ((lambda u=fn.url: once(u, large)), max(10, args.runs // 2) // rounds)
             inside[d] = stages(raws[d], small, label_set)  # in the same rounds: the same drift as the HTTP figures
             named.update({f"stage {d} {n}": (f, args.runs // rounds) for n, f in inside[d].items()})
@@ -230,6 +244,9 @@ def serve_figures(args, raws):
             split["gateway hop (scripts/serve's proxy)"] = (
                 results[d]["gateway_224_p50_ms"] - results[d]["http_224_p50_ms"]
             )
+            if d in behind:
+                results[d]["watchdog_224_p50_ms"] = medians[f"watchdog {d}"] * 1000
+                results[d]["watchdog_hop_ms"] = results[d]["watchdog_224_p50_ms"] - results[d]["http_224_p50_ms"]
             results[d]["stages_224_ms"] = split
 
         def client(url, count):
@@ -327,6 +344,11 @@ def figures_table(r, dtype):
         ("raw encode_image, batch 8 (images/s)", raw8, None, None, ""),
         against("HTTP p50, 224×224 JPEG (ms)", p50, raw1, f"≤ {t['single']}"),
         against("HTTP via gateway p50, 224×224 JPEG (ms)", r["gateway_224_p50_ms"], raw1),
+        *(
+            [against("HTTP via of-watchdog p50, 224×224 JPEG (ms)", r["watchdog_224_p50_ms"], raw1)]
+            if "watchdog_224_p50_ms" in r
+            else []
+        ),
         against(
             f"HTTP, 8 concurrent clients (images/s; CLIP_MAX_BATCH {r['max_batch']})",
             r["http_8_clients_images_per_s"],
