@@ -9,6 +9,7 @@ caller reaches the watchdog at `inside`. Needs root and iproute2's `ip`, and uti
 """
 
 import atexit
+import functools
 import os
 import shutil
 import subprocess
@@ -18,13 +19,19 @@ PREFIX = "localrun"  # namespaces are named localrun-<owner pid>-<slot>, links l
 SLOTS = 16384  # one /30 of 10.213.0.0/16 each
 
 
+@functools.cache
 def problem() -> str | None:
-    """Why namespaces cannot be made here, or None when they can."""
+    """Why namespaces cannot be made here, or None when they can (tried once: root in a container may
+    still lack the capability)."""
     if os.geteuid() != 0:
         return "network namespaces need root"
     missing = [tool for tool in ("ip", "nsenter") if not shutil.which(tool)]
     if missing:
         return f"{' and '.join(missing)} not found (iproute2, util-linux)"
+    try:
+        Network().close()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        return f"cannot make a network namespace here ({exc})"
     return None
 
 
@@ -49,8 +56,11 @@ class Network:
         for slot in range(SLOTS) if wanted is None else [wanted]:
             outer, inner = f"lr{slot}o", f"lr{slot}i"
             # creating the link is the claim on a slot: it fails if another process holds it
-            if _ip("link", "add", outer, "type", "veth", "peer", "name", inner, check=False).returncode == 0:
+            made = _ip("link", "add", outer, "type", "veth", "peer", "name", inner, check=False)
+            if made.returncode == 0:
                 break
+            if "exists" not in made.stderr:  # not a taken slot: no permission, no veth support
+                raise RuntimeError(f"cannot add a veth pair: {made.stderr.strip()}")
         else:
             raise RuntimeError(f"no free veth slot for a watchdog's network (wanted: {wanted})")
         atexit.register(self.close)
