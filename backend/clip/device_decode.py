@@ -81,9 +81,9 @@ class DeviceDecoder:
 
     # ---- request threads: header only, no torch ----
 
-    def accept(self, data: bytes, max_pixels: int, shape: structure.JpegShape | None = None) -> DeviceJpeg | None:
+    def accept(self, data: bytes, max_pixels: int) -> DeviceJpeg | None:
         """read_header(): the device takes the JPEG, or None (the Pillow path)."""
-        return read_header(data, max_pixels, shape)
+        return read_header(data, max_pixels)
 
     # ---- the model thread ----
 

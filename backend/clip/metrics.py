@@ -184,32 +184,19 @@ def worker_exiting() -> None:
 def forget_dead_workers() -> None:
     """A worker that crashed never ran worker_exiting(): its live gauges (queue, admitted images, memory)
     would stay in the function's sums for good. Any process whose files are here but that no longer
-    runs is marked dead."""
+    exists is marked dead."""
     pids = {
         int(m.group(1))
         for name in os.listdir(MULTIPROCESS_DIR)
         if (m := re.fullmatch(r"gauge_live\w+_(\d+)\.db", name))
     }
     for pid in pids - {os.getpid()}:
-        if not _running(pid):
-            multiprocess.mark_process_dead(pid)
-
-
-def _running(pid: int) -> bool:
-    """Whether a process exists and has not exited: a zombie (killed, not yet reaped by its parent) has."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc: existence only
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            return False
+            multiprocess.mark_process_dead(pid)
         except PermissionError:  # alive, someone else's
             pass
-        return True
 
 
 # ---- the service's hooks -------------------------------------------------------------------------
