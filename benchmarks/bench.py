@@ -37,8 +37,8 @@ from PIL import Image
 
 from benchmarks.measure import RssSampler, machine, percentile, print_table
 from benchmarks.pictures import jpeg, photo
-from localrun import ROOT, FunctionProcess, Stack, netns
-from localrun.of_watchdog import find_fwatchdog
+from localrun import ROOT, FunctionProcess, Stack
+from localrun.of_watchdog import watchdog_for_many
 
 # Published zero-shot CIFAR-100 accuracy (open_clip's results table; MobileCLIP2 from Apple's tables).
 MODELS = [
@@ -197,8 +197,7 @@ def serve_figures(args, raws):
         stack.callback(gateway.stop, 10)
         gateway_url = gateway.start(timeout=30, interval=0.1).url
         # the same function behind the real of-watchdog, as its image runs it (the hop every deployment has)
-        watchdog = find_fwatchdog()
-        why_not = "no fwatchdog (FWATCHDOG, PATH, ../shared/bin)" if not watchdog else netns.problem()
+        watchdog, why_not = watchdog_for_many()
         behind = {}
         if why_not:
             print(f"bench: the of-watchdog figure is skipped: {why_not}", file=sys.stderr)

@@ -22,10 +22,10 @@ class FunctionProcess:
     """One function, started with the template's fprocess from its own build context, alone or behind
     the of-watchdog binary `watchdog`. env's FUNCTION_PORT, if given, is the port clients use; `replaces`,
     a stopped FunctionProcess whose address and port this one takes over.
-    (of-watchdog 0.11.6 serves its metrics on :8081, always: one watchdog per network namespace.
-    `isolate` None: a namespace of its own where localrun.netns can make one.)"""
+    (of-watchdog 0.11.6 serves its metrics on :8081, always: one watchdog per network namespace, where
+    localrun.netns can make one.)"""
 
-    def __init__(self, name, workdir, env=None, log_to_file=True, watchdog=None, isolate=None, replaces=None):
+    def __init__(self, name, workdir, env=None, log_to_file=True, watchdog=None, replaces=None):
         self.name = name
         self.dir = layout(FUNCTION_DIRS[name], Path(workdir) / name)
         self.tmp = self.dir / "tmp"
@@ -33,10 +33,8 @@ class FunctionProcess:
         env = dict(env or {})
         self.port = int(env.pop("FUNCTION_PORT", 0)) or (replaces.port if replaces else free_port())
         self.watchdog = watchdog
-        if isolate is None:
-            isolate = bool(watchdog) and netns.problem() is None
         slot = replaces.network.slot if replaces and replaces.network else None
-        self.network = netns.Network(slot) if isolate else None
+        self.network = netns.Network(slot) if watchdog and netns.problem() is None else None
         address, host_address = (self.network.inside, self.network.outside) if self.network else ("127.0.0.1",) * 2
         self.host_port = free_port() if self.watchdog else self.port
         self.address = (address, self.port)  # where clients connect

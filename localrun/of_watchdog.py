@@ -11,6 +11,7 @@ import shlex
 import shutil
 from pathlib import Path
 
+from localrun import netns
 from localrun.layout import ROOT, TEMPLATE
 
 # Where the watchdog's own settings differ from the image's on purpose: the drain's pause before it
@@ -28,6 +29,16 @@ def find_tool(name: str, variable: str) -> str | None:
 
 def find_fwatchdog() -> str | None:
     return find_tool("fwatchdog", "FWATCHDOG")
+
+
+def watchdog_for_many() -> tuple[str | None, str | None]:
+    """(fwatchdog, None) when any number of functions can run behind it at once (each in a network
+    namespace of its own: localrun.netns), else (None, why not)."""
+    found = find_fwatchdog()
+    if not found:
+        return None, "no fwatchdog (of-watchdog 0.11.6): set FWATCHDOG, put it on PATH or in ../shared/bin"
+    why_not = netns.problem()
+    return (None, why_not) if why_not else (found, None)
 
 
 def image_environment(dockerfile: Path = TEMPLATE / "Dockerfile") -> dict[str, str]:

@@ -7,16 +7,10 @@ container runs it: a watchdog-level defect then fails the tests that meet it. El
 run bare, and WATCHDOG_ABSENT says why (pytest's header shows it)."""
 
 import localrun
-from localrun import ROOT, free_port, netns, wait_until  # noqa: F401
-from localrun.of_watchdog import find_fwatchdog
+from localrun import ROOT, free_port, wait_until  # noqa: F401
+from localrun.of_watchdog import watchdog_for_many
 
-_FOUND = find_fwatchdog()
-WATCHDOG_ABSENT = (
-    "no fwatchdog (of-watchdog 0.11.6): set FWATCHDOG, put it on PATH or in ../shared/bin"
-    if not _FOUND
-    else netns.problem()
-)
-WATCHDOG = None if WATCHDOG_ABSENT else _FOUND
+WATCHDOG, WATCHDOG_ABSENT = watchdog_for_many()
 
 
 class FunctionProcess(localrun.FunctionProcess):
