@@ -14,8 +14,8 @@ Main phase: N clients (one requests.Session each, a timeout on every request) se
 (raw JPEG and PNG, a large JPEG, multipart with options, JSON base64, a data URL, custom labels, a batch
 of two) and, with probability --bad-fraction, bad ones (random bytes, a truncated JPEG, text, an empty body,
 broken JSON, top_k=abc, a PNG decompression-bomb header, an unknown label_set, a PUT), each with the
-status and error code it must get. A good input may also get 429 with Retry-After (counted apart; the
-client then waits as told). Any other status or code is unexpected; a body that is not the contract's
+status and error code it must get. Any POST may also get 429 with Retry-After, bad ones too: a full
+function refuses before it reads the body (counted apart; the client then waits as told). Any other status or code is unexpected; a body that is not the contract's
 JSON is a contract violation; a requests exception is a connection error. The resident memory of the
 clip process (and its children) is sampled every second.
 

@@ -305,25 +305,35 @@ def batch_figures(before, after):
 # ---- the phases --------------------------------------------------------------------------------
 
 
+def measured_load(stack, clients, duration, good, bad, bad_fraction, seed, interval=1.0, honor_retry_after=True):
+    """One load on the stack with the server's batch counters, clip's metrics and clip's memory taken
+    around it: (its summary with "server" and "metrics" added, the RSS sampler, clip's process)."""
+    process = stack.clip_process()
+    stats0, metrics0 = server_stats(stack), clip_metrics(stack)
+    with RssSampler(process, interval=interval) as sampler:
+        records, elapsed = run_load(
+            stack.urls, good, bad, clients, duration, bad_fraction, seed, honor_retry_after=honor_retry_after
+        )
+    stats1, metrics1 = server_stats(stack), clip_metrics(stack)
+    result = summarize(records, elapsed)
+    result["server"] = batch_figures(stats0, stats1)
+    result["metrics"] = metric_figures(metrics0, metrics1)
+    return result, sampler, process
+
+
 def main_phase(args, stack, good, bad):
     warm = warm_up(stack.urls, good, bad)
     warm_problems = [r for r in warm if r.kind]
     for r in warm_problems:
         print(f"warm-up: {r.payload}: {r.problem}", file=sys.stderr)
-    stats0, metrics0 = server_stats(stack), clip_metrics(stack)
-    process = stack.clip_process()
-    rss_ready = tree_rss(process)
+    rss_ready = tree_rss(stack.clip_process())
     print(
         f"main phase: {args.clients} clients, {args.duration:g} s, {args.bad_fraction:.0%} bad, "
         f"target {args.target} ({', '.join(stack.urls)})",
         file=sys.stderr,
         flush=True,
     )
-    with RssSampler(process) as sampler:
-        records, elapsed = run_load(stack.urls, good, bad, args.clients, args.duration, args.bad_fraction, args.seed)
-    stats1, metrics1 = server_stats(stack), clip_metrics(stack)
-    result = summarize(records, elapsed)
-    result["metrics"] = metric_figures(metrics0, metrics1)
+    result, sampler, _ = measured_load(stack, args.clients, args.duration, good, bad, args.bad_fraction, args.seed)
     result["warm_up_problems"] = [
         {"payload": r.payload, "status": r.status, "problem": r.problem} for r in warm_problems
     ]
@@ -339,7 +349,6 @@ def main_phase(args, stack, good, bad):
         "growth_pct": (end[1] - mid[1]) / mid[1] * 100,
         "samples_mb": [[round(t, 1), round(b / 2**20, 1)] for t, b in sampler.samples],
     }
-    result["server"] = batch_figures(stats0, stats1)
     return result
 
 
@@ -350,14 +359,10 @@ def hostile_phase(args, stack, good, hostile, main):
         file=sys.stderr,
         flush=True,
     )
-    process, stats0, metrics0 = stack.clip_process(), server_stats(stack), clip_metrics(stack)
-    with RssSampler(process, interval=0.5) as sampler:
-        records, elapsed = run_load(stack.urls, good, hostile, args.clients, args.hostile_duration, 0.5, args.seed + 2)
-    stats1, metrics1 = server_stats(stack), clip_metrics(stack)
+    result, sampler, process = measured_load(
+        stack, args.clients, args.hostile_duration, good, hostile, 0.5, args.seed + 2, interval=0.5
+    )
     time.sleep(5)  # idle: what the decodes took is given back
-    result = summarize(records, elapsed)
-    result["server"] = batch_figures(stats0, stats1)
-    result["metrics"] = metric_figures(metrics0, metrics1)
     result["rss"] = {
         "before_mb": main["rss"]["end_mb"],
         "peak_mb": sampler.peak / 2**20,
@@ -372,22 +377,17 @@ def overload_phase(args, stack, good, bad, label):
         file=sys.stderr,
         flush=True,
     )
-    stats0, metrics0 = server_stats(stack), clip_metrics(stack)
-    with RssSampler(stack.clip_process(), interval=0.5) as sampler:
-        records, elapsed = run_load(
-            stack.urls,
-            good,
-            bad,
-            args.overload_clients,
-            args.overload_duration,
-            args.bad_fraction,
-            args.seed + 1,
-            honor_retry_after=not args.no_backoff,
-        )
-    stats1, metrics1 = server_stats(stack), clip_metrics(stack)
-    result = summarize(records, elapsed)
-    result["metrics"] = metric_figures(metrics0, metrics1)
+    result, sampler, _ = measured_load(
+        stack,
+        args.overload_clients,
+        args.overload_duration,
+        good,
+        bad,
+        args.bad_fraction,
+        args.seed + 1,
+        interval=0.5,
+        honor_retry_after=not args.no_backoff,
+    )
     result["label"] = label
     result["rss_peak_mb"] = sampler.peak / 2**20
-    result["server"] = batch_figures(stats0, stats1)
     return result
