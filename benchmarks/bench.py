@@ -99,7 +99,7 @@ def raw_model(name, runs, dtype="fp32"):
 
 
 def original_design(name, image_bytes, tokenizer_labels):
-    """What the replaced projects did per request: create the model, encode 100 prompts, then the image."""
+    """The baseline without a warm model: every request creates the model, encodes 100 prompts, then the image."""
     import open_clip
 
     started = time.perf_counter()
@@ -323,7 +323,8 @@ def numerics(name, templates=None, images=8):
     }
 
 
-# Targets: fp32 as before; bf16 from issue 15 (its forward pass is half as long, so overhead weighs twice).
+# Targets (a figure's ratio to its reference): bf16's are looser, its forward pass being half as long
+# (the same overhead weighs twice).
 TARGETS = {
     "fp32": {"single": 1.15, "clients": 0.90, "large": 1.5},
     "bf16": {"single": 1.25, "clients": 0.85, "large": 2.0},

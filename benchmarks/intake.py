@@ -7,7 +7,7 @@ a multipart form (as bench_gpu's "sixteen.multipart") and sixteen base64 strings
 it times the function's own code: clip.request.parse_request, then, per picture, the device path's checks
 (clip.device_decode.admit: the decode-bomb segment walk and the header read). No model is loaded. Figures
 are medians over many rounds, per request and per picture; the processor is named, as the budget is per
-core (issue 12: 2 ms of host CPU per picture on a 16-core H100 host for 8,000 images/s).
+core (2 ms of host CPU per picture is what a 16-core H100 host can spend at 8,000 images/s).
 """
 
 import base64

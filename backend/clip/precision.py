@@ -19,11 +19,11 @@ NAMES = {dtype: name for name, dtype in DTYPES.items()}
 SETTINGS = ("auto", *DTYPES)
 # bf16 must beat fp32 by this factor at start: a tie is not worth bf16's rounding.
 BF16_MUST_BE_FASTER = 0.9
-# CLIP_MAX_BATCH when unset (docs/performance.md). fp32 on a CPU: today's 8 (measured on a quiet day:
-# 21.6 images/s at batch 8 against 13.3 at batch 1; where it flattens beyond 8 is not yet measured).
-# bf16 on a CPU: not measurable on a processor without native bf16; from AMX figures (94-118 images/s
-# at batch 8, 138 at 32): 16 takes most of that gain while two batches still fit CLIP_MAX_QUEUE's 32,
-# one computing while the next fills. CUDA: as clip.gpu.yml (a GPU gains far beyond; 16 bounds the wait).
+# CLIP_MAX_BATCH when unset (docs/performance.md). fp32 on a CPU: 8 (2-core AMD EPYC: 21.6 images/s at
+# batch 8 against 13.3 at batch 1; whether fp32 gains beyond 8 has not been measured). bf16 on a CPU:
+# 16, from a 2-core AMX Xeon's raw encode_image (94-118 images/s at batch 8, 138 at 32): 16 takes most
+# of that gain while two batches still fit CLIP_MAX_QUEUE's 32, one computing while the next fills.
+# CUDA: 16, which bounds the wait; a GPU gains far beyond it (clip.gpu.yml sets 64, measured on an H100).
 DEFAULT_MAX_BATCH = {
     ("cpu", torch.float32): 8,
     ("cpu", torch.bfloat16): 16,
