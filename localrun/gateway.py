@@ -24,7 +24,7 @@ import waitress.utilities
 from waitress import create_server
 from werkzeug.wrappers import Request, Response
 
-from localrun import netns
+from localrun import hub, netns
 from localrun.functions import FunctionProcess
 from localrun.layout import ROOT
 
@@ -174,11 +174,12 @@ def main():
     if env.get("CLIP_URL"):
         LOG.info("CLIP_URL=%s: running index only", env["CLIP_URL"])  # fronting a remote clip
     else:
-        functions["clip"] = FunctionProcess("clip", build_root, env, False, args.watchdog)
+        clip_env = hub.offline_if_unreachable(env)
+        functions["clip"] = FunctionProcess("clip", build_root, clip_env, log_to_file=False, watchdog=args.watchdog)
         # index calls clip's own process, not back through this gateway: with every gateway thread
         # waiting on index, index's calls would queue behind them (the real gateway has no such pool).
         env = {**env, "CLIP_URL": functions["clip"].url + "/"}
-    functions["index"] = FunctionProcess("index", build_root, env, False, args.watchdog)
+    functions["index"] = FunctionProcess("index", build_root, env, log_to_file=False, watchdog=args.watchdog)
     for fn in functions.values():
         fn.start(wait_ready=False)
         LOG.info("%s: pid %d on %s", fn.name, fn.process.pid, fn.url)

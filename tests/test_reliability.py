@@ -398,8 +398,35 @@ def test_weights_that_cannot_be_downloaded_are_one_clear_message(tmp_path):
         assert fn.process.poll() is None and not fn.lock.exists()  # up, never ready
         log = fn.output()
         assert log.count("CLIP_PRETRAINED=none") == 1 and "Traceback" not in log
+        assert "Failed to download weights" not in log  # open_clip's own line would say it a second time
     finally:
         fn.stop()
+
+
+def test_scripts_serve_without_the_hub_starts_clip_offline_with_one_clear_message(tmp_path):
+    """No retries against an unreachable hub: the local gateway asks once, then clip runs offline."""
+    with socket.socket() as closed:  # a port nobody listens on: the hub refuses at once
+        closed.bind(("127.0.0.1", 0))
+        hub = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    port = free_port()
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "CLIP_MODEL": "ViT-B-32",
+           "CLIP_PRETRAINED": "laion2b_s34b_b79k", "CLIP_CACHE_DIR": str(tmp_path / "c"), "HF_ENDPOINT": hub}
+    process = gateway(port, env)
+    try:
+        def described():
+            try:
+                return requests.get(f"http://127.0.0.1:{port}/function/clip", timeout=5).json()
+            except (requests.RequestException, ValueError):
+                return {}
+        # clip's own description (its "error" a sentence), not the gateway's 502 while clip starts
+        wait_until(lambda: isinstance(described().get("error"), str), 300, 0.5, "clip to say why it is not ready")
+        assert "CLIP_PRETRAINED=none" in described()["error"] and "local-dir:" in described()["error"]
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=90)[0].decode()
+    assert f"{hub} is not reachable" in output and "HF_HUB_OFFLINE=1" in output
+    assert "Retrying in" not in output and "Failed to download weights" not in output
+    assert output.count("CLIP_PRETRAINED=none") == 1 and "Traceback" not in output
 
 
 @pytest.mark.parametrize("raw", [

@@ -181,6 +181,8 @@ def _load(name: str, tag: str | None, pretrained: str, cache_dir: str | None) ->
     """open_clip's model (in eval mode) and eval transform; tag None: the schema's own weights, or
     random ones (CLIP_PRETRAINED=none)."""
     weights_dir = os.path.join(cache_dir, "weights") if cache_dir else None
+    root = logging.getLogger()  # open_clip logs through the root logger
+    root.addFilter(_quiet_download_error)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag, cache_dir=weights_dir)
     except RuntimeError as exc:
@@ -192,12 +194,19 @@ def _load(name: str, tag: str | None, pretrained: str, cache_dir: str | None) ->
             "open_clip_config.json and the weights, or try the service with CLIP_PRETRAINED=none "
             "(random weights: predictions are meaningless)."
         ) from None
+    finally:
+        root.removeFilter(_quiet_download_error)
     model.eval()
     if "MobileCLIP" in name:  # reparameterise MobileOne blocks for inference, as open_clip documents
         from timm.utils import reparameterize_model
 
         model = reparameterize_model(model)
     return model, preprocess
+
+
+def _quiet_download_error(record: logging.LogRecord) -> bool:
+    """open_clip logs its own ERROR before it raises; clip says it once, with the ways out."""
+    return not record.getMessage().startswith("Failed to download weights")
 
 
 def _display_name(name: str) -> str:
