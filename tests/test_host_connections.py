@@ -1,13 +1,9 @@
 """The template host's own view of its connections (lifecycle.Listener), which the SIGTERM drain waits on:
 a connection is busy from the first byte of a request until its answer has gone out whole."""
 import socket
-import sys
-from pathlib import Path
 
+import lifecycle
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "template" / "python3-debian"))
-import lifecycle  # noqa: E402
 
 
 @pytest.fixture
