@@ -15,9 +15,10 @@ Main phase: N clients (one requests.Session each, a timeout on every request) se
 of two) and, with probability --bad-fraction, bad ones (random bytes, a truncated JPEG, text, an empty body,
 broken JSON, top_k=abc, a PNG decompression-bomb header, an unknown label_set, a PUT), each with the
 status and error code it must get. Any POST may also get 429 with Retry-After, bad ones too: a full
-function refuses before it reads the body (counted apart; the client then waits as told). Any other status or code is unexpected; a body that is not the contract's
-JSON is a contract violation; a requests exception is a connection error. The resident memory of the
-clip process (and its children) is sampled every second.
+function refuses before it reads the body (counted apart; the client then waits as told). Any other
+status or code is unexpected; a body that is not the contract's JSON is a contract violation; a requests
+exception is a connection error. The resident memory of the clip process (and its children) is sampled
+every second.
 
 Hostile phase (unless --no-hostile, --hostile-duration s, default 30): the same clients, half of their
 requests bombs and floods (JPEGs padded with fill bytes or empty segments or 500 scans, an RLE BMP, a

@@ -1,7 +1,6 @@
 """scripts/loadtest: python -m benchmarks.loadtest --help (the package's docstring says what it does)."""
 
 import argparse
-import math
 import sys
 import tempfile
 import time
@@ -9,13 +8,12 @@ from pathlib import Path
 
 import benchmarks.loadtest
 from benchmarks.loadtest.payloads import hostile_payloads, payloads
-from benchmarks.loadtest.report import finish, rows_for
+from benchmarks.loadtest.report import finish, hostile_rows, main_rows, new_report, overload_rows, p99_bound
 from benchmarks.loadtest.run import Target, hostile_phase, main_phase, overload_phase
-from benchmarks.measure import machine
 from localrun import ROOT
 
 
-def main():
+def parse_args():
     doc = benchmarks.loadtest.__doc__
     parser = argparse.ArgumentParser(
         prog="scripts/loadtest",
@@ -57,6 +55,11 @@ def main():
     if args.quick:
         args.duration, args.overload_duration = min(args.duration, 20), min(args.overload_duration, 5)
         args.hostile_duration = min(args.hostile_duration, 10)
+    return args
+
+
+def main():
+    args = parse_args()
     out = Path(args.json or ROOT / "bench-results" / f"loadtest-{time.strftime('%Y%m%d-%H%M%S')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -73,86 +76,24 @@ def main():
             f"no label-embedding cache in {cache}: the first start builds it (minutes on a small CPU)", file=sys.stderr
         )
     good, bad = payloads()
-    report = {
-        "machine": machine(),
-        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "config": {**vars(args), "env": env},
-        "payloads": {
-            "good": {p.name: {"bytes": len(p.body), "weight": p.weight} for p in good},
-            "bad": {p.name: {"bytes": len(p.body), "expect": list(p.statuses), "codes": list(p.codes)} for p in bad},
-        },
-    }
+    report = new_report(vars(args), env, good, bad)
     workdir = Path(tempfile.mkdtemp(prefix="clip-loadtest-"))
-    rows = []
 
     started = time.perf_counter()
     stack = Target(args.target, env, workdir / "main").start()
     print(f"ready in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     try:
         first = report["main"] = main_phase(args, stack, good, bad)
-        rss = first["rss"]
-        rows += rows_for(first, "", limits=True)
-        rows += [
-            (
-                "warm-up problems (every input once)",
-                len(first["warm_up_problems"]),
-                "= 0",
-                not first["warm_up_problems"],
-            ),
-            ("clip RSS ready / peak (MB)", f"{rss['ready_mb']:.0f} / {rss['peak_mb']:.0f}", "", ""),
-            (
-                f"clip RSS at t={rss['mid_t_s']:g} s / t={rss['end_t_s']:g} s (MB)",
-                f"{rss['mid_mb']:.0f} / {rss['end_mb']:.0f}",
-                "",
-                "",
-            ),
-            ("clip RSS growth, mid -> end (%)", round(rss["growth_pct"], 2), "< 10", rss["growth_pct"] < 10),
-        ]
+        rows = main_rows(first)
         limits = stack.describe().get("limits") or {}
+        bound = p99_bound(first, limits)
         if not args.no_hostile:
             hostile = report["hostile"] = hostile_phase(args, stack, good, hostile_payloads(), first)
-            prefix, rss = "hostile: ", hostile["rss"]
-            p50, p99 = first["latency_ms"]["p50"], hostile["latency_ms"]["p99"]
-            queue, max_batch = limits.get("max_queue", 32), limits.get("max_batch", 8)
-            bound = 1.5 * (math.ceil(queue / max_batch) + 1) * p50 if p50 is not None else float("nan")
-            rows += rows_for(hostile, prefix, limits=True)
-            rows += [
-                (
-                    f"{prefix}p99 of normal 200s (ms)",
-                    "-" if p99 is None else f"{p99:,.0f}",
-                    f"≤ {bound:,.0f}",
-                    p99 is not None and p99 <= bound,
-                ),
-                (
-                    f"{prefix}clip RSS before / peak / after 5 s idle (MB)",
-                    f"{rss['before_mb']:.0f} / {rss['peak_mb']:.0f} / {rss['after_idle_mb']:.0f}",
-                    "",
-                    "",
-                ),
-                (
-                    f"{prefix}RSS after idle vs before (%)",
-                    round((rss["after_idle_mb"] / rss["before_mb"] - 1) * 100, 1),
-                    "< 15",
-                    rss["after_idle_mb"] < 1.15 * rss["before_mb"],
-                ),
-            ]
+            rows += hostile_rows(hostile, bound)
         if not args.no_overload:
             over = report["overload"] = overload_phase(args, stack, good, bad, "default settings")
-            prefix = "overload: "
-            p50, p99 = first["latency_ms"]["p50"], over["latency_ms"]["p99"]
-            queue, max_batch = limits.get("max_queue", 32), limits.get("max_batch", 8)
-            bound = 1.5 * (math.ceil(queue / max_batch) + 1) * p50 if p50 is not None else float("nan")
             over["p99_bound_ms"] = bound
-            rows += rows_for(over, prefix, limits=True)
-            rows += [
-                (f"{prefix}requests shed with 429 (max_queue {queue})", over["shed_429"], "> 0", over["shed_429"] > 0),
-                (
-                    f"{prefix}p99 of 200s (ms)",
-                    "-" if p99 is None else f"{p99:,.0f}",
-                    f"≤ {bound:,.0f}",
-                    p99 is not None and p99 <= bound,
-                ),
-            ]
+            rows += overload_rows(over, bound, limits)
         problems = stack.log_problems()
     finally:
         stack.stop()

@@ -1,9 +1,24 @@
 """The load test's table: (figure, value, limit, ok) rows per phase, printed, and the JSON report written."""
 
 import json
+import math
 import shutil
+import time
 
-from benchmarks.measure import print_table
+from benchmarks.measure import machine, print_table
+
+
+def new_report(config, env, good, bad):
+    """The JSON report before any phase: where and how it ran, and what was sent."""
+    return {
+        "machine": machine(),
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "config": {**config, "env": env},
+        "payloads": {
+            "good": {p.name: {"bytes": len(p.body), "weight": p.weight} for p in good},
+            "bad": {p.name: {"bytes": len(p.body), "expect": list(p.statuses), "codes": list(p.codes)} for p in bad},
+        },
+    }
 
 
 def rows_for(result, prefix, limits):
@@ -100,6 +115,69 @@ def rows_for(result, prefix, limits):
             )
         )
     return rows
+
+
+# clip's defaults (CLIP_MAX_QUEUE's, CLIP_MAX_BATCH's fallback), for when its GET does not give its limits.
+DEFAULT_MAX_QUEUE, DEFAULT_MAX_BATCH = 32, 8
+
+
+def p99_bound(main, limits):
+    """The ms the hostile and overload phases' p99 must stay within: 1.5 × (ceil(max_queue / max_batch)
+    + 1) × the main phase's p50 (the package's docstring says why); NaN when the main phase had no 200s."""
+    p50 = main["latency_ms"]["p50"]
+    if p50 is None:
+        return float("nan")
+    queue, max_batch = limits.get("max_queue", DEFAULT_MAX_QUEUE), limits.get("max_batch", DEFAULT_MAX_BATCH)
+    return 1.5 * (math.ceil(queue / max_batch) + 1) * p50
+
+
+def p99_row(figure, p99, bound):
+    return (figure, "-" if p99 is None else f"{p99:,.0f}", f"≤ {bound:,.0f}", p99 is not None and p99 <= bound)
+
+
+def main_rows(main):
+    """The main phase's rows, with its warm-up and its memory growth."""
+    rss = main["rss"]
+    return rows_for(main, "", limits=True) + [
+        ("warm-up problems (every input once)", len(main["warm_up_problems"]), "= 0", not main["warm_up_problems"]),
+        ("clip RSS ready / peak (MB)", f"{rss['ready_mb']:.0f} / {rss['peak_mb']:.0f}", "", ""),
+        (
+            f"clip RSS at t={rss['mid_t_s']:g} s / t={rss['end_t_s']:g} s (MB)",
+            f"{rss['mid_mb']:.0f} / {rss['end_mb']:.0f}",
+            "",
+            "",
+        ),
+        ("clip RSS growth, mid -> end (%)", round(rss["growth_pct"], 2), "< 10", rss["growth_pct"] < 10),
+    ]
+
+
+def hostile_rows(hostile, bound):
+    """The hostile phase's rows: the normal requests' p99 within `bound`, memory given back after idle."""
+    prefix, rss = "hostile: ", hostile["rss"]
+    return rows_for(hostile, prefix, limits=True) + [
+        p99_row(f"{prefix}p99 of normal 200s (ms)", hostile["latency_ms"]["p99"], bound),
+        (
+            f"{prefix}clip RSS before / peak / after 5 s idle (MB)",
+            f"{rss['before_mb']:.0f} / {rss['peak_mb']:.0f} / {rss['after_idle_mb']:.0f}",
+            "",
+            "",
+        ),
+        (
+            f"{prefix}RSS after idle vs before (%)",
+            round((rss["after_idle_mb"] / rss["before_mb"] - 1) * 100, 1),
+            "< 15",
+            rss["after_idle_mb"] < 1.15 * rss["before_mb"],
+        ),
+    ]
+
+
+def overload_rows(over, bound, limits):
+    """The overload phase's rows: load shed with 429, the 200s' p99 within `bound`."""
+    prefix, queue = "overload: ", limits.get("max_queue", DEFAULT_MAX_QUEUE)
+    return rows_for(over, prefix, limits=True) + [
+        (f"{prefix}requests shed with 429 (max_queue {queue})", over["shed_429"], "> 0", over["shed_429"] > 0),
+        p99_row(f"{prefix}p99 of 200s (ms)", over["latency_ms"]["p99"], bound),
+    ]
 
 
 def finish(report, rows, out, workdir):
