@@ -99,6 +99,18 @@ def test_custom_labels_and_label_sets(clip_server):
     assert {r["label"] for r in cifar10["predictions"]} >= {"airplane", "truck", "cat"}
 
 
+@pytest.mark.parametrize("model, pretrained, shown", [
+    ("local-dir:/srv/models/ViT-B-32/", "none", ("ViT-B-32", "local-dir:ViT-B-32")),
+    ("ViT-B-32", "/srv/checkpoints/epoch_3.pt", ("ViT-B-32", "epoch_3.pt")),
+    ("ViT-B-32", "laion2b_s34b_b79k", ("ViT-B-32", "laion2b_s34b_b79k")),
+    ("ViT-B-32", "None", ("ViT-B-32", "none")),
+    ("hf-hub:timm/ViT-B-16-SigLIP", "none", ("hf-hub:timm/ViT-B-16-SigLIP", "hf-hub:timm/ViT-B-16-SigLIP")),
+])
+def test_answers_name_the_model_and_weights_never_a_servers_paths(model, pretrained, shown):
+    from clip.model import shown as shown_settings
+    assert shown_settings(model, pretrained) == {"model": shown[0], "pretrained": shown[1]}
+
+
 def test_description_lists_label_set_sizes_and_limits(clip_server):
     info = requests.get(clip_server.url + "/", timeout=10).json()
     assert info["ready"] is True and info["model"] == "tiny"

@@ -392,6 +392,7 @@ def test_weights_that_cannot_be_downloaded_are_one_clear_message(tmp_path):
         wait_until(lambda: "error" in described(), 300, 0.5, "clip to say why it is not ready")
         info = described()
         assert info["ready"] is False and "CLIP_PRETRAINED=none" in info["error"] and "local-dir:" in info["error"]
+        assert (info["model"], info["pretrained"]) == ("ViT-B-32", "laion2b_s34b_b79k")
         answer = requests.post(fn.url, data=PNG, timeout=10)
         assert answer.status_code == 503 and answer.json()["error"]["code"] == "model_unavailable"
         assert "CLIP_PRETRAINED=none" in answer.json()["error"]["message"]

@@ -1,7 +1,6 @@
 """clip function: CLIP zero-shot classification. Pure handle(event, context); the model loads in init()."""
 
 import logging
-import os
 import re
 import threading
 import time
@@ -23,14 +22,16 @@ REQUEST_ID = re.compile(r"[\w.-]{1,64}", re.ASCII)  # echoed in a header: ASCII 
 BIG_BODY = 4 << 20
 SERVICE: "Service | None" = None  # set once by init(); requests before that answer 503
 LOAD_ERROR: str | None = None  # why init() failed, said in every answer instead of "still loading"
+SHOWN: dict[str, str] = {}  # the model and weights as answers show them, known once init() imports model.py
 
 
 def init() -> None:
     """Called once by the template host before the lock file is written: load everything."""
     global SERVICE, LOAD_ERROR
-    from .model import WeightsUnavailable
+    from .model import WeightsUnavailable, shown
     from .service import Service  # torch and open_clip load here, not at import
 
+    SHOWN.update(shown(SETTINGS.model, SETTINGS.pretrained))
     try:
         SERVICE = Service(SETTINGS)
     except WeightsUnavailable as exc:  # a setup problem a restart cannot fix: stay up, never ready, say why
@@ -85,13 +86,6 @@ def respond(event: Any, request_id: str) -> dict:
     }
 
 
-def _shown(setting: str) -> str:
-    """A setting as answers may show it: a local path only by its last part."""
-    prefix = "local-dir:" if setting.startswith("local-dir:") else ""
-    path = setting[len(prefix) :]
-    return prefix + os.path.basename(path.rstrip("/")) if prefix or path.startswith(("/", ".")) else setting
-
-
 def not_loaded() -> ClientError:
     if LOAD_ERROR:
         return ClientError(503, "model_unavailable", LOAD_ERROR)
@@ -105,12 +99,7 @@ def route(event: Any) -> dict:
                 raise not_loaded()
             return {"ready": True}
         if SERVICE is None:
-            return {
-                "ready": False,
-                "model": _shown(SETTINGS.model),
-                "pretrained": _shown(SETTINGS.pretrained),
-                **({"error": LOAD_ERROR} if LOAD_ERROR else {}),
-            }
+            return {"ready": False, **SHOWN, **({"error": LOAD_ERROR} if LOAD_ERROR else {})}
         return {"ready": True, **SERVICE.describe()}
     if event.method != "POST":
         raise ClientError(

@@ -147,7 +147,7 @@ def create(
     if threads > 0:
         torch.set_num_threads(threads)
     schema, _ = parse_model_name(name)  # local-dir: and hf-hub: bring their own weights
-    untrained = pretrained.lower() == "none" and schema is None
+    untrained = _untrained(name, pretrained)
     if untrained:
         torch.manual_seed(RANDOM_SEED)
     model, preprocess = _load(name, None if untrained or schema else pretrained, pretrained, cache_dir)
@@ -166,7 +166,7 @@ def create(
         device=dev,
         dtype=chosen.dtype,
         name=_display_name(name),
-        pretrained=_display_pretrained(name, pretrained, untrained),
+        pretrained=_display_pretrained(name, pretrained),
         untrained=untrained,
         weights_id=weights_id(name, pretrained),
         image_size=image_size,
@@ -209,6 +209,17 @@ def _quiet_download_error(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Failed to download weights")
 
 
+def _untrained(name: str, pretrained: str) -> bool:
+    """CLIP_PRETRAINED=none: random weights (local-dir: and hf-hub: bring their own, whatever it says)."""
+    schema, _ = parse_model_name(name)
+    return pretrained.lower() == "none" and schema is None
+
+
+def shown(name: str, pretrained: str) -> dict[str, str]:
+    """The model and its weights as answers show them: never a server's file paths."""
+    return {"model": _display_name(name), "pretrained": _display_pretrained(name, pretrained)}
+
+
 def _display_name(name: str) -> str:
     schema, folder = parse_model_name(name)
     if schema == "local-dir":  # the folder's name, e.g. local-dir:/models/ViT-B-32 -> ViT-B-32
@@ -216,10 +227,9 @@ def _display_name(name: str) -> str:
     return name
 
 
-def _display_pretrained(name: str, pretrained: str, untrained: bool) -> str:
-    """What answers show of the weights: never a server's file paths."""
+def _display_pretrained(name: str, pretrained: str) -> str:
     schema, _ = parse_model_name(name)
-    if untrained:
+    if _untrained(name, pretrained):
         return "none"
     if schema == "local-dir":
         return "local-dir:" + _display_name(name)

@@ -22,8 +22,6 @@ CSP = (
     "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data: blob:; "
     "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'self'"
 )
-# A local model or checkpoint path names a folder on the server: the page shows only its last part.
-TEMPLATES.filters["short_name"] = lambda name: re.sub(r"(^|local-dir:)/\S*/", r"\1", str(name))
 
 
 def handle(event: Any, context: Any) -> dict:
