@@ -81,7 +81,7 @@ def from_env() -> Settings:
         dtype=_env("CLIP_DTYPE", Settings.dtype).lower(),
         cache_dir=_env("CLIP_CACHE_DIR", Settings.cache_dir),
         default_label_set=_env("CLIP_LABEL_SET", Settings.default_label_set),
-        preload_label_sets=tuple(_list("CLIP_PRELOAD_LABEL_SETS", _env("CLIP_LABEL_SET", "cifar100"))),
+        preload_label_sets=tuple(_list("CLIP_PRELOAD_LABEL_SETS", _env("CLIP_LABEL_SET", Settings.default_label_set))),
         custom_templates=_env("CLIP_CUSTOM_TEMPLATES", Settings.custom_templates),
         max_batch=int(_env("CLIP_MAX_BATCH", Settings.max_batch)),
         max_wait_ms=float(_env("CLIP_MAX_WAIT_MS", Settings.max_wait_ms)),
