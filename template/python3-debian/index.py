@@ -31,8 +31,9 @@ handler: Any = None
 LOG = logging.getLogger("host")
 HOST = os.environ.get("FUNCTION_HOST", "127.0.0.1")
 PORT = int(os.environ.get("FUNCTION_PORT", "5000"))  # not $PORT: Knative sets that for the watchdog
-THREADS = int(os.environ.get("FUNCTION_THREADS", "48"))  # idle threads cost little; keep it above the requests
-# a function admits at once, so one over its limit is answered at once, not queued in waitress
+# Idle threads cost little; keep it above the requests a function admits at once, so one over its
+# limit is answered at once, not queued in waitress.
+THREADS = int(os.environ.get("FUNCTION_THREADS", "48"))
 MAX_BODY = int(os.environ.get("MAX_BODY_BYTES", str(32 * 1024 * 1024)))
 # Open connections served at once; waitress's default of 100 stalls a proxy that keeps more upstream
 # connections (a watchdog or load balancer under 256 concurrent requests). poll(), not select(),

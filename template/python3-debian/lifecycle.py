@@ -77,22 +77,15 @@ class InFlight:
 
     def __init__(self) -> None:
         self.count = 0
-        self.cond = threading.Condition()
+        self.lock = threading.Lock()
 
     def enter(self) -> None:
-        with self.cond:
+        with self.lock:
             self.count += 1
 
     def leave(self) -> None:
-        with self.cond:
+        with self.lock:
             self.count -= 1
-            self.cond.notify_all()
-
-    def __enter__(self) -> None:
-        self.enter()
-
-    def __exit__(self, *exc: object) -> None:
-        self.leave()
 
 
 class Connection(socket.socket):
