@@ -1,4 +1,4 @@
-"""The request path's host-CPU shortcuts (issue 12) keep every answer: base64 clean-up in one C pass,
+"""The request path's host-CPU shortcuts keep every answer: base64 clean-up in one C pass,
 multipart parts read up to their boundaries and kept in memory."""
 import base64
 import io

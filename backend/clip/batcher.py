@@ -146,7 +146,7 @@ class Batcher:
     def admitted(self) -> int:
         return self._admitted
 
-    def _next(self):
+    def _next(self) -> tuple[Any, list[tuple[Any, Future[Any], float]] | None]:
         """The next piece of work: a job, or a batch of images; jobs and batches take turns."""
         with self._cond:
             self._cond.wait_for(lambda: self._queue or self._jobs)
@@ -169,14 +169,14 @@ class Batcher:
             self._last_size = len(batch)
             return None, batch
 
-    def _run(self):
+    def _run(self) -> None:
         try:
             while True:
                 job, batch = self._next()
                 self._busy_since = time.monotonic()
                 if job:
                     self._run_job(*job)
-                else:
+                elif batch:
                     self._run_batch(batch)
                 self._busy_since = None
         except BaseException as exc:  # a bug in the loop itself: say so; healthy() turns False

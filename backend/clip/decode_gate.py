@@ -10,7 +10,7 @@ import ctypes
 import ctypes.util
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from .batcher import DeadlineExceeded
@@ -25,7 +25,7 @@ def decode_cost(mode: str, width: int, height: int) -> int:
     return width * height * (MODE_BYTES.get(mode, 4) + RGB_BYTES)
 
 
-def _malloc_trim():
+def _malloc_trim() -> Callable[[], object]:
     """glibc keeps freed memory of big decodes in its arenas; trimming gives it back to the system."""
     name = ctypes.util.find_library("c")
     try:

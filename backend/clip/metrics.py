@@ -97,7 +97,7 @@ MODEL = Gauge(
 
 _samplers: list = []  # callables that set gauges from live state
 _refresh_lock = threading.Lock()
-_sampler_pid = [None]
+_sampler_pid: list[int | None] = [None]
 _local = threading.local()
 _batch_lock = threading.Lock()
 _batch_seq = [0]
@@ -132,7 +132,7 @@ def refresh() -> None:
                 LOG.debug("sampler failed", exc_info=True)
 
 
-def _ensure_sampler():
+def _ensure_sampler() -> None:
     """In multiprocess mode, one sampler thread per worker process (a worker forked from a parent that
     imported this module inherits no threads)."""
     if MULTIPROCESS_DIR and _sampler_pid[0] != os.getpid():
@@ -140,13 +140,13 @@ def _ensure_sampler():
         threading.Thread(target=_sample_forever, name="metrics-sampler", daemon=True).start()
 
 
-def _sample_forever():
+def _sample_forever() -> None:
     while True:
         refresh()
         time.sleep(SAMPLE_INTERVAL_S)
 
 
-def _process_figures():
+def _process_figures() -> None:
     """Multiprocess mode has no process collector: each worker reports its own memory and CPU."""
     memory = Gauge(
         "process_resident_memory_bytes",
@@ -156,9 +156,9 @@ def _process_figures():
     )
     cpu = Counter("process_cpu_seconds_total", "CPU time of the function's workers, summed", registry=None)
     page = os.sysconf("SC_PAGE_SIZE")
-    spent = {"pid": None, "cpu": 0.0}
+    spent = {"pid": 0, "cpu": 0.0}  # pid 0: no process of ours
 
-    def sample():
+    def sample() -> None:
         with open("/proc/self/statm") as f:
             memory.set(int(f.read().split()[1]) * page)
         if spent["pid"] != os.getpid():  # a forked worker's CPU times start at 0
@@ -212,7 +212,7 @@ def watch(service: Service) -> None:
 
     from .labels import LABEL_SETS  # torch is loaded by now; importing it earlier would slow start-up
 
-    def sample():
+    def sample() -> None:
         ADMITTED.set(service.batcher.admitted)
         QUEUED.set(service.batcher.depth)
         for name in LABEL_SETS:

@@ -42,7 +42,7 @@ class ClipModel:
     dtype_reason: str = ""  # why this dtype (GET /, logs, scripts/bench)
     max_batch: int = 8  # CLIP_MAX_BATCH's default for this device and dtype
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         # Split open_clip's transform at ToTensor: the PIL half (resize, crop, mode) runs in request
         # threads, which must never start torch's OpenMP pool (a second pool throttles the model's
         # threads: ~35 % slower forward passes); the tensor half runs batched on the model thread.

@@ -152,7 +152,7 @@ class _Connection(http.client.HTTPConnection):
         super().__init__(cast(str, parts.hostname), parts.port or (443 if https else 80), timeout=timeout)
         self.addresses, self.https, self.aborted = addresses, https, False
 
-    def connect(self):
+    def connect(self) -> None:
         error = OSError("no address to connect to")
         for address in self.addresses:
             if self.aborted:
@@ -169,7 +169,7 @@ class _Connection(http.client.HTTPConnection):
         if self.https:  # certificate checked against the host name, as any client would
             self.sock = tls_context().wrap_socket(self.sock, server_hostname=self.host)
 
-    def abort(self):
+    def abort(self) -> None:
         self.aborted = True
         sock = self.sock
         if sock is not None:

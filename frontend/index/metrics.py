@@ -58,7 +58,7 @@ FAILURE_KINDS = ("refused", "timeout", "5xx", "bad_answer")
 
 _samplers: list = []  # callables that set gauges from live state
 _refresh_lock = threading.Lock()
-_sampler_pid = [None]
+_sampler_pid: list[int | None] = [None]
 _local = threading.local()
 
 
@@ -97,7 +97,7 @@ def exposition(event: Any) -> dict:
     }
 
 
-def _process_figures():
+def _process_figures() -> None:
     """Multiprocess mode has no process collector: each worker reports its own memory and CPU."""
     memory = Gauge(
         "process_resident_memory_bytes",
@@ -107,7 +107,7 @@ def _process_figures():
     )
     cpu = Counter("process_cpu_seconds_total", "CPU time of the function's workers, summed", registry=None)
     page = os.sysconf("SC_PAGE_SIZE")
-    spent = {"pid": None, "cpu": 0.0}
+    spent = {"pid": 0, "cpu": 0.0}  # pid 0: no process of ours
 
     def sample() -> None:
         with open("/proc/self/statm") as f:
@@ -127,7 +127,7 @@ def refresh() -> None:
             sampler()
 
 
-def _ensure_sampler():
+def _ensure_sampler() -> None:
     """In multiprocess mode, one sampler thread per worker process (a worker forked from a parent that
     imported this module inherits no threads)."""
     if MULTIPROCESS_DIR and _sampler_pid[0] != os.getpid():
@@ -135,7 +135,7 @@ def _ensure_sampler():
         threading.Thread(target=_sample_forever, name="metrics-sampler", daemon=True).start()
 
 
-def _sample_forever():
+def _sample_forever() -> None:
     while True:
         refresh()
         time.sleep(SAMPLE_INTERVAL_S)
