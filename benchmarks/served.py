@@ -1,0 +1,259 @@
+"""scripts/bench's served figures: the clip function as real processes (direct, via the local gateway,
+behind the of-watchdog), timed in alternating rounds beside the raw forward pass in this process."""
+
+import contextlib
+import io
+import json
+import statistics
+import sys
+import tempfile
+import time
+import types
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import psutil
+import requests
+import torch
+from clip.images import load_image
+from clip.labels import LABEL_SETS, LabelStore
+from clip.service import Service
+from PIL import Image
+
+from benchmarks.measure import RssSampler, percentile
+from benchmarks.pictures import jpeg, photo
+from benchmarks.timing import interleaved, median_time
+from localrun import FunctionProcess, Stack
+from localrun.of_watchdog import watchdog_for_many
+
+
+def original_design(name, image_bytes, tokenizer_labels):
+    """The baseline without a warm model: every request creates the model, encodes 100 prompts, then the image."""
+    import open_clip
+
+    started = time.perf_counter()
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(name)
+    with torch.no_grad():
+        text = model.encode_text(tokenizer([f"a photo of a {label}" for label in tokenizer_labels]))
+        image = model.encode_image(preprocess(Image.open(io.BytesIO(image_bytes)).convert("RGB")).unsqueeze(0))
+        (100 * torch.nn.functional.normalize(image, dim=-1) @ torch.nn.functional.normalize(text, dim=-1).T).softmax(-1)
+    return time.perf_counter() - started
+
+
+def cold_start(env, workdir):
+    """Process start -> first classification answered (200)."""
+    body = jpeg(photo(224, 224, seed=9))
+    started = time.perf_counter()
+    fn = FunctionProcess("clip", workdir, env).start(wait_ready=False)
+    try:
+        while True:
+            try:
+                if requests.post(fn.url, data=body, timeout=30).status_code == 200:
+                    return time.perf_counter() - started
+            except requests.ConnectionError:
+                pass
+            if fn.process.poll() is not None:
+                raise RuntimeError(fn.output())
+            if time.perf_counter() - started > 600:
+                raise TimeoutError("no answer within 600 s")
+            time.sleep(0.02)
+    finally:
+        fn.stop()
+
+
+def stages(clip, body, label_set):
+    """Each in-function stage of one request as a callable, with the function's own code in this process."""
+    image = load_image(body, 50_000_000, clip.image_size)
+    batch = clip.to_batch([clip.prepare(image)])
+    features = clip.encode_images(batch)[0]
+    rng = np.random.default_rng(0)  # ranking's cost does not depend on the embeddings' values
+    embeddings = rng.standard_normal((len(label_set.labels), features.shape[0])).astype(np.float32)
+    ranker = types.SimpleNamespace(model=clip)  # Service.rank needs only the model's logit scale
+    predictions = Service.rank(ranker, features, label_set.labels, embeddings, 5)
+    answer = {
+        "predictions": predictions,
+        "label_set": "cifar100",
+        "model": clip.name,
+        "pretrained": "none",
+        "untrained": True,
+        "warning": "x" * 80,
+        "request_id": "0" * 32,
+        "elapsed_ms": 30.1,
+    }
+    return {
+        "decode (Pillow, draft mode for large JPEGs)": lambda: load_image(body, 50_000_000, clip.image_size),
+        "preprocess (resize, crop, to tensor, normalise)": lambda: clip.to_batch([clip.prepare(image)]),
+        "model (encode_image, batch 1)": lambda: clip.encode_images(batch),
+        "ranking (softmax over the label set, top 5)": lambda: Service.rank(
+            ranker, features, label_set.labels, embeddings, 5
+        ),
+        "JSON (the answer's body)": lambda: json.dumps(answer),
+    }
+
+
+def post_ok(session, url, body):
+    response = session.post(url, data=body, timeout=600)
+    assert response.status_code == 200, response.text
+
+
+def cold_starts(envs, raws, cache, label_set, workdir):
+    """Two cold starts per dtype: the first builds the label cache when there is none, the second has it."""
+    results = {d: {} for d in raws}
+    for d, env in envs.items():
+        had_cache = Path(LabelStore(raws[d], str(cache)).cache_path(label_set)).exists()
+        first = cold_start(env, workdir / f"first-{d}")
+        results[d]["cold_start_without_cache_s" if not had_cache else "cold_start_first_s"] = first
+        results[d]["cold_start_s"] = cold_start(env, workdir / f"second-{d}")
+    return results
+
+
+def at_rest(session, fn):
+    """The running function's RSS before any load, the dtype it serves and its CLIP_MAX_BATCH."""
+    return {
+        "rss_at_rest_mb": psutil.Process(fn.process.pid).memory_info().rss / 2**20,
+        "served_dtype": {k: v for k, v in session.get(fn.url, timeout=30).json().items() if k.startswith("dtype")},
+        "max_batch": session.get(fn.url, timeout=30).json()["limits"]["max_batch"],
+    }
+
+
+def request_figures(session, raws, fns, gateway_url, behind, small, large, label_set, runs):
+    """One request at a time: 224 px direct, via the gateway and behind the of-watchdog, 4000×3000 direct,
+    and each in-function stage, all in the same alternating rounds as the raw forward pass."""
+    rounds, named, inside = 4, {}, {}
+    for d, fn in fns.items():
+        one = torch.randn(1, 3, raws[d].image_size, raws[d].image_size)
+        named[f"raw {d}"] = ((lambda c=raws[d], x=one: c.encode_images(x)), runs // rounds)
+        named[f"small {d}"] = ((lambda u=fn.url: post_ok(session, u, small)), runs // rounds)
+        named[f"gateway {d}"] = ((lambda u=f"{gateway_url}/function/{d}": post_ok(session, u, small)), runs // rounds)
+        if d in behind:
+            named[f"watchdog {d}"] = ((lambda u=behind[d].url: post_ok(session, u, small)), runs // rounds)
+        named[f"large {d}"] = ((lambda u=fn.url: post_ok(session, u, large)), max(10, runs // 2) // rounds)
+        inside[d] = stages(raws[d], small, label_set)  # in the same rounds: the same drift as the HTTP figures
+        named.update({f"stage {d} {n}": (f, runs // rounds) for n, f in inside[d].items()})
+    medians = interleaved(named, rounds)
+    figures = {}
+    for d in fns:
+        r = figures[d] = {
+            "raw_batch1_ms": medians[f"raw {d}"] * 1000,  # the reference, beside the HTTP figures
+            "http_224_p50_ms": medians[f"small {d}"] * 1000,
+            "gateway_224_p50_ms": medians[f"gateway {d}"] * 1000,
+            "http_4000x3000_p50_ms": medians[f"large {d}"] * 1000,
+        }
+        split = {n: medians[f"stage {d} {n}"] * 1000 for n in inside[d]}
+        split["HTTP in and out, host, handler, batcher hand-off (the rest)"] = r["http_224_p50_ms"] - sum(
+            split.values()
+        )
+        split["gateway hop (scripts/serve's proxy)"] = r["gateway_224_p50_ms"] - r["http_224_p50_ms"]
+        if d in behind:
+            r["watchdog_224_p50_ms"] = medians[f"watchdog {d}"] * 1000
+            r["watchdog_hop_ms"] = r["watchdog_224_p50_ms"] - r["http_224_p50_ms"]
+        r["stages_224_ms"] = split
+    return figures
+
+
+def client(url, body, count):
+    """One client's latencies (s): `count` requests in a row on its own session."""
+    latencies = []
+    with requests.Session() as own:
+        own.trust_env = False
+        for _ in range(count):
+            started = time.perf_counter()
+            response = own.post(url, data=body, timeout=600)
+            assert response.status_code == 200, response.text
+            latencies.append(time.perf_counter() - started)
+    return latencies
+
+
+def load_figures(fns, raws, body, concurrent_requests):
+    """8 concurrent clients per dtype, in two alternating rounds, each round after the raw batch-8 figure
+    it is compared with."""
+    load = {d: {"latencies": [], "elapsed": 0.0, "raw": [], "peak": 0} for d in fns}
+    for _ in range(2):
+        for d, fn in fns.items():
+            client(fn.url, body, 2)
+            eight = torch.randn(8, 3, raws[d].image_size, raws[d].image_size)
+            load[d]["raw"].append(median_time(lambda: raws[d].encode_images(eight), 5, warmup=1))
+            time.sleep(0.3)
+            with (
+                RssSampler(psutil.Process(fn.process.pid), interval=0.05) as sampler,
+                ThreadPoolExecutor(8) as pool,
+            ):
+                started = time.perf_counter()
+                per_client = list(pool.map(lambda _: client(fn.url, body, max(1, concurrent_requests // 2)), range(8)))
+                load[d]["elapsed"] += time.perf_counter() - started
+            load[d]["latencies"] += [x for c in per_client for x in c]
+            load[d]["peak"] = max(load[d]["peak"], sampler.peak)
+            time.sleep(0.3)
+    return {
+        d: {
+            "raw_batch8_images_per_s": 8 / statistics.mean(figures["raw"]),  # before each round
+            "http_8_clients_images_per_s": len(figures["latencies"]) / figures["elapsed"],
+            "http_8_clients_p50_ms": percentile(figures["latencies"], 50) * 1000,
+            "http_8_clients_p99_ms": percentile(figures["latencies"], 99) * 1000,
+            "rss_under_load_peak_mb": figures["peak"] / 2**20,
+        }
+        for d, figures in load.items()
+    }
+
+
+def start_functions(stack, envs, workdir):
+    """Each dtype's function, the local gateway in front of them, and each behind the real of-watchdog
+    where that can run; `stack` stops them all. Returns (functions, the gateway's URL, those behind the watchdog)."""
+    fns = {d: stack.enter_context(FunctionProcess("clip", workdir / f"serve-{d}", env)) for d, env in envs.items()}
+    # the gateway's proxy (the `scripts/serve` hop) in its own process, in front of the running functions
+    gateway = Stack(workdir / "gateway", upstreams={d: fn.port for d, fn in fns.items()})
+    stack.callback(gateway.stop, 10)
+    gateway_url = gateway.start(timeout=30, interval=0.1).url
+    # the same function behind the real of-watchdog, as its image runs it (the hop every deployment has)
+    watchdog, why_not = watchdog_for_many()
+    behind = {}
+    if why_not:
+        print(f"bench: the of-watchdog figure is skipped: {why_not}", file=sys.stderr)
+    else:
+        behind = {
+            d: stack.enter_context(FunctionProcess("clip", workdir / f"watchdog-{d}", env, watchdog=watchdog))
+            for d, env in envs.items()
+        }
+    return fns, gateway_url, behind
+
+
+def serve_figures(args, raws):
+    """The served figures of each dtype's function, measured in alternating rounds beside the raw
+    forward pass (raws: dtype -> the model in this process)."""
+    workdir = Path(tempfile.mkdtemp(prefix="clip-bench-"))
+    label_set = LABEL_SETS["cifar100"]
+    envs = {
+        d: {
+            "CLIP_MODEL": args.model,
+            "CLIP_PRETRAINED": "none",
+            "CLIP_CACHE_DIR": str(Path(args.cache_dir)),
+            "LOG_LEVEL": "WARNING",
+            "CLIP_DTYPE": d,
+        }
+        for d in raws
+    }
+    results = cold_starts(envs, raws, Path(args.cache_dir), label_set, workdir)
+
+    small = jpeg(photo(224, 224, seed=1))
+    large = jpeg(photo(4000, 3000, seed=2))
+    sizes = {"224x224": len(small), "4000x3000": len(large)}
+    with contextlib.ExitStack() as stack:
+        fns, gateway_url, behind = start_functions(stack, envs, workdir)
+        session = stack.enter_context(requests.Session())
+        session.trust_env = False
+        for d, fn in fns.items():
+            results[d].update(at_rest(session, fn))
+        for d, figures in request_figures(
+            session, raws, fns, gateway_url, behind, small, large, label_set, args.runs
+        ).items():
+            results[d].update(figures)
+        for d, figures in load_figures(fns, raws, small, args.concurrent_requests).items():
+            results[d].update(figures)
+    first = next(iter(raws))
+    results[first]["original_design_s"] = statistics.median(
+        original_design(args.model, small, label_set.labels) for _ in range(2)
+    )
+    return results, sizes

@@ -1,0 +1,31 @@
+"""Timing helpers of scripts/bench: medians of repeated calls, and interleaved rounds for fair ratios."""
+
+import statistics
+import time
+
+
+def timings(fn, runs, warmup=3):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def median_time(fn, runs, warmup=3):
+    return statistics.median(timings(fn, runs, warmup))
+
+
+def interleaved(named, rounds, pause=0.3):
+    """Median time of each fn, measured in alternating rounds: a shared machine's speed drifts over a run
+    (other tenants), and a ratio of two figures is only fair if both saw the same drift. The pause lets
+    the other process's OpenMP threads stop spinning before the next figure's round."""
+    samples = {name: [] for name in named}
+    for _ in range(rounds):
+        for name, (fn, runs) in named.items():
+            samples[name] += timings(fn, runs, warmup=2)
+            time.sleep(pause)
+    return {name: statistics.median(values) for name, values in samples.items()}
