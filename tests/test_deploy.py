@@ -297,7 +297,7 @@ def test_model_and_caches_are_baked_at_build_never_set_at_run_time(name):
     runtime = set(fn.get("environment", {})) | set(kenv(knative(SAME_IMAGE[name])))
     assert not runtime & set(BAKED_AT_BUILD), "a different value at run time would miss the baked caches"
     if fn["handler"].endswith("clip"):
-        assert (ROOT / fn["handler"] / "build.sh").is_file() and (ROOT / fn["handler"] / "warm.py").is_file()
+        assert (ROOT / fn["handler"] / "build.sh").is_file() and (ROOT / fn["handler"] / "build_ahead.py").is_file()
         assert {"CLIP_MODEL", "CLIP_PRETRAINED"} <= set(build_env(fn)) and "BUILD_HOOK_ARGS" in fn["build_args"]
         preload = set(fn["environment"]["CLIP_PRELOAD_LABEL_SETS"].split(","))
         assert preload <= label_sets(fn["build_args"]["BUILD_HOOK_ARGS"]), "a cold start would embed label sets"

@@ -162,16 +162,16 @@ def test_served_bf16_scores_stay_close_to_fp32(clip_server, bf16_server, clip_en
 
 
 def test_build_ahead_bakes_each_dtype_asked_for(tiny_model, tmp_path):
-    """warm.py: auto bakes fp32 (plus bf16 only where this processor runs it natively); --dtypes both."""
+    """build_ahead.py: auto bakes fp32 (plus bf16 only where this processor runs it natively); --dtypes both."""
     env = {**os.environ, "CLIP_MODEL": f"local-dir:{tiny_model}", "CLIP_CACHE_DIR": str(tmp_path), "CLIP_DEVICE": "cpu"}
     backend = Path(__file__).resolve().parents[1] / "backend"
     for extra, expected in (([], 2 if precision.cpu_features().native_bf16 else 1), (["--dtypes", "fp32,bf16"], 2)):
         for old in tmp_path.glob("embeddings/*"):
             old.unlink()
-        run = subprocess.run([sys.executable, "-m", "clip.warm", "--label-sets", "cifar10", *extra], cwd=backend,
+        run = subprocess.run([sys.executable, "-m", "clip.build_ahead", "--label-sets", "cifar10", *extra], cwd=backend,
                              env=env, capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr
         assert len(list(tmp_path.glob("embeddings/cifar10-*.npy"))) == expected, run.stdout
-    bad = subprocess.run([sys.executable, "-m", "clip.warm", "--dtypes", "int8"], cwd=backend, env=env,
+    bad = subprocess.run([sys.executable, "-m", "clip.build_ahead", "--dtypes", "int8"], cwd=backend, env=env,
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "unknown dtypes" in bad.stderr

@@ -18,7 +18,7 @@ from clip import handler
 from clip.decode_gate import DecodeGate
 from clip.errors import ClientError
 from clip.images import load_image
-from clip.structure import Limits
+from clip.decode_bombs import Limits
 from support.images import image_bytes, noise_image
 from support.inprocess import Event, service
 from support.servers import ROOT, FunctionProcess, Stack, free_port, wait_until

@@ -1,7 +1,7 @@
 """URL input ({"url": …}): off by default; with an allow-list, only public addresses (checked after DNS
 and after every redirect), http(s) only, within a size and a time limit.
 
-Unit tests call remote.fetch with a fake resolver. To download from the loopback test server they
+Unit tests call url_input.fetch with a fake resolver. To download from the loopback test server they
 also pass address_ok: the one deliberate seam (a keyword argument, never configuration), so the
 test server stands in for a public host; every refusal test runs with the production check."""
 import functools
@@ -13,7 +13,7 @@ import time
 import pytest
 import requests
 
-from clip import remote
+from clip import url_input
 from clip.errors import ClientError
 from support.images import noise_image
 from support.inprocess import Event, service
@@ -44,7 +44,7 @@ def fake_resolve(host, port, **kwargs):
 
 def loopback_ok(ip):
     """The seam: the test server's address counts as public; everything else as in production."""
-    return ip == ORIGIN_IP or remote.public_address(ip)
+    return ip == ORIGIN_IP or url_input.public_address(ip)
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -139,7 +139,7 @@ def origin():
 
 def fetch(url, timeout_s=5.0, max_bytes=2**20, **kwargs):
     kwargs = {"resolve": fake_resolve, "address_ok": loopback_ok, **kwargs}
-    return remote.fetch(url, HOSTS, timeout_s, max_bytes, **kwargs)
+    return url_input.fetch(url, HOSTS, timeout_s, max_bytes, **kwargs)
 
 
 def refused(url, code="url_refused", **kwargs):
@@ -157,27 +157,27 @@ def refused(url, code="url_refused", **kwargs):
                                 "::ffff:127.0.0.1", "::ffff:169.254.169.254", "2002:7f00:1::1", "2002:a00:1::",
                                 "64:ff9b::a9fe:a9fe", "64:ff9b::7f00:1", "not an ip", ""])
 def test_non_public_addresses_are_refused(ip):
-    assert not remote.public_address(ip)
+    assert not url_input.public_address(ip)
 
 
 @pytest.mark.parametrize("ip", ["93.184.216.34", "8.8.8.8", "2606:4700:4700::1111", "::ffff:8.8.8.8"])
 def test_public_addresses_are_accepted(ip):
-    assert remote.public_address(ip)
+    assert url_input.public_address(ip)
 
 
 def test_allow_list_matches_hosts_and_subdomains_only():
     allow = ("images.example.com", ".cdn.example.org")
-    assert remote.host_allowed("images.example.com", allow) and remote.host_allowed("IMAGES.example.com.", allow)
-    assert remote.host_allowed("cdn.example.org", allow) and remote.host_allowed("a.b.cdn.example.org", allow)
+    assert url_input.host_allowed("images.example.com", allow) and url_input.host_allowed("IMAGES.example.com.", allow)
+    assert url_input.host_allowed("cdn.example.org", allow) and url_input.host_allowed("a.b.cdn.example.org", allow)
     for host in ("example.com", "evil-images.example.com", "images.example.com.evil.net", "xcdn.example.org"):
-        assert not remote.host_allowed(host, allow)
+        assert not url_input.host_allowed(host, allow)
 
 
 # ---- fetching -------------------------------------------------------------------------------------------
 
 def test_off_unless_hosts_are_allowed():
     with pytest.raises(ClientError) as caught:
-        remote.fetch("https://images.example.com/cat.jpg", (), 5, 2**20)
+        url_input.fetch("https://images.example.com/cat.jpg", (), 5, 2**20)
     assert caught.value.code == "url_disabled" and caught.value.status == 400
 
 
@@ -204,12 +204,12 @@ def test_hosts_off_the_allow_list_are_refused(host):
 def test_hosts_resolving_to_non_public_addresses_are_refused(origin, host):
     """Even allow-listed by name: the production address check refuses them before connecting."""
     before = len(Handler.hits)
-    refused(f"http://{host}:{origin[1]}/cat.png", address_ok=remote.public_address)
+    refused(f"http://{host}:{origin[1]}/cat.png", address_ok=url_input.public_address)
     assert len(Handler.hits) == before  # nothing was fetched
 
 
 def test_images_test_itself_is_refused_by_the_production_check(origin):
-    refused(origin[0] + "/cat.png", address_ok=remote.public_address)
+    refused(origin[0] + "/cat.png", address_ok=url_input.public_address)
 
 
 def test_unresolvable_hosts_are_a_clear_400():
@@ -306,7 +306,7 @@ def url_service(tiny_model, clip_env, monkeypatch):
     monkeypatch.setattr(svc, "settings", svc.settings.__class__(**{**svc.settings.__dict__,
                                                                       "url_allow_hosts": ("images.test",),
                                                                       "url_timeout_s": 1.0}))
-    monkeypatch.setattr(remote, "fetch", functools.partial(remote.fetch, resolve=fake_resolve,
+    monkeypatch.setattr(url_input, "fetch", functools.partial(url_input.fetch, resolve=fake_resolve,
                                                            address_ok=loopback_ok))
     return handler
 

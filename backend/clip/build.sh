@@ -5,6 +5,6 @@
 # so a cold start downloads and embeds nothing; from then on the Hugging Face hub is read from the
 # cache only.
 set -eu
-CLIP_DEVICE=cpu python -m function.warm "$@"
+CLIP_DEVICE=cpu python -m function.build_ahead "$@"
 echo "HF_HUB_OFFLINE=1" >> function.env
 echo "HF_HUB_DISABLE_TELEMETRY=1" >> function.env

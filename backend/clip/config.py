@@ -5,7 +5,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from .structure import Limits
+from .decode_bombs import Limits
 
 T = TypeVar("T")
 

@@ -27,7 +27,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-from . import structure
+from . import decode_bombs
 from .errors import ClientError
 from .images import MAX_ASPECT, sniff
 
@@ -173,24 +173,24 @@ class DeviceDecoder:
         return F.center_crop(images, [self.crop, self.crop])
 
 
-def admit(data: bytes, limits: structure.Limits, max_pixels: int) -> DeviceJpeg | None:
+def admit(data: bytes, limits: decode_bombs.Limits, max_pixels: int) -> DeviceJpeg | None:
     """A request thread's whole check of one picture for the device path: the decode-bomb checks (a
     ClientError 400 image_too_complex), then read_header(). One segment walk serves both."""
     fmt = sniff(data)
-    shape = structure.jpeg_shape(data, limits) if fmt == "JPEG" else None
-    problem = structure.shape_problem(shape, limits) if shape else structure.problem(fmt, data, limits)
+    shape = decode_bombs.jpeg_shape(data, limits) if fmt == "JPEG" else None
+    problem = decode_bombs.shape_problem(shape, limits) if shape else decode_bombs.problem(fmt, data, limits)
     if problem:  # before any header parse
         raise ClientError(400, "image_too_complex", problem)
     return read_header(data, max_pixels, shape)
 
 
-def read_header(data: bytes, max_pixels: int, shape: structure.JpegShape | None = None) -> DeviceJpeg | None:
+def read_header(data: bytes, max_pixels: int, shape: decode_bombs.JpegShape | None = None) -> DeviceJpeg | None:
     """A DeviceJpeg when the bytes are a plain baseline JPEG within the limits, else None (Pillow path:
     it gives every refusal, 413 and 400 included, in its own words). shape: the file's segment walk,
     when the caller has made it already."""
     if sniff(data) != "JPEG":
         return None
-    if not structure.plain_single_scan(data, shape or structure.jpeg_shape(data, structure.Limits())):
+    if not decode_bombs.plain_single_scan(data, shape or decode_bombs.jpeg_shape(data, decode_bombs.Limits())):
         return None
     try:
         image = Image.open(io.BytesIO(data), formats=["JPEG"])

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-from . import structure
+from . import decode_bombs
+from .decode_bombs import Limits
 from .decode_gate import decode_cost
 from .errors import ClientError
-from .structure import Limits
 
 # Magic bytes -> Pillow format; nothing else is ever handed to a decoder.
 MAGIC = (
@@ -59,7 +59,7 @@ def open_image(data: bytes, max_pixels: int, image_size: int, limits: Limits = L
     if fmt is None:
         raise ClientError(400, "invalid_image", f"The data is not an image we can read ({SUPPORTED}).")
     with _decoder_errors(fmt, max_pixels):
-        problem = structure.problem(fmt, data, limits)
+        problem = decode_bombs.problem(fmt, data, limits)
         if problem:
             raise ClientError(400, "image_too_complex", problem)
         image = Image.open(io.BytesIO(data), formats=[fmt])

@@ -258,7 +258,7 @@ def label_lookups(hits: int, misses: int, shared: int) -> None:
 
 
 def counts_fetches(fetch: Callable[P, R]) -> Callable[P, R]:
-    """Decorates remote.fetch: every URL input counted by outcome."""
+    """Decorates url_input.fetch: every URL input counted by outcome."""
 
     @functools.wraps(fetch)
     def counted(*args: P.args, **kwargs: P.kwargs) -> R:

@@ -11,7 +11,7 @@ from typing import Any, cast
 import numpy as np
 from PIL import Image
 
-from . import device_decode, metrics, remote
+from . import device_decode, metrics, url_input
 from . import model as model_module
 from .batcher import Batcher, DeadlineExceeded, QueueFull, Ticket, wait
 from .config import Settings
@@ -175,7 +175,7 @@ class Service:
             data = (
                 cast(bytes, item.data)  # no URL: bytes
                 if item.url is None
-                else remote.fetch(item.url, s.url_allow_hosts, s.url_timeout_s, s.url_max_bytes)
+                else url_input.fetch(item.url, s.url_allow_hosts, s.url_timeout_s, s.url_max_bytes)
             )
             item.prepared = self._for_device(data) or self._with_pillow(data, deadline)
         except ClientError as error:

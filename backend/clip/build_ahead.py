@@ -1,6 +1,6 @@
 """Build ahead (at image build): download the weights and cache the label-set embeddings.
 
-    python -m function.warm [--label-sets cifar100,cifar10,imagenet1k] [--dtypes fp32,bf16]   (inside the image)
+    python -m function.build_ahead [--label-sets cifar100,cifar10,imagenet1k] [--dtypes fp32,bf16]   (inside the image)
 
 Runs the same model factory and label code as the function, with the same CLIP_* environment,
 so a cold start finds everything in CLIP_CACHE_DIR and downloads nothing. Embedding caches are
