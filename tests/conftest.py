@@ -1,7 +1,6 @@
 """Shared fixtures: a tiny open_clip model directory and real servers (behind the real of-watchdog
 where support.servers finds it)."""
 import pytest
-
 from support.servers import WATCHDOG, WATCHDOG_ABSENT, FunctionProcess, Stack
 from support.tiny_model import make_tiny_model
 

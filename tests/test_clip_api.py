@@ -5,7 +5,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-
 from support.images import image_bytes, noise_image
 from support.servers import FunctionProcess, wait_until
 

@@ -11,7 +11,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from clip import config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-
 from clip.precision import cpu_features
 from support.images import noise_image
+from support.servers import free_port, wait_until
+
 from localrun.layout import layout
 from localrun.of_watchdog import find_fwatchdog
-from support.servers import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -336,7 +336,8 @@ def test_openfaas_and_knative_run_the_same_image_the_same_way(name):
             assert spec["containerConcurrency"] == int(fn["labels"]["com.openfaas.scale.target"])
             utilisation = float(annotations["autoscaling.knative.dev/target-utilization-percentage"]) / 100
             assert utilisation == float(fn["labels"]["com.openfaas.scale.target-proportion"])
-    assert int(annotations["autoscaling.knative.dev/max-scale"]) >= int(annotations["autoscaling.knative.dev/min-scale"])
+    scale = {k: int(annotations[f"autoscaling.knative.dev/{k}"]) for k in ("min-scale", "max-scale")}
+    assert scale["max-scale"] >= scale["min-scale"]
 
 
 @pytest.mark.parametrize("name", ("clip.yml",) + PRO_STACKS)

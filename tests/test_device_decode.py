@@ -11,12 +11,12 @@ import requests
 import torch
 from hypothesis import event, given
 from PIL import Image, ImageOps
-
 from support.images import image_bytes, noise_image
 from support.servers import FunctionProcess
 from test_fuzz import fuzz
 from test_fuzz import image_bytes as fuzzed_images
 from test_hostile_input import HOSTILE, UNUSUAL, encode, picture
+
 from benchmarks.pictures import jpeg, photo  # the bench images
 
 DEVICE = os.environ.get("CLIP_TEST_DEVICE", "cpu")

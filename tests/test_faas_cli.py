@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support.images import noise_image
 
 from localrun.of_watchdog import find_tool
-from support.images import noise_image
 
 ROOT = Path(__file__).resolve().parents[1]
 FAAS_CLI = find_tool("faas-cli", "FAAS_CLI")

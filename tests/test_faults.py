@@ -5,17 +5,14 @@ import json
 import select
 import signal
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import pytest
 import requests
 from PIL import Image
-
 from support.images import noise_image
-from support.servers import WATCHDOG, FunctionProcess, free_port, wait_until
+from support.servers import WATCHDOG, FunctionProcess, wait_until
 
 PNG = noise_image("PNG", size=(96, 64), seed=31)
 

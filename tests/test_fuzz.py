@@ -7,15 +7,15 @@ import os
 import string
 
 import pytest
-from hypothesis import HealthCheck, assume, event, given, settings, strategies as st
-from PIL import Image
-from werkzeug.datastructures import MultiDict
-
 from clip import config, handler, images, options, request
 from clip.errors import ClientError
 from clip.labels import LABEL_SETS
+from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import strategies as st
+from PIL import Image
 from support.images import noise_image
 from support.inprocess import Event, service
+from werkzeug.datastructures import MultiDict
 
 # CI runs a fixed, derandomised set (same examples every run); FUZZ_SCALE=20 explores 20× more, at random.
 SCALE = int(os.environ.get("FUZZ_SCALE", "1"))

@@ -13,7 +13,6 @@ import psutil
 import pytest
 import requests
 from PIL import Image
-
 from support.images import image_bytes, noise_image
 
 GOOD = image_bytes("PNG")

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
-
 from support.containers import Container, build_images, missing_tools, podman, record, stack_function
 from support.images import noise_image
 from test_faults import http_request, read_response

@@ -2,7 +2,6 @@
 import re
 
 import requests
-
 from support.images import noise_image
 from support.servers import FunctionProcess, free_port
 

@@ -6,15 +6,15 @@ import os
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from clip import request
+from clip.errors import ClientError
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from support.images import noise_image
+from support.inprocess import Event
 from werkzeug import formparser
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.formparser import FormDataParser
-
-from clip import request
-from clip.errors import ClientError
-from support.images import noise_image
-from support.inprocess import Event
 
 SCALE = int(os.environ.get("FUZZ_SCALE", "1"))  # as in test_fuzz.py: CI runs a fixed, derandomised set
 
@@ -122,7 +122,8 @@ def test_a_multipart_body_parses_as_werkzeug_alone_parses_it(body):
 
 
 PIECES = [b"--B", b"--B--", b"\r\n", b"\n", b"\r", b"\r\n\r\n", b" ", b"-", b"B", b"x" * 5000, b"y" * 70_000,
-          b'Content-Disposition: form-data; name="image"; filename="a"', b'Content-Disposition: form-data; name="top_k"']
+          b'Content-Disposition: form-data; name="image"; filename="a"',
+          b'Content-Disposition: form-data; name="top_k"']
 
 
 @fuzz(300)

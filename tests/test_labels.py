@@ -3,9 +3,7 @@ import threading
 import time
 
 import numpy as np
-import pytest
 import torch
-
 from clip.labels import LabelStore
 
 

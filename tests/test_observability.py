@@ -13,7 +13,6 @@ import pytest
 import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-
 from support.images import noise_image
 from support.servers import FunctionProcess, free_port, wait_until
 
@@ -116,7 +115,7 @@ def test_clip_batches_concurrent_requests_and_the_histogram_and_logs_agree(clip_
             rounds += 1
             barrier = threading.Barrier(4)
 
-            def one(i, round_=rounds):
+            def one(i, round_=rounds, barrier=barrier):
                 barrier.wait()
                 request_id = f"load-{round_}-{i}"
                 response = requests.post(clip_json.url, data=PNG, headers={"X-Request-Id": request_id},
@@ -252,7 +251,7 @@ def test_index_counts_upstream_failures_by_kind(fake_clip, tmp_path):
         assert moved(before, after, "index_upstream_duration_seconds_count") == 3
         assert moved(before, after, "index_requests_total", method="POST", status="504", code="clip_timeout") == 1
         lines = json_lines(index)
-        for mode, response in answers.items():
+        for response in answers.values():
             line = log_for(lines, response.headers["X-Request-Id"])
             assert (line["function"], line["status"], line["code"]) == \
                    ("index", response.status_code, response.json()["error"]["code"])

@@ -18,7 +18,6 @@ from PIL import Image
 os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")  # never fetch a browser of its own
 
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
-
 from support.browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, ROOT, FakeClip, picture, run_axe  # noqa: E402
 from support.images import noise_image  # noqa: E402
 from support.servers import FunctionProcess, free_port  # noqa: E402
@@ -137,7 +136,7 @@ def assert_results(page, expected, n=0):
     expect(card(page, n).locator(".results .label")).to_have_text([p["label"] for p in expected["predictions"]])
     shown = rows(page, n)
     assert [label for label, *_ in shown] == [p["label"] for p in expected["predictions"]]
-    for (label, pct, width, height), p in zip(shown, expected["predictions"]):
+    for (_, pct, width, height), p in zip(shown, expected["predictions"]):
         assert PCT.match(pct), pct
         assert float(pct[:-1]) == pytest.approx(p["score"] * 100, abs=0.051)
         assert height > 0 and width == pytest.approx(p["score"] * 100, abs=1.0)
@@ -388,7 +387,8 @@ OVERFLOW = """() => {
     const width = document.documentElement.clientWidth, out = [];
     for (const el of document.querySelectorAll('body *')) {
         const r = el.getBoundingClientRect();
-        if (r.width && (r.right > width + 0.5 || r.left < -0.5)) out.push(el.tagName + '#' + el.id + '.' + el.className);
+        if (r.width && (r.right > width + 0.5 || r.left < -0.5))
+            out.push(el.tagName + '#' + el.id + '.' + el.className);
     }
     return {scroll: document.documentElement.scrollWidth, width, out};
 }"""
@@ -417,7 +417,8 @@ def test_narrow_and_wide_layouts(stack, visit):
     assert layout["scroll"] <= MOBILE["width"] and layout["out"] == [], layout
 
     page.set_viewport_size(DESKTOP)
-    upload, results = page.locator("section.card").nth(0).bounding_box(), page.locator("section.card").nth(1).bounding_box()
+    cards = page.locator("section.card")
+    upload, results = cards.nth(0).bounding_box(), cards.nth(1).bounding_box()
     assert upload["width"] + results["width"] >= 0.7 * DESKTOP["width"]     # the width is used...
     assert results["width"] > upload["width"]                              # most of it for the results
     assert results["x"] >= upload["x"] + upload["width"] and abs(results["y"] - upload["y"]) < 2  # ...side by side

@@ -13,7 +13,6 @@ import pytest
 import requests
 import torch
 from PIL import Image
-
 from support.images import noise_image
 
 TOLERANCE = 1e-4

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import requests
 import torch
-
 from clip import model as model_module
 from clip import precision
 from clip.images import load_image

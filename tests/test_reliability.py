@@ -12,16 +12,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from PIL import Image
-
 from clip import handler
+from clip.decode_bombs import Limits
 from clip.decode_gate import DecodeGate
 from clip.errors import ClientError
 from clip.images import load_image
-from clip.decode_bombs import Limits
+from PIL import Image
 from support.images import image_bytes, noise_image
 from support.inprocess import Event, service
-from support.servers import ROOT, FunctionProcess, Stack, free_port, wait_until
+from support.servers import ROOT, FunctionProcess, free_port, wait_until
 
 PNG = noise_image("PNG", size=(96, 64), seed=41)
 
@@ -114,9 +113,8 @@ def test_new_labels_take_their_share_of_the_queue(tiny_model, clip_env):
 
 
 def svc_options(svc, labels):
-    from werkzeug.datastructures import MultiDict
-
     from clip.options import parse_options
+    from werkzeug.datastructures import MultiDict
     return parse_options(MultiDict([("labels", labels)]), svc.settings)
 
 

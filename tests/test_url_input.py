@@ -12,7 +12,6 @@ import time
 
 import pytest
 import requests
-
 from clip import url_input
 from clip.errors import ClientError
 from support.images import noise_image

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-
 from support.images import noise_image
 from support.servers import WATCHDOG, WATCHDOG_ABSENT, FunctionProcess, wait_until
 from test_faults import answers_across_sigterm, big_picture, http_request

@@ -9,11 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
-import pytest
 import requests
+from support.servers import FunctionProcess, wait_until
 
 from localrun.functions import FUNCTION_DIRS
-from support.servers import FunctionProcess, wait_until
 
 FUNCTION_DIRS.setdefault("probe", Path(__file__).parent / "support" / "probe_function")
 

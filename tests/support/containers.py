@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
 
 import requests
 import yaml
@@ -22,7 +21,7 @@ TORCH_INDEX_URL = os.environ.get("TEST_TORCH_INDEX_URL", "https://pypi.org/simpl
 MEASURED = ROOT / "build" / "images-test" / "measured.json"
 
 
-def podman_env() -> Dict[str, str]:
+def podman_env() -> dict[str, str]:
     from localrun.images import podman_env as env  # the same containers.conf scripts/images builds with
     return env()
 
@@ -32,7 +31,7 @@ def podman(*args: str, check: bool = True, timeout: float = 120) -> subprocess.C
                           check=check)
 
 
-def missing_tools() -> List[str]:
+def missing_tools() -> list[str]:
     from localrun.of_watchdog import find_fwatchdog, find_tool
     missing = [tool for tool in ("podman", "runc", "mmdebstrap") if not shutil.which(tool)]
     missing += [] if find_tool("faas-cli", "FAAS_CLI") else ["faas-cli"]
@@ -40,7 +39,7 @@ def missing_tools() -> List[str]:
     return missing
 
 
-def stack_function(name: str) -> Dict:
+def stack_function(name: str) -> dict:
     (fn,) = yaml.safe_load((ROOT / f"{name}.yml").read_text())["functions"].values()
     return fn
 
@@ -53,7 +52,7 @@ def record(key: str, value) -> None:
     MEASURED.write_text(json.dumps(data, indent=2, sort_keys=True))
 
 
-def build_images(tiny_model: Path) -> Dict[str, str]:
+def build_images(tiny_model: Path) -> dict[str, str]:
     """clip (the tiny model baked in, as a user bakes a local model) and index, via scripts/images."""
     settings = "CLIP_MODEL=local-dir:/home/app/function/tiny CLIP_PRETRAINED=none"
     command = [sys.executable, "-m", "localrun.images", "clip", "index",
@@ -72,8 +71,8 @@ class Container:
     """One function container, run as its stack says (uid 12000, memory limit, read-only root, the
     stack's environment), reached on the watchdog's port only."""
 
-    def __init__(self, image: str, name: str, fn: Dict, env: Optional[Dict[str, str]] = None,
-                 network: Optional[str] = None):
+    def __init__(self, image: str, name: str, fn: dict, env: dict[str, str] | None = None,
+                 network: str | None = None):
         self.name, self.port = f"{name}-{os.getpid()}-{free_port()}", free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         environment = {**{k: str(v) for k, v in fn["environment"].items()}, **(env or {})}
@@ -92,7 +91,7 @@ class Container:
         podman(*self.args)
         return self
 
-    def status(self, path: str = "/_/health") -> Optional[int]:
+    def status(self, path: str = "/_/health") -> int | None:
         try:
             return requests.get(self.url + path, timeout=3).status_code
         except requests.RequestException:

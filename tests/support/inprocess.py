@@ -3,12 +3,11 @@ calling handler.handle (and the intake/option parsers) directly, without HTTP.""
 import dataclasses
 import functools
 
+from clip import config
 from werkzeug.datastructures import Headers, MultiDict
 
-from clip import config
 
-
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def service(tiny_model, cache_dir, **overrides):
     """One warm Service per configuration and test session (loading takes a few seconds)."""
     from clip.service import Service
