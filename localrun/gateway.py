@@ -117,7 +117,7 @@ def proxy(session, fn, request, path):
     return out
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(prog="scripts/serve", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=int(os.environ.get("GATEWAY_PORT", "8080")))
     parser.add_argument("--host", default="127.0.0.1")
@@ -140,12 +140,14 @@ def main():
     if args.watchdog and not args.upstream and netns.problem():
         # of-watchdog 0.11.6 always binds :8081: a second one on this network would panic
         parser.error(f"--watchdog needs a network namespace per function: {netns.problem()}")
-    logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    waitress.utilities.Error.to_response = protocol_error_as_json
-    functions = {}
-    # The port first: a busy one is a clear error before any function process exists.
+    return args
+
+
+def listen(args, functions):
+    """The gateway's server on its port, or exit with a clear message: a busy port is said before any
+    function process exists."""
     try:
-        server = create_server(
+        return create_server(
             make_app(functions),
             host=args.host,
             port=args.port,
@@ -161,16 +163,22 @@ def main():
             "is another scripts/serve running there? Choose another with --port."
         )
 
-    if args.upstream:
-        for spec in args.upstream:
-            name, _, port = spec.partition("=")
-            functions[name] = types.SimpleNamespace(name=name, url=f"http://127.0.0.1:{port}", healthy=lambda: True)
-        print(f"proxying {', '.join(args.upstream)} on http://{args.host}:{args.port}/function/NAME", flush=True)
-        server.run()
-        return
 
+def upstreams(specs):
+    """--upstream NAME=PORT: functions already running, proxied as they are."""
+    functions = {}
+    for spec in specs:
+        name, _, port = spec.partition("=")
+        functions[name] = types.SimpleNamespace(name=name, url=f"http://127.0.0.1:{port}", healthy=lambda: True)
+    return functions
+
+
+def start_functions(args):
+    """clip (unless CLIP_URL names a remote one) and index as processes, each watched: one that dies
+    (bad weights, say) is said loudly."""
     env = dict(os.environ)
     build_root = Path(args.build_dir or ROOT / "build" / f"serve-{args.port}")
+    functions = {}
     if env.get("CLIP_URL"):
         LOG.info("CLIP_URL=%s: running index only", env["CLIP_URL"])  # fronting a remote clip
     else:
@@ -183,18 +191,22 @@ def main():
     for fn in functions.values():
         fn.start(wait_ready=False)
         LOG.info("%s: pid %d on %s", fn.name, fn.process.pid, fn.url)
+        threading.Thread(target=_say_if_it_dies, args=(fn,), daemon=True).start()
+    return functions
 
-    def watch(fn):  # a function that dies (bad weights, no network for a download) is said loudly
-        status = fn.process.wait()
-        if status != 0:
-            LOG.error("%s exited with status %s; its log is above", fn.name, status)
 
-    for fn in functions.values():
-        threading.Thread(target=watch, args=(fn,), daemon=True).start()
+def _say_if_it_dies(fn):
+    status = fn.process.wait()
+    if status != 0:
+        LOG.error("%s exited with status %s; its log is above", fn.name, status)
+
+
+def stop_on_signals(functions):
+    """SIGTERM/SIGINT: each function drains and stops (the page first, then what it calls), then exit."""
 
     def stop(signum, frame):
         def finish():
-            for fn in reversed(list(functions.values())):  # the page first, then what it calls
+            for fn in reversed(list(functions.values())):
                 fn.stop(timeout=70)
             os._exit(0)
 
@@ -202,7 +214,21 @@ def main():
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    print(f"serving http://{args.host}:{args.port}/function/index (page) and /function/clip (API)", flush=True)
+
+
+def main():
+    args = parse_args()
+    logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    waitress.utilities.Error.to_response = protocol_error_as_json
+    functions = {}
+    server = listen(args, functions)
+    if args.upstream:
+        functions.update(upstreams(args.upstream))
+        print(f"proxying {', '.join(args.upstream)} on http://{args.host}:{args.port}/function/NAME", flush=True)
+    else:
+        functions.update(start_functions(args))
+        stop_on_signals(functions)
+        print(f"serving http://{args.host}:{args.port}/function/index (page) and /function/clip (API)", flush=True)
     server.run()
 
 
