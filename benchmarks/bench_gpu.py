@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 from clip import model as model_module
 from clip.device_decode import DeviceDecoder
@@ -263,22 +264,16 @@ def served(args, device, workdir):
 
 
 def host_memory_mb(pid):
-    """Resident memory (MB) of the template host `pid` and of each of its worker processes, from /proc."""
-
-    def rss(p):
-        for line in Path(f"/proc/{p}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
-        return None
-
+    """Resident memory (MB) of the template host `pid` and of each of its worker processes (psutil, as
+    measure.tree_rss reads it)."""
+    host = psutil.Process(pid)
     workers = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for child in host.children():
         try:
-            if int(stat.read_text().rpartition(")")[2].split()[1]) == pid:
-                workers.append(rss(stat.parent.name))
-        except (OSError, ValueError, IndexError):
+            workers.append(round(child.memory_info().rss / 2**20, 1))
+        except psutil.Error:
             pass  # gone meanwhile
-    return {"host": rss(pid), "workers": sorted(w for w in workers if w is not None)}
+    return {"host": round(host.memory_info().rss / 2**20, 1), "workers": sorted(workers)}
 
 
 def run(args):
