@@ -5,17 +5,30 @@ import time
 import pytest
 import torch
 from clip.batcher import Batcher, DeadlineExceeded, QueueFull
+from support.servers import wait_until
 
 
 class RecordingEncoder:
-    def __init__(self, delay=0.0):
+    """Doubles its batch and records its size; `started` is set once a batch is on the model thread.
+    With a gate, the first batch waits there until the test opens it: the model is held busy for as
+    long as the test needs, whatever the machine's speed."""
+
+    def __init__(self, gate=None):
         self.sizes = []
-        self.delay = delay
+        self.started = threading.Event()
+        self.gate = gate
 
     def __call__(self, batch):
         self.sizes.append(len(batch))
-        time.sleep(self.delay)
+        self.started.set()
+        if self.gate is not None and len(self.sizes) == 1:
+            assert self.gate.wait(30), "the test never opened the gate"
         return torch.stack(batch).flatten(1) * 2
+
+
+def held_model():
+    gate = threading.Event()
+    return RecordingEncoder(gate), gate
 
 
 def test_a_lone_request_is_encoded_alone_and_correctly():
@@ -28,28 +41,30 @@ def test_a_lone_request_is_encoded_alone_and_correctly():
 
 
 def test_concurrent_requests_share_batches_and_get_their_own_rows():
-    encoder = RecordingEncoder(delay=0.05)
+    """While the model is busy, the requests that arrive wait together and go in one batch."""
+    encoder, gate = held_model()
     batcher = Batcher(encoder, max_batch=8, max_wait_s=0.05)
     results = {}
-    start = threading.Barrier(8)
 
     def request(i):
-        start.wait()
         with batcher.admit(1) as ticket:
-            results[i] = batcher.submit([torch.full((2,), float(i))], time.monotonic() + 60, ticket)[0].result(10)
+            results[i] = batcher.submit([torch.full((2,), float(i))], time.monotonic() + 60, ticket)[0].result(30)
     threads = [threading.Thread(target=request, args=(i,)) for i in range(8)]
     [t.start() for t in threads]
+    wait_until(lambda: encoder.started.is_set() and encoder.sizes[0] + batcher.depth == 8, 30, 0.005,
+               "all 8 queued behind the first batch")
+    gate.set()
     [t.join() for t in threads]
     assert all(torch.equal(results[i], torch.full((2,), 2.0 * i)) for i in range(8))
-    assert sum(encoder.sizes) == 8 and len(encoder.sizes) < 8 and max(encoder.sizes) <= 8
+    assert sum(encoder.sizes) == 8 and len(encoder.sizes) <= 2, encoder.sizes  # the rest in one batch
 
 
 def test_requests_over_the_queue_limit_are_refused_before_any_work_and_expired_ones_not_encoded():
-    gate = threading.Event()
-    batcher = Batcher(lambda b: (gate.wait(10), torch.stack(b).flatten(1))[1], max_batch=1, max_queue=3)
+    encoder, gate = held_model()
+    batcher = Batcher(encoder, max_batch=1, max_queue=3)
     with batcher.admit(1) as ticket:
         first = batcher.submit([torch.zeros(1)], time.monotonic() + 60, ticket)[0]  # occupies the worker
-        time.sleep(0.05)
+        assert encoder.started.wait(30)
         with batcher.admit(1) as ticket:
             late = batcher.submit([torch.zeros(1)], time.monotonic() - 1, ticket)[0]  # past its deadline
             with batcher.admit(1):  # still decoding: it counts as much as a queued image
@@ -70,14 +85,16 @@ def test_requests_over_the_queue_limit_are_refused_before_any_work_and_expired_o
 
 def test_a_request_that_gave_up_cannot_kill_the_model_thread():
     """The request behind a slow one times out and cancels; the worker must skip it, not die."""
-    batcher = Batcher(RecordingEncoder(delay=0.6), max_batch=8, max_wait_s=0.01, max_queue=64)
-    slow = batcher.submit([torch.ones(1)], time.monotonic() + 10)[0]  # occupies the model
-    time.sleep(0.05)
+    encoder, gate = held_model()
+    batcher = Batcher(encoder, max_batch=8, max_wait_s=0.01, max_queue=64)
+    slow = batcher.submit([torch.ones(1)], time.monotonic() + 60)[0]  # occupies the model
+    assert encoder.started.wait(30)
     behind = batcher.submit([torch.ones(1)], time.monotonic() + 0.2)[0]
     with pytest.raises(DeadlineExceeded):
         from clip.batcher import wait
         wait(behind, time.monotonic() + 0.2)
     assert behind.cancelled()
+    gate.set()
     assert slow.result(timeout=5) is not None
     after = batcher.submit([torch.full((1,), 3.0)], time.monotonic() + 10)[0]
     assert torch.equal(after.result(timeout=5), torch.full((1,), 6.0))
@@ -99,10 +116,10 @@ def test_an_encoding_error_fails_only_its_batch():
 
 
 def test_jobs_are_bounded_by_their_deadline_and_skipped_once_given_up():
-    gate = threading.Event()
-    batcher = Batcher(lambda b: (gate.wait(10), torch.stack(b).flatten(1))[1], max_batch=1)
+    encoder, gate = held_model()
+    batcher = Batcher(encoder, max_batch=1)
     batcher.submit([torch.zeros(1)], time.monotonic() + 60)  # holds the model thread
-    time.sleep(0.05)
+    assert encoder.started.wait(30)
     ran = []
     with pytest.raises(DeadlineExceeded):
         batcher.call(lambda: ran.append(1), deadline=time.monotonic() + 0.1)
@@ -112,15 +129,15 @@ def test_jobs_are_bounded_by_their_deadline_and_skipped_once_given_up():
 
 
 def test_a_stalled_or_dead_model_thread_is_reported_unhealthy():
-    gate = threading.Event()
-    batcher = Batcher(lambda b: (gate.wait(10), torch.stack(b).flatten(1))[1], max_batch=1, stall_s=0.2)
+    encoder, gate = held_model()
+    batcher = Batcher(encoder, max_batch=1, stall_s=0.2)
     assert batcher.healthy()
     batcher.submit([torch.zeros(1)], time.monotonic() + 60)
-    time.sleep(0.4)
-    assert not batcher.healthy() and "over 0.2 s" in batcher.problem()
+    assert encoder.started.wait(30)
+    wait_until(lambda: not batcher.healthy(), 30, 0.02, "reported stalled")
+    assert "over 0.2 s" in batcher.problem()
     gate.set()
-    time.sleep(0.1)
-    assert batcher.healthy()
+    wait_until(batcher.healthy, 30, 0.02, "healthy again once the batch is done")
     batcher._next = None  # a bug in the loop itself: the thread dies on its next turn
     batcher.submit([torch.zeros(1)], time.monotonic() + 60)
     deadline = time.monotonic() + 5
