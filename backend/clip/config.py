@@ -40,8 +40,8 @@ class Settings:
     max_label_chars: int = 200
     label_cache_size: int = 4096
     top_k: int = 5
-    threads: int = 0  # torch intra-op threads per process; 0 = all cores (÷ workers)
-    decoders: int = 0  # images decoded at once; 0 = CLIP_THREADS, else all cores
+    threads: int = 0  # torch intra-op threads per process; 0 = the CPUs it may use (threads())
+    decoders: int = 0  # images decoded at once; 0 = as many as the torch threads
     device_decode: str = "auto"  # JPEGs decoded on the model's device: auto (CUDA only), on, off
     url_allow_hosts: tuple = field(default=())
     url_timeout_s: float = 5.0
@@ -72,6 +72,25 @@ def per_worker(total: int, count: int) -> int:
     return max(1, math.ceil(total / count))
 
 
+def cpu_share() -> tuple[int, str]:
+    """The CPUs this process may use and where that count came from, as the template host found them
+    (FUNCTION_CPUS: the cgroup's CPU quota or the affinity mask, shared among FUNCTION_WORKERS), never
+    the node's cores. Outside a host (unit tests, the build hook): the affinity mask."""
+    try:
+        count = int(os.environ.get("FUNCTION_CPUS", ""))
+    except ValueError:
+        count = 0
+    if count > 0:
+        return count, os.environ.get("FUNCTION_CPUS_SOURCE", "FUNCTION_CPUS")
+    mask = len(os.sched_getaffinity(0))
+    return mask, f"affinity {mask}"
+
+
+def threads(settings: Settings) -> tuple[int, str]:
+    """torch intra-op threads for this process and where that count came from: CLIP_THREADS if set."""
+    return (settings.threads, "CLIP_THREADS") if settings.threads > 0 else cpu_share()
+
+
 def from_env() -> Settings:
     count = workers()
     return Settings(
@@ -94,8 +113,7 @@ def from_env() -> Settings:
         max_label_chars=int(_env("CLIP_MAX_LABEL_CHARS", Settings.max_label_chars)),
         label_cache_size=int(_env("CLIP_LABEL_CACHE_SIZE", Settings.label_cache_size)),
         top_k=int(_env("CLIP_TOP_K", Settings.top_k)),
-        # per process; unset with several workers: the cores shared out, so their pools never oversubscribe
-        threads=int(_env("CLIP_THREADS", 0)) or (max(1, (os.cpu_count() or 1) // count) if count > 1 else 0),
+        threads=int(_env("CLIP_THREADS", 0)),  # per process; unset: threads() decides
         decoders=int(_env("CLIP_DECODERS", Settings.decoders)),
         device_decode=_env("CLIP_DEVICE_DECODE", Settings.device_decode).lower(),
         url_allow_hosts=tuple(h.lower() for h in _list("CLIP_URL_ALLOW_HOSTS")),

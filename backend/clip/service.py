@@ -2,7 +2,6 @@
 
 import io
 import logging
-import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -11,7 +10,7 @@ from typing import Any, cast
 import numpy as np
 from PIL import Image
 
-from . import device_decode, metrics, url_input
+from . import config, device_decode, metrics, url_input
 from . import model as model_module
 from .batcher import Batcher, DeadlineExceeded, QueueFull, Ticket, wait
 from .config import Settings
@@ -29,8 +28,9 @@ class Service:
     def __init__(self, settings: Settings):
         started = time.perf_counter()
         self.settings = settings
+        self.threads, self.threads_source = config.threads(settings)  # the CPUs it may use, not the node's
         self.model = model_module.create(
-            settings.model, settings.pretrained, settings.device, settings.cache_dir, settings.threads, settings.dtype
+            settings.model, settings.pretrained, settings.device, settings.cache_dir, self.threads, settings.dtype
         )
         self.max_batch = settings.max_batch or self.model.max_batch  # unset: chosen per device and dtype
         self.device_decoder = _device_decoder(self.model, settings.device_decode)
@@ -39,7 +39,7 @@ class Service:
             encode, self.max_batch, settings.max_wait_ms / 1000, settings.max_queue, settings.stall_s
         )
         # Decoding beyond the cores only slows the forward pass and holds more pixels in memory.
-        self.decoder_count = settings.decoders or settings.threads or os.cpu_count() or 1
+        self.decoder_count = settings.decoders or self.threads
         self.gate = DecodeGate(self.decoder_count, settings.decode_memory_mb << 20, settings.heavy_pixels)
         self.limits = settings.structure_limits()
         # A batch request's pictures wait for the gate side by side; the gate decides who decodes.
@@ -68,6 +68,8 @@ class Service:
         s = self.settings
         return {
             **self.model.describe(),
+            "threads": self.threads,
+            "threads_source": self.threads_source,
             "label_sets": {
                 name: {"labels": len(ls.classes), "templates": len(ls.templates), "ready": self.labels.ready(name)}
                 for name, ls in LABEL_SETS.items()

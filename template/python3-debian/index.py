@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import cpus
 import lifecycle
 import waitress.utilities
 import workers
@@ -136,6 +137,8 @@ def main() -> None:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     lifecycle.remove_lock()
+    # before the function is imported: it sizes its threads from FUNCTION_CPUS (cpus.py)
+    LOG.info("%d CPUs per process (%s)", *cpus.publish(workers.count()))
     if workers.is_supervisor():  # FUNCTION_WORKERS > 1: this process only starts and watches them
         sys.exit(workers.supervise(HOST, PORT, lifecycle.LOCK_FILE, lifecycle.DRAIN_TIMEOUT))
     json_protocol_errors()
