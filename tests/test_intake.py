@@ -1,5 +1,5 @@
 """The request path's host-CPU shortcuts keep every answer: base64 clean-up in one C pass,
-multipart parts read up to their boundaries and kept in memory."""
+multipart parts read up to their boundaries and kept in memory, in the order they arrived."""
 import base64
 import io
 import os
@@ -65,25 +65,28 @@ def test_what_is_not_base64_of_a_picture_is_a_400(text):
 def werkzeug_default(body: bytes, boundary: str = "B"):
     """The form as werkzeug's own FormDataParser, with its defaults, makes it: the reference."""
     parser = FormDataParser(max_form_memory_size=len(body) + 1, silent=False, max_form_parts=24)
-    return outcome(lambda: parser.parse(io.BytesIO(body), "multipart/form-data", len(body), {"boundary": boundary}))
+
+    def parse():
+        _, form, files = parser.parse(io.BytesIO(body), "multipart/form-data", len(body), {"boundary": boundary})
+        return sorted(form.items(multi=True)), sorted((k, f.read()) for k, f in files.items(multi=True))
+    return outcome(parse)
 
 
 def ours(body: bytes, boundary: str = "B"):
-    parser = FormDataParser(request._in_memory, max_form_memory_size=len(body) + 1, silent=False,
-                            max_form_parts=24)
-    params = {"boundary": boundary}
-    return outcome(lambda: parser.parse(request._reads(body, "multipart/form-data", params),
-                                        "multipart/form-data", len(body), params))
+    def parse():
+        parts = request._multipart(body, {"boundary": boundary}, 24)
+        return (sorted((k, v) for k, v in parts if isinstance(v, str)),
+                sorted((k, v) for k, v in parts if isinstance(v, bytes)))
+    return outcome(parse)
 
 
 def outcome(parse):
     try:
-        _, form, files = parse()
+        return parse()
     except RequestEntityTooLarge:
         return "too many parts"
     except ValueError as exc:
         return f"ValueError: {exc}"
-    return sorted(form.items(multi=True)), [(k, f.filename, f.read()) for k, f in files.items(multi=True)]
 
 
 def part(name, data, filename="a.jpg", eol=b"\r\n"):

@@ -11,13 +11,14 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any, cast
+from typing import Any, cast
 
 import numpy as np
 from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import RequestEntityTooLarge
-from werkzeug.formparser import FormDataParser
+from werkzeug.formparser import FormDataParser, MultiPartParser
 from werkzeug.http import parse_options_header
+from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
 
 from .errors import ClientError
 from .images import SUPPORTED, sniff
@@ -27,6 +28,7 @@ OPTION_KEYS = ("top_k", "labels", "label_set")
 # decode_text's clean-up: what \s matches in ASCII text is removed, but a space is a form's '+'.
 BASE64_DELETE = bytes(c for c in range(128) if chr(c).isspace() and c != 0x20)
 BASE64_TABLE = bytes.maketrans(b" -_", b"++/")
+READ_SIZE = 64 * 1024  # werkzeug's MultiPartParser's buffer_size
 FORM_EXTRA_PARTS = 8  # form parts beyond the images: options, a url, a browser's submit button
 
 
@@ -114,43 +116,85 @@ def _too_many(max_images: int) -> ClientError:
 
 
 def _from_form(request: Request, body: bytes, mimetype: str, params: dict[str, str], max_images: int) -> bool:
-    """Adds the form's images, URLs and options; False if it held neither image nor url field."""
-    # Parts are counted while parsing: 300,000 tiny parts are refused at the first one too many.
-    parser = FormDataParser(
-        _in_memory, max_form_memory_size=len(body) + 1, silent=False, max_form_parts=max_images + FORM_EXTRA_PARTS
-    )
+    """Adds the form's images, URLs and options in the order the parts arrived; False if it held neither
+    image nor url field."""
+    max_parts = max_images + FORM_EXTRA_PARTS
     try:
-        _, form, files = parser.parse(_reads(body, mimetype, params), mimetype, len(body), params)
+        parts = _multipart(body, params, max_parts) if mimetype == "multipart/form-data" else _urlencoded(body)
     except RequestEntityTooLarge:
         raise ClientError(
             400,
             "too_many_parts",
-            f"The form has more than {max_images + FORM_EXTRA_PARTS} "
-            f"parts; send at most {max_images} images and the options.",
+            f"The form has more than {max_parts} parts; send at most {max_images} images and the options.",
         ) from None
     except ValueError as exc:
         raise ClientError(400, "invalid_form", f"The form data could not be parsed ({exc}).") from None
-    for key in OPTION_KEYS:
-        for value in form.getlist(key):
-            request.options.add(key, value)
-    for storage in files.getlist("image"):
-        data = storage.read()
-        if data:  # a browser sends an empty part when no file was chosen
-            request.add_bytes(data)
-    for text in form.getlist("image"):
-        if text.strip():
-            request.add_text(text.encode())
-    for url in form.getlist("url"):
-        if url.strip():
-            request.add_url(url.strip())
-    return "image" in files or "image" in form or "url" in form
+    found = False
+    for name, value in parts:
+        if isinstance(value, bytes):  # a file part: only an image counts
+            if name == "image":
+                found = True
+                if value:  # a browser sends an empty part when no file was chosen
+                    request.add_bytes(value)
+        elif name in OPTION_KEYS:
+            request.options.add(name, value)
+        elif name == "image":
+            found = True
+            if value.strip():
+                request.add_text(value.encode())
+        elif name == "url":
+            found = True
+            if value.strip():
+                request.add_url(value.strip())
+    return found
 
 
-def _in_memory(*_args: Any, **_kwargs: Any) -> IO[bytes]:
-    """werkzeug's stream factory for a file part: the body is in memory already (at most MAX_BODY_BYTES),
-    so its parts stay there too. werkzeug's default spools each part into a SpooledTemporaryFile, which
-    goes to a file on disk past 500 KB."""
-    return io.BytesIO()
+def _multipart(body: bytes, params: dict[str, str], max_parts: int) -> list[tuple[str, str | bytes]]:
+    """The form's parts in the order they arrived: (name, text) for a field, (name, bytes) for a file.
+    werkzeug's own decoder parses them, in the same loop as its MultiPartParser; FormDataParser would
+    hand fields and files back apart, and a batch's pictures would lose their order."""
+    boundary = params.get("boundary", "")
+    if not boundary:
+        raise ValueError("Missing boundary")
+    delimiter = boundary.encode("ascii")  # not ASCII: UnicodeEncodeError, a ValueError, as in werkzeug
+    decoder = MultipartDecoder(delimiter, max_form_memory_size=len(body) + 1, max_parts=max_parts)
+    charset = MultiPartParser().get_part_charset  # what werkzeug decodes a text field with
+    reads = _UpToBoundaries(body, b"--" + delimiter)
+    parts: list[tuple[str, str | bytes]] = []
+    part: Field | File | None = None
+    chunks: list[bytes] = []
+    while True:
+        data = reads.read(READ_SIZE)
+        decoder.receive_data(data or None)  # None: the body's end
+        event = decoder.next_event()
+        while not isinstance(event, (Epilogue, NeedData)):
+            if isinstance(event, (Field, File)):
+                part, chunks = event, []
+            elif isinstance(event, Data) and part is not None:
+                chunks.append(event.data)
+                if not event.more_data:
+                    value = b"".join(chunks)
+                    parts.append(
+                        (part.name, value if isinstance(part, File) else value.decode(charset(part.headers), "replace"))
+                    )
+            event = decoder.next_event()
+        if not data:
+            return parts
+
+
+class _InOrder(MultiDict[str, Any]):
+    """FormDataParser's MultiDict, also keeping its pairs in the order they arrived (a MultiDict keeps
+    each name's values in order, not the order between names)."""
+
+    def __init__(self, pairs: Any = None):
+        super().__init__(pairs)
+        self.pairs: list[tuple[str, str]] = list(pairs) if isinstance(pairs, list) else []
+
+
+def _urlencoded(body: bytes) -> list[tuple[str, str | bytes]]:
+    parser = FormDataParser(cls=_InOrder, silent=False)
+    _, form, _ = parser.parse(io.BytesIO(body), "application/x-www-form-urlencoded", len(body), {})
+    return list(cast(_InOrder, form).pairs)
 
 
 class _UpToBoundaries(io.BytesIO):
@@ -182,13 +226,6 @@ class _UpToBoundaries(io.BytesIO):
             if size is None or size < 0 or end - start < size:
                 size = end - start
         return super().read(size)
-
-
-def _reads(body: bytes, mimetype: str, params: dict[str, str]) -> IO[bytes]:
-    boundary = params.get("boundary", "")
-    if mimetype != "multipart/form-data" or not boundary or not boundary.isascii():
-        return io.BytesIO(body)  # werkzeug reads it whole, or refuses it in its own words
-    return _UpToBoundaries(body, b"--" + boundary.encode("ascii"))
 
 
 def _from_json(request: Request, body: bytes, max_images: int) -> None:
