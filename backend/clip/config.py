@@ -19,6 +19,22 @@ def _list(name: str, default: str = "") -> list[str]:
     return [item.strip() for item in _env(name, default).split(",") if item.strip()]
 
 
+def _int(name: str, default: int) -> int:
+    value = _env(name, default)
+    try:
+        return int(value)
+    except ValueError:  # one line that names the setting, where int() would name only the value
+        raise ValueError(f"{name} must be a whole number, not {value!r}") from None
+
+
+def _float(name: str, default: float) -> float:
+    value = _env(name, default)
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, not {value!r}") from None
+
+
 @dataclass(frozen=True)
 class Settings:
     model: str = "ViT-B-32"
@@ -102,28 +118,28 @@ def from_env() -> Settings:
         default_label_set=_env("CLIP_LABEL_SET", Settings.default_label_set),
         preload_label_sets=tuple(_list("CLIP_PRELOAD_LABEL_SETS", _env("CLIP_LABEL_SET", Settings.default_label_set))),
         custom_templates=_env("CLIP_CUSTOM_TEMPLATES", Settings.custom_templates),
-        max_batch=int(_env("CLIP_MAX_BATCH", Settings.max_batch)),
-        max_wait_ms=float(_env("CLIP_MAX_WAIT_MS", Settings.max_wait_ms)),
-        max_queue=per_worker(int(_env("CLIP_MAX_QUEUE", Settings.max_queue)), count),
-        deadline_s=float(_env("CLIP_DEADLINE_S", Settings.deadline_s)),
-        max_body_bytes=int(_env("MAX_BODY_BYTES", Settings.max_body_bytes)),
-        max_pixels=int(_env("CLIP_MAX_PIXELS", Settings.max_pixels)),
-        max_images=int(_env("CLIP_MAX_IMAGES", Settings.max_images)),
-        max_labels=int(_env("CLIP_MAX_LABELS", Settings.max_labels)),
-        max_label_chars=int(_env("CLIP_MAX_LABEL_CHARS", Settings.max_label_chars)),
-        label_cache_size=int(_env("CLIP_LABEL_CACHE_SIZE", Settings.label_cache_size)),
-        top_k=int(_env("CLIP_TOP_K", Settings.top_k)),
-        threads=int(_env("CLIP_THREADS", 0)),  # per process; unset: threads() decides
-        decoders=int(_env("CLIP_DECODERS", Settings.decoders)),
+        max_batch=_int("CLIP_MAX_BATCH", Settings.max_batch),
+        max_wait_ms=_float("CLIP_MAX_WAIT_MS", Settings.max_wait_ms),
+        max_queue=per_worker(_int("CLIP_MAX_QUEUE", Settings.max_queue), count),
+        deadline_s=_float("CLIP_DEADLINE_S", Settings.deadline_s),
+        max_body_bytes=_int("MAX_BODY_BYTES", Settings.max_body_bytes),
+        max_pixels=_int("CLIP_MAX_PIXELS", Settings.max_pixels),
+        max_images=_int("CLIP_MAX_IMAGES", Settings.max_images),
+        max_labels=_int("CLIP_MAX_LABELS", Settings.max_labels),
+        max_label_chars=_int("CLIP_MAX_LABEL_CHARS", Settings.max_label_chars),
+        label_cache_size=_int("CLIP_LABEL_CACHE_SIZE", Settings.label_cache_size),
+        top_k=_int("CLIP_TOP_K", Settings.top_k),
+        threads=_int("CLIP_THREADS", 0),  # per process; unset: threads() decides
+        decoders=_int("CLIP_DECODERS", Settings.decoders),
         device_decode=_env("CLIP_DEVICE_DECODE", Settings.device_decode).lower(),
         url_allow_hosts=tuple(h.lower() for h in _list("CLIP_URL_ALLOW_HOSTS")),
-        url_timeout_s=float(_env("CLIP_URL_TIMEOUT_S", Settings.url_timeout_s)),
-        url_max_bytes=int(_env("CLIP_URL_MAX_BYTES", Settings.url_max_bytes)),
-        stall_s=float(_env("CLIP_STALL_S", Settings.stall_s)),
-        decode_memory_mb=int(_env("CLIP_DECODE_MEMORY_MB", Settings.decode_memory_mb)),
-        heavy_pixels=int(_env("CLIP_HEAVY_PIXELS", Settings.heavy_pixels)),
-        max_jpeg_segments=int(_env("CLIP_MAX_JPEG_SEGMENTS", Settings.max_jpeg_segments)),
-        max_jpeg_fill_bytes=int(_env("CLIP_MAX_JPEG_FILL_BYTES", Settings.max_jpeg_fill_bytes)),
-        max_scan_pixels=int(_env("CLIP_MAX_SCAN_PIXELS", Settings.max_scan_pixels)),
-        max_rle_pixels=int(_env("CLIP_MAX_RLE_PIXELS", Settings.max_rle_pixels)),
+        url_timeout_s=_float("CLIP_URL_TIMEOUT_S", Settings.url_timeout_s),
+        url_max_bytes=_int("CLIP_URL_MAX_BYTES", Settings.url_max_bytes),
+        stall_s=_float("CLIP_STALL_S", Settings.stall_s),
+        decode_memory_mb=_int("CLIP_DECODE_MEMORY_MB", Settings.decode_memory_mb),
+        heavy_pixels=_int("CLIP_HEAVY_PIXELS", Settings.heavy_pixels),
+        max_jpeg_segments=_int("CLIP_MAX_JPEG_SEGMENTS", Settings.max_jpeg_segments),
+        max_jpeg_fill_bytes=_int("CLIP_MAX_JPEG_FILL_BYTES", Settings.max_jpeg_fill_bytes),
+        max_scan_pixels=_int("CLIP_MAX_SCAN_PIXELS", Settings.max_scan_pixels),
+        max_rle_pixels=_int("CLIP_MAX_RLE_PIXELS", Settings.max_rle_pixels),
     )
