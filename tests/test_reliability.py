@@ -224,24 +224,33 @@ def test_structure_limits_are_settings(clip_server):
 # ---- memory and cores: what concurrent decodes may take ------------------------------------------------------
 
 class Decodes:
-    """Threads going through a DecodeGate, logging when each starts and ends."""
+    """Threads going through a DecodeGate, logging when each starts and ends. Each holds its slot until
+    the test lets it go (order() lets them all go), and run() returns once its decode holds a slot or
+    waits for one: the order of arrival is the test's, whatever the machine's speed."""
 
     def __init__(self, gate):
-        self.gate, self.log, self.threads = gate, [], []
+        self.gate, self.log, self.threads, self.release = gate, [], [], {}
 
-    def run(self, name, pixels, cost, hold, background=True):
+    def run(self, name, pixels, cost, background=True):
+        release = self.release[name] = threading.Event()
+
         def decode():
             with self.gate.enter(pixels, cost, time.monotonic() + 30):
                 self.log.append(("start", name))
-                time.sleep(hold)
-            self.log.append(("end", name))
+                assert release.wait(30)
+                self.log.append(("end", name))  # inside: before the slot frees for the next one
         if not background:
+            release.set()
             return decode()
+        waiting = self.gate.waiting
         self.threads.append(threading.Thread(target=decode))
         self.threads[-1].start()
-        time.sleep(0.05)
+        wait_until(lambda: ("start", name) in self.log or self.gate.waiting > waiting, 30, 0.002,
+                   f"{name} decoding or waiting")
 
     def order(self, *events):
+        for release in self.release.values():
+            release.set()
         for thread in self.threads:
             thread.join()
         return [self.log.index(event) for event in events]
@@ -249,9 +258,9 @@ class Decodes:
 
 def test_big_decodes_wait_for_memory():
     decodes = Decodes(DecodeGate(slots=4, memory_bytes=1000, heavy_pixels=10_000))
-    decodes.run("big", 500, 800, 0.3)
-    decodes.run("big2", 500, 800, 0)  # over the memory left: waits for the first
-    decodes.run("small", 50, 10, 0, background=False)  # fits beside the first
+    decodes.run("big", 500, 800)
+    decodes.run("big2", 500, 800)  # over the memory left: waits for the first
+    decodes.run("small", 50, 10, background=False)  # fits beside the first
     first, second, third = decodes.order(("start", "small"), ("end", "big"), ("start", "big2"))
     assert first < second < third and decodes.gate.bytes_in_use == 0
 
@@ -259,17 +268,17 @@ def test_big_decodes_wait_for_memory():
 def test_a_decoder_is_kept_for_small_pictures():
     decodes = Decodes(DecodeGate(slots=3, memory_bytes=10_000, heavy_pixels=100))
     for name in ("big", "big2", "big3"):  # two decode, the third waits: the last slot is not theirs
-        decodes.run(name, 500, 10, 0.3)
-    decodes.run("small", 50, 10, 0, background=False)
-    first, second, third = decodes.order(("start", "small"), ("end", "big"), ("start", "big3"))
-    assert first < second < third
+        decodes.run(name, 500, 10)
+    decodes.run("small", 50, 10, background=False)
+    small, big, big2, big3 = decodes.order(("start", "small"), ("end", "big"), ("end", "big2"), ("start", "big3"))
+    assert small < min(big, big2) < big3  # the third big one only once one of the first two is done
 
 
 def test_small_pictures_go_first_when_a_slot_frees():
     decodes = Decodes(DecodeGate(slots=1, memory_bytes=10_000, heavy_pixels=100))
-    decodes.run("big", 500, 10, 0.3)
-    decodes.run("big2", 500, 10, 0)  # waiting before the small one arrives...
-    decodes.run("small", 50, 10, 0)
+    decodes.run("big", 500, 10)
+    decodes.run("big2", 500, 10)  # waiting before the small one arrives...
+    decodes.run("small", 50, 10)
     first, second = decodes.order(("start", "small"), ("start", "big2"))
     assert first < second  # ...and still after it
 

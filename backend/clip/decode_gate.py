@@ -48,7 +48,7 @@ class DecodeGate:
         self.heavy_pixels = heavy_pixels
         self.trim_bytes = trim_bytes
         self._cond = threading.Condition()
-        self._busy = self._heavy = self._bytes = self._small_waiting = 0
+        self._busy = self._heavy = self._bytes = self._small_waiting = self._waiting = 0
 
     def _fits(self, cost: int, heavy: bool) -> bool:
         if self._busy >= self.slots or (heavy and (self._heavy >= self.heavy_slots or self._small_waiting)):
@@ -61,10 +61,12 @@ class DecodeGate:
         heavy = pixels > self.heavy_pixels
         with self._cond:
             self._small_waiting += not heavy
+            self._waiting += 1
             try:
                 fits = self._cond.wait_for(lambda: self._fits(cost, heavy), max(0.0, deadline - time.monotonic()))
             finally:
                 self._small_waiting -= not heavy
+                self._waiting -= 1
             if not fits:
                 self._cond.notify_all()  # heavy ones may have waited for this small one
                 raise DeadlineExceeded()
@@ -85,3 +87,8 @@ class DecodeGate:
     @property
     def bytes_in_use(self) -> int:
         return self._bytes
+
+    @property
+    def waiting(self) -> int:
+        """Decodes waiting for a slot (or, for an instant, checking whether one is free)."""
+        return self._waiting
