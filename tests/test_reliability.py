@@ -34,28 +34,32 @@ def call(svc, body=PNG, content_type="image/png", query=(), headers=()):
     return answer["statusCode"], answer["body"], answer["headers"]
 
 
-class SlowEncode:
-    """The model's encode, slowed down: a forward pass that outlasts the deadline. Leaving the block
-    waits for the slow passes still running, so what follows meets an idle model."""
+class HeldModel:
+    """The model's encode, held: the next forward pass waits on the model thread until the test lets it
+    go (leaving the block does), so requests behind it meet a busy model however fast the machine is.
+    Leaving the block also waits for that pass, so what follows meets an idle model."""
 
-    def __init__(self, batcher, delay):
-        self.batcher, self.delay, self.original = batcher, delay, batcher.encode
-        self.idle = threading.Event()
+    def __init__(self, batcher):
+        self.batcher, self.original = batcher, batcher.encode
+        self.busy, self.gate, self.done = threading.Event(), threading.Event(), threading.Event()
 
-    def slow(self, batch):
-        self.idle.clear()
-        time.sleep(self.delay)
+    def held(self, batch):
+        self.busy.set()
         try:
+            assert self.gate.wait(30), "the test never let the model go"
             return self.original(batch)
         finally:
-            self.idle.set()
+            self.batcher.encode = self.original
+            self.done.set()
 
     def __enter__(self):
-        self.idle.set()
-        self.batcher.encode = self.slow
+        self.batcher.encode = self.held
+        return self
 
     def __exit__(self, *exc):
-        self.idle.wait(30)
+        self.gate.set()
+        if self.busy.is_set():
+            self.done.wait(30)
         self.batcher.encode = self.original
 
 
@@ -63,11 +67,12 @@ class SlowEncode:
 
 def test_requests_past_their_deadline_get_504_and_the_next_one_is_answered(tiny_model, clip_env):
     svc = service(tiny_model, clip_env["CLIP_CACHE_DIR"], deadline_s=0.5)
-    with SlowEncode(svc.batcher, 1.0), ThreadPoolExecutor(3) as pool:
-        occupy = pool.submit(call, svc)  # occupies the model for a second
-        time.sleep(0.1)
+    with HeldModel(svc.batcher) as model, ThreadPoolExecutor(3) as pool:
+        occupy = pool.submit(call, svc)  # occupies the model until the test lets it go
+        assert model.busy.wait(30)
         behind = [pool.submit(call, svc) for _ in range(2)]  # queued behind it: give up at their deadline
         statuses = [f.result()[0] for f in behind]
+        model.gate.set()
         occupy.result()
     assert statuses == [504, 504]
     status, body, _ = call(svc)
@@ -77,16 +82,16 @@ def test_requests_past_their_deadline_get_504_and_the_next_one_is_answered(tiny_
 
 def test_custom_labels_behind_a_busy_model_are_bounded_by_the_deadline(tiny_model, clip_env):
     svc = service(tiny_model, clip_env["CLIP_CACHE_DIR"], deadline_s=0.5)
-    with SlowEncode(svc.batcher, 3.0):
+    with HeldModel(svc.batcher) as model:
         occupy = threading.Thread(target=call, args=(svc,))
         occupy.start()
-        time.sleep(0.1)
-        started = time.monotonic()
+        assert model.busy.wait(30)
+        # answered at its deadline while the model is still held, not after the busy batch
         status, body, _ = call(svc, query=[("labels", "zebra crossing,lighthouse at dusk")])
-        waited = time.monotonic() - started
+        assert not model.gate.is_set()
+        model.gate.set()
         occupy.join()
     assert status == 504 and body["error"]["code"] == "deadline_exceeded"
-    assert waited < 2.5  # answered at its deadline, not after the slow batch
     assert call(svc, query=[("labels", "zebra crossing,lighthouse at dusk")])[0] == 200
 
 
@@ -101,7 +106,7 @@ def test_new_labels_take_their_share_of_the_queue(tiny_model, clip_env):
     try:
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(call, svc, PNG, "image/png", [("labels", labels)])
-            time.sleep(0.3)
+            wait_until(lambda: svc.batcher.admitted == 4, 30, 0.005, "the first request admitted, waiting")
             second = call(svc, query=[("labels", labels.replace("thing", "object"))])
             release.set()
             assert first.result(30)[0] == 200
