@@ -72,10 +72,15 @@ def open_image(data: bytes, max_pixels: int, image_size: int, limits: Limits = L
             )
         if fmt == "PNG" and not _png_checksums_match(data):
             raise ClientError(400, "invalid_image", "The PNG file is corrupt: a chunk's checksum does not match.")
+        if fmt == "PNG":
+            _png_key_as_decoded(image, data)
         if fmt == "JPEG" and min(width, height) >= 2 * image_size:
             image.draft("RGB", (image_size, image_size))  # DCT-domain downscale, short side stays >= model size
         width, height = image.size
-        return Opened(image, fmt, width * height, decode_cost(image.mode, width, height))
+        cost = decode_cost(image.mode, width, height)
+        if _via_rgba(image):  # composited onto white through an RGBA copy of it
+            cost += width * height * 4
+        return Opened(image, fmt, width * height, cost)
 
 
 def decode(opened: Opened, crop_extremes: bool = True) -> Image.Image:
@@ -131,16 +136,55 @@ def _png_checksums_match(data: bytes) -> bool:
     return True
 
 
+def _png_key_as_decoded(image: Image.Image, data: bytes) -> None:
+    """A grey or RGB PNG's tRNS chunk is a colour key: pixels of that value are transparent. Pillow keeps
+    the key as written, but scales 2- and 4-bit grey pixels up to 0-255 and keeps only the high byte of
+    16-bit RGB ones: put the key on the decoded pixels' scale, so that it matches them. (16-bit RGB: the
+    pixels whose high bytes match, within 1/256 of the key colour, since the low bytes are gone.)"""
+    key = image.info.get("transparency")
+    if data[12:16] != b"IHDR" or len(data) < 26:
+        return
+    depth, colour_type = data[24], data[25]
+    if colour_type == 0 and depth in (2, 4) and isinstance(key, int):
+        top = (1 << depth) - 1
+        image.info["transparency"] = (key & top) * 255 // top
+    elif colour_type == 2 and depth == 16 and isinstance(key, tuple):
+        image.info["transparency"] = tuple(value >> 8 for value in key)
+
+
+def _colour_key(image: Image.Image) -> int | tuple[int, ...] | None:
+    """The pixel value a colour key makes transparent (a grey or RGB PNG's tRNS), or None."""
+    key = image.info.get("transparency")
+    if image.mode == "RGB":
+        return key if isinstance(key, tuple) and len(key) == 3 else None
+    if image.mode in ("1", "L") or image.mode.startswith("I;16"):
+        return key if isinstance(key, int) else None
+    return None
+
+
+def _via_rgba(image: Image.Image) -> bool:
+    """Whether _to_rgb composites it onto white through an RGBA copy (16-bit grey keys go in place)."""
+    if image.mode in ("PA", "LA", "La", "RGBa"):
+        return True
+    if image.mode == "P":
+        return "transparency" in image.info
+    return _colour_key(image) is not None and not image.mode.startswith("I;16")
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     pixels: np.ndarray  # uint8 or float32, by branch
-    if image.mode == "RGB":
+    key = _colour_key(image)
+    if image.mode == "RGB" and key is None:
         image.load()
         return image
     if image.mode.startswith("I;16"):  # 16-bit greyscale: scale, don't clip; in bands, no float copy
         wide, pixels = np.asarray(image), np.empty((image.height, image.width), np.uint8)
         del image  # the decoded frame: only the array is needed now
         for top in range(0, len(wide), 512):
-            pixels[top : top + 512] = wide[top : top + 512].astype(np.uint32) * 255 // 65535
+            band = wide[top : top + 512]
+            pixels[top : top + 512] = band.astype(np.uint32) * 255 // 65535
+            if key is not None:  # the colour key's pixels are transparent: white, as below
+                pixels[top : top + 512][band == key] = 255
         del wide
         return Image.fromarray(pixels, "L").convert("RGB")
     if image.mode in ("I", "F"):  # 32-bit greyscale: scale when it goes past 8 bits, else clip
@@ -149,7 +193,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
             pixels *= 255.0 / 65535.0
         pixels = np.clip(pixels, 0, 255, out=pixels).astype(np.uint8)
         return Image.fromarray(pixels, "L").convert("RGB")
-    if image.mode == "P" and "transparency" in image.info or image.mode in ("PA", "LA", "La", "RGBa"):
+    if _via_rgba(image):  # a colour key becomes an alpha channel (Pillow's convert applies it)
         image = image.convert("RGBA")
     if image.mode == "RGBA":  # transparent areas on white, as a viewer shows them
         canvas = Image.new("RGB", image.size, (255, 255, 255))
