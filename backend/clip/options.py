@@ -1,5 +1,6 @@
 """Request options (top_k, labels, label_set): validated, with a clear 400 for anything off."""
 
+import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,23 @@ def parse_options(options: MultiDict[str, Any], settings: "Settings") -> Options
     return Options(top_k=top_k, label_set=label_set)
 
 
+def _json_list(text: str) -> Any:
+    """labels=["cat","dog"] in a query or form: a JSON list, the one way to send labels holding commas
+    there. Split on commas it would become '["cat"' and '"dog"]'."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):  # RecursionError: "[[[[…" nested 100,000 deep
+        value = None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ClientError(
+            400,
+            "invalid_labels",
+            'labels starting with "[" must be a JSON list of strings, e.g. ["cat","dog, running"] '
+            "(the way to send labels holding commas); otherwise send comma-separated text: cat,dog.",
+        )
+    return value
+
+
 def _parse_top_k(value: Any, default: int) -> int:
     if value is None or value == "":
         return default
@@ -55,12 +73,15 @@ def _parse_top_k(value: Any, default: int) -> int:
 
 
 def _parse_labels(values: list[Any], settings: "Settings") -> tuple[str, ...]:
-    """labels: a JSON list of strings, or comma-separated text (query or form)."""
+    """labels: a JSON list of strings (a JSON body's list, or text starting with '[' in the query or a
+    form), or comma-separated text."""
     values = [v for v in values if not (isinstance(v, str) and not v.strip())]  # an empty form field
     if not values:
         return ()
     labels = []
     for value in values:
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            value = _json_list(value)
         if isinstance(value, str):
             labels.extend(value.split(","))
         elif isinstance(value, list) and all(isinstance(v, str) for v in value):
