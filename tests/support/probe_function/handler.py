@@ -15,4 +15,6 @@ def handle(event, context):
     time.sleep(min(float(event.query.get("sleep", "0") or 0), 10))
     return {"statusCode": 200, "body": {"pid": os.getpid(), "worker": os.environ.get("FUNCTION_WORKER"),
                                         "workers": os.environ.get("FUNCTION_WORKERS"),
-                                        "prometheus_dir": os.environ.get("PROMETHEUS_MULTIPROC_DIR")}}
+                                        "prometheus_dir": os.environ.get("PROMETHEUS_MULTIPROC_DIR"),
+                                        "cpus": os.environ.get("FUNCTION_CPUS"),
+                                        "cpus_source": os.environ.get("FUNCTION_CPUS_SOURCE")}}
