@@ -186,3 +186,19 @@ def test_with_room_for_one_image_a_request_is_parsed_and_admission_decides(warm)
         assert two["statusCode"] == 429 and two["body"]["error"]["code"] == "queue_full"
         one = handler.handle(Event(png, content_type="image/png"), None)
         assert one["statusCode"] == 200 and one["body"]["predictions"]
+
+
+def test_a_request_that_could_never_be_admitted_is_a_400_naming_the_limit_never_a_429(warm):
+    """max_queue 4 (a worker's share): 5 pictures would wait for room that never comes. The limit per
+    request follows the share, GET shows it, and the refusal says it."""
+    handler, svc = warm
+    png = noise_image("PNG")
+    described = handler.handle(Event(method="GET"), None)["body"]
+    assert described["limits"]["max_queue"] == 4 and described["limits"]["max_images"] == 4
+    five = handler.handle(Event(b"".join(part("image", png) for _ in range(5)) + b"--B--\r\n",
+                                content_type="multipart/form-data; boundary=B"), None)
+    assert five["statusCode"] == 400 and five["body"]["error"]["code"] == "too_many_images"
+    assert "At most 4 images" in five["body"]["error"]["message"] and "Retry-After" not in five["headers"]
+    four = handler.handle(Event(b"".join(part("image", png) for _ in range(4)) + b"--B--\r\n",
+                                content_type="multipart/form-data; boundary=B"), None)
+    assert four["statusCode"] == 200 and len(four["body"]["results"]) == 4

@@ -116,10 +116,20 @@ def test_a_worker_whose_init_fails_ends_the_function(tmp_path):
 # ---- clip with two workers ------------------------------------------------------------------------
 
 def test_clip_shares_its_queue_limit_among_workers(clip_env, tmp_path):
+    """Each worker admits its share of CLIP_MAX_QUEUE; a request with more pictures than that could never
+    be admitted, so the pictures per request follow the share: shown in GET, refused with a 400 that
+    names it (not a 429 'retry shortly' that no retry can pass), even on an idle function."""
     from support.images import image_bytes
     env = {**clip_env, "FUNCTION_WORKERS": "2", "CLIP_MAX_QUEUE": "7"}
     with FunctionProcess("clip", tmp_path, env) as fn:
-        shares = {ask(fn)["limits"]["max_queue"] for _ in range(20)}
-        assert shares == {math.ceil(7 / 2)}
+        described = [ask(fn)["limits"] for _ in range(20)]
+        assert {limits["max_queue"] for limits in described} == {math.ceil(7 / 2)}
+        assert {limits["max_images"] for limits in described} == {4}
         response = requests.post(fn.url, data=image_bytes("PNG"), timeout=60)
         assert response.status_code == 200 and response.json()["predictions"]
+        for _ in range(4):  # on new connections: whichever worker takes it
+            five = requests.post(fn.host_url, files=[("image", ("a.png", image_bytes("PNG")))] * 5, timeout=60)
+            assert five.status_code == 400 and five.json()["error"]["code"] == "too_many_images", five.text
+            assert "At most 4 images" in five.json()["error"]["message"]
+        four = requests.post(fn.url, files=[("image", ("a.png", image_bytes("PNG")))] * 4, timeout=60)
+        assert four.status_code == 200 and len(four.json()["results"]) == 4

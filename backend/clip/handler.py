@@ -111,4 +111,4 @@ def route(event: Any) -> dict:
     if SERVICE is None:
         raise not_loaded()
     SERVICE.refuse_if_full()  # before parsing: a full function answers 429 whatever the body holds
-    return SERVICE.classify(parse_request(event, SETTINGS.max_images))
+    return SERVICE.classify(parse_request(event, SERVICE.max_images))

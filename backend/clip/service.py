@@ -38,6 +38,15 @@ class Service:
         self.batcher = Batcher(
             encode, self.max_batch, settings.max_wait_ms / 1000, settings.max_queue, settings.stall_s
         )
+        # A request is admitted whole or not at all: one with more pictures than this worker's share of
+        # CLIP_MAX_QUEUE could never be, so that share caps the pictures per request (shown in GET /).
+        self.max_images = min(settings.max_images, settings.max_queue)
+        if self.max_images < settings.max_images:
+            LOG.warning(
+                "at most %d images per request: CLIP_MAX_IMAGES=%d is over this worker's share of CLIP_MAX_QUEUE",
+                self.max_images,
+                settings.max_images,
+            )
         # Decoding beyond the cores only slows the forward pass and holds more pixels in memory.
         self.decoder_count = settings.decoders or self.threads
         self.gate = DecodeGate(self.decoder_count, settings.decode_memory_mb << 20, settings.heavy_pixels)
@@ -78,7 +87,7 @@ class Service:
             "limits": {
                 "max_body_bytes": s.max_body_bytes,
                 "max_pixels": s.max_pixels,
-                "max_images": s.max_images,
+                "max_images": self.max_images,
                 "max_labels": s.max_labels,
                 "max_label_chars": s.max_label_chars,
                 "max_batch": self.max_batch,
