@@ -35,8 +35,8 @@ def init() -> None:
     try:
         SERVICE = Service(SETTINGS)
     except WeightsUnavailable as exc:  # a setup problem a restart cannot fix: stay up, never ready, say why
-        LOAD_ERROR = str(exc)
-        LOG.error("%s", LOAD_ERROR)
+        LOAD_ERROR = str(exc)  # answers and the page show it: it names the setting, never a path
+        LOG.error("%s (the weights cache here: %s)", LOAD_ERROR, exc.weights_dir)
         threading.Event().wait()  # init never returns: the lock file is never written
     metrics.watch(cast("Service", SERVICE))  # set: init() returns only once it is
 

@@ -22,7 +22,12 @@ RANDOM_SEED = 0  # CLIP_PRETRAINED=none: same random weights every start, so cac
 
 
 class WeightsUnavailable(RuntimeError):
-    """The weights can be neither found nor downloaded: a setup problem with a known way out."""
+    """The weights can be neither found nor downloaded: a setup problem with a known way out. Its message
+    goes into answers and names no server path; `weights_dir` is for the operator's log."""
+
+    def __init__(self, message: str, weights_dir: str | None = None):
+        super().__init__(message)
+        self.weights_dir = weights_dir
 
 
 @dataclass
@@ -189,10 +194,12 @@ def _load(name: str, tag: str | None, pretrained: str, cache_dir: str | None) ->
         if "download" not in str(exc).lower():
             raise
         raise WeightsUnavailable(
-            f"The weights of {name} ({pretrained}) could not be downloaded and are not in {weights_dir}. "
-            "Without internet access: point CLIP_MODEL=local-dir:/path at a folder holding "
+            f"The weights of {_display_name(name)} ({_display_pretrained(name, pretrained)}) could not be "
+            "downloaded and are not in the weights cache (CLIP_CACHE_DIR). Without internet access: point "
+            "CLIP_CACHE_DIR at a cache that holds them, point CLIP_MODEL=local-dir:/path at a folder holding "
             "open_clip_config.json and the weights, or try the service with CLIP_PRETRAINED=none "
-            "(random weights: predictions are meaningless)."
+            "(random weights: predictions are meaningless).",
+            weights_dir,
         ) from None
     finally:
         root.removeFilter(_quiet_download_error)
