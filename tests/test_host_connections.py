@@ -1,9 +1,15 @@
-"""The template host's own view of its connections (lifecycle.Listener), which the SIGTERM drain waits on:
-a connection is busy from the first byte of a request until its answer has gone out whole."""
+"""The template host's connections: its own view of them (lifecycle.Listener), which the SIGTERM drain waits
+on (a connection is busy from the first byte of a request until its answer has gone out whole), and how
+it refuses a body over MAX_BODY_BYTES on the wire (before any 100 Continue; closed without a reset)."""
+import json
 import socket
+from pathlib import Path
 
 import lifecycle
 import pytest
+from support.servers import FunctionProcess
+
+from localrun.functions import FUNCTION_DIRS
 
 
 @pytest.fixture
@@ -44,3 +50,63 @@ def test_an_answer_the_kernel_has_not_taken_whole_keeps_the_connection_busy(list
                 server_side.send(big)
         assert listener.busy()
         server_side.close()
+
+
+# The host itself, as a process (the probe function: no model), spoken to on its own port in raw HTTP.
+FUNCTION_DIRS.setdefault("probe", Path(__file__).parent / "support" / "probe_function")
+LIMIT = 100_000
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    with FunctionProcess("probe", tmp_path_factory.mktemp("host"), {"MAX_BODY_BYTES": str(LIMIT)}) as fn:
+        yield fn
+
+
+def read_answer(sock):
+    """One HTTP answer's status line, headers and body (by its Content-Length)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection closed before an answer: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    while len(body) < int(headers.get("content-length", 0)):
+        chunk = sock.recv(65536)
+        assert chunk, "the connection closed in the middle of an answer"
+        body += chunk
+    return status, headers, body
+
+
+def test_expect_100_continue_with_a_body_over_the_limit_is_refused_before_any_100(host):
+    """curl sends Expect: 100-continue for uploads over 1 MB: the refusal comes from the header, and
+    the client never gets an invitation to send a body that will be thrown away."""
+    with socket.create_connection(host.host_address, timeout=30) as client:
+        client.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                       b"Expect: 100-continue\r\nContent-Length: 50000000\r\n\r\n")
+        status, headers, body = read_answer(client)
+    assert status.startswith("HTTP/1.1 413"), status
+    assert headers["content-type"] == "application/json"
+    assert json.loads(body)["error"]["code"] == "body_too_large"
+
+
+def test_expect_100_continue_within_the_limit_still_gets_its_100(host):
+    with socket.create_connection(host.host_address, timeout=30) as client:
+        client.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+        assert read_answer(client)[0] == "HTTP/1.1 100 Continue"
+        client.sendall(b"hello")
+        assert read_answer(client)[0].startswith("HTTP/1.1 200")
+
+
+def test_a_client_still_sending_an_over_long_body_reads_the_413_and_is_never_reset(host):
+    """A proxy that buffered the body (of-watchdog) writes all of it while the 413 is already on its
+    way: the host must not reset the connection, which would throw the unread answer away."""
+    with socket.create_connection(host.host_address, timeout=30) as client:
+        client.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 8000000\r\n\r\n")
+        status, _, body = read_answer(client)
+        assert status.startswith("HTTP/1.1 413") and json.loads(body)["error"]["code"] == "body_too_large"
+        client.sendall(bytes(8_000_000))  # a reset makes this fail (ECONNRESET / EPIPE)
+        client.shutdown(socket.SHUT_WR)
+        assert client.recv(65536) == b"", "after its answer the host closes its side, nothing more"

@@ -11,13 +11,17 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import cpus
 import lifecycle
+import waitress.channel
+import waitress.parser
 import waitress.utilities
 import workers
 from waitress import create_server
@@ -130,6 +134,81 @@ def json_protocol_errors() -> None:
     error.to_response = waitress_error_as_json
 
 
+# A refused request's connection is closed gently: the answer, then our side shut (FIN), then what
+# the client still sends is read and dropped until it closes, up to these bounds. Closed at once, a
+# socket with unread bytes sends a reset, which throws away an answer the client (of-watchdog, busy
+# writing the body it buffered) has not read yet: it then reports its own 500 instead of our 413.
+LINGER_S = 5.0
+LINGER_BYTES = 64 * 1024 * 1024
+
+
+class Parser(waitress.parser.HTTPRequestParser):
+    """waitress's request parser; a request refused from its headers (a Content-Length over the limit)
+    no longer asks for 100 Continue: the client gets the refusal instead of an invitation to upload."""
+
+    def received(self, data: bytes) -> int:
+        consumed = super().received(data)
+        if self.error is not None:
+            self.expect_continue = False
+        return consumed
+
+
+class Channel(waitress.channel.HTTPChannel):
+    """waitress's connection, with Parser, and a lingering close after a refusal (see LINGER_S)."""
+
+    parser_class = Parser
+    refused = False  # an error answer (413, 431, 400) was served: the client may still be sending
+    linger_until = 0.0  # while lingering: when to give up waiting for the client to close
+    linger_left = 0
+
+    def service(self) -> None:
+        if self.requests and self.requests[0].error is not None:
+            self.refused = True
+        super().service()
+
+    def handle_close(self) -> None:
+        if self.linger_until or not self.refused or not self.connected or self.socket is None:
+            super().handle_close()
+            return
+        try:
+            self.socket.shutdown(socket.SHUT_WR)  # the answer is out (closing follows a flush): FIN
+        except OSError:
+            super().handle_close()
+            return
+        self.linger_until = time.monotonic() + LINGER_S
+        self.linger_left = LINGER_BYTES
+        self.will_close = False
+
+    def readable(self) -> bool:
+        if not self.linger_until:
+            return bool(super().readable())
+        if time.monotonic() > self.linger_until:
+            self.will_close = True  # writable() then lets the loop call handle_write, which closes
+            return False
+        return True
+
+    def writable(self) -> bool:
+        return self.will_close if self.linger_until else bool(super().writable())
+
+    def handle_read(self) -> None:
+        if not self.linger_until:
+            super().handle_read()
+            return
+        try:
+            data = self.socket.recv(65536)
+        except OSError:
+            data = b""
+        self.linger_left -= len(data)
+        if not data or self.linger_left <= 0:
+            super().handle_close()
+
+    def handle_write(self) -> None:
+        if self.linger_until:
+            super().handle_close()
+        else:
+            super().handle_write()
+
+
 def main() -> None:
     logging.basicConfig(
         level=os.environ.get("LOG_LEVEL", "INFO"),
@@ -159,6 +238,7 @@ def main() -> None:
         asyncore_use_poll=True,
         inbuf_overflow=8 * 1024 * 1024,
     )  # photo-sized bodies stay in memory, not a temp file
+    server.channel_class = Channel  # type: ignore[union-attr]
 
     def busy() -> bool:
         return IN_FLIGHT.count > 0 or listener.busy()
