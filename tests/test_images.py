@@ -182,3 +182,21 @@ def test_clip_under_its_memory_limit_answers_or_sheds_16_large_pngs(clip):
     assert clip.running() and clip.inspect("{{.State.OOMKilled}}") == "false", clip.logs()
     peak = podman("stats", "--no-stream", "--format", "json", clip.name).stdout
     record("clip_memory_after_16_large_pngs", json.loads(peak)[0].get("mem_usage", peak[:200]))
+
+
+CPU = min(os.sched_getaffinity(0))
+NODE = len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("limit, expected", [
+    (["--cpus", "1"], "1 cgroup quota 1.0"),
+    (["--cpuset-cpus", str(CPU)], "1 affinity 1"),
+    ([], f"{NODE} affinity {NODE}"),
+], ids=["cpus-1", "cpuset-1", "no-limit"])
+def test_the_host_counts_the_cpus_the_container_may_use(images, limit, expected):
+    """What the template host publishes as FUNCTION_CPUS, and clip sizes its threads by, read from the
+    container's own cgroup: its CPU limit or CPU set, never the node's cores."""
+    script = "import cpus; print(*cpus.available())"
+    ran = podman("run", "--rm", "--no-healthcheck", "--user", "12000:12000", "--read-only", *limit, images["clip"],
+                 "python", "-c", script, timeout=120)
+    assert ran.stdout.strip() == expected, ran.stderr
