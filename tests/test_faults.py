@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import requests
 from PIL import Image
+from support.held import sockets
 from support.images import noise_image
 from support.servers import WATCHDOG, FunctionProcess, wait_until
 
@@ -159,27 +160,26 @@ def read_response(sock):
     return int(head.split(b" ")[1]), json.loads(body) if body else None
 
 
-def sigterm_and_watch(fn, socks):
-    """SIGTERM, then wait for the lock file to go; True if no answer had arrived by then."""
-    fn.process.send_signal(signal.SIGTERM)
-    wait_until(lambda: not fn.lock.exists(), 30, 0.002, "lock file removed")
-    readable, _, _ = select.select(socks, [], [], 0)
-    return not readable
-
-
 def answers_across_sigterm(fn, raw_requests, held_back=0.0, pause=0.0):
-    """Send each request (all but its last `held_back` fraction), SIGTERM, check the lock file goes before
-    any answer and the process stays, send the rest after `pause`; -> (answers, exit status)."""
+    """Send each request (all but its last `held_back` fraction), SIGTERM once the function has accepted
+    every connection, check the lock file goes and the process stays, send the rest after `pause`;
+    -> (answers, exit status). With part of each body held back, no answer can have come before the
+    lock file went (a test that needs requests in the handler at SIGTERM holds them there: test_workers)."""
     cut = [len(raw) - int(len(raw) * held_back) for raw in raw_requests]
     socks = []
     try:
+        accepted = sockets(fn.process.pid)
         for raw, at in zip(raw_requests, cut):
             sock = socket.create_connection(fn.address, timeout=120)
             sock.sendall(raw[:at])
             socks.append(sock)
-        time.sleep(0.3)  # let the host read what was sent
+        wait_until(lambda: sockets(fn.process.pid) >= accepted + len(socks), 30, 0.005, "connections accepted")
         assert fn.healthy()
-        assert sigterm_and_watch(fn, socks), "an answer arrived before the lock file went"
+        fn.process.send_signal(signal.SIGTERM)
+        wait_until(lambda: not fn.lock.exists(), 30, 0.002, "lock file removed")
+        if held_back:
+            readable, _, _ = select.select(socks, [], [], 0)
+            assert not readable, "an answer to a request still arriving"
         time.sleep(pause)
         assert fn.process.poll() is None, "exited with requests unanswered"
         for raw, at, sock in zip(raw_requests, cut, socks):

@@ -4,14 +4,21 @@ container answers on its port 8080, without building an image. The other tests' 
 too (support.servers); these check the watchdog's own endpoints, timeouts and drain with the stack's
 settings."""
 import base64
+import signal
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import requests
 import yaml
+from support.held import Held
 from support.images import noise_image
 from support.servers import WATCHDOG, WATCHDOG_ABSENT, FunctionProcess, wait_until
-from test_faults import answers_across_sigterm, big_picture, http_request
+from test_faults import answers_across_sigterm, http_request
+
+from localrun.functions import FUNCTION_DIRS
+
+FUNCTION_DIRS.setdefault("probe", Path(__file__).parent / "support" / "probe_function")
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,13 +72,23 @@ def test_over_long_body_gets_the_hosts_json_413_through_the_watchdog(clip_env, t
         assert requests.post(fn.url, data=noise_image("PNG"), timeout=30).status_code == 200
 
 
-def test_sigterm_through_the_watchdog_answers_8_requests_in_flight(clip_env, tmp_path):
-    fn = behind_watchdog("clip", tmp_path, clip_env).start()
-    picture = big_picture(3000)  # slow enough to decode that all 8 are still in flight at SIGTERM
-    raw = [http_request(fn.port, [picture] * 2) for _ in range(8)]
-    answers, code = answers_across_sigterm(fn, raw)
-    assert [status for status, _ in answers] == [200] * 8, answers
-    assert code == 0, fn.output()
+def test_sigterm_through_the_watchdog_answers_8_requests_in_flight(tmp_path):
+    """8 requests held in the handler (the template host's probe function) when SIGTERM reaches the
+    watchdog: the lock file goes while they are held, and once let go all 8 are answered and it exits 0."""
+    timeouts = {k: v for k, v in stack_environment("clip").items() if k.endswith("_timeout")}
+    fn = FunctionProcess("probe", tmp_path, timeouts, watchdog=WATCHDOG).start()
+    held = Held(tmp_path / "held")
+    with ThreadPoolExecutor(8) as pool:
+        asked = [pool.submit(requests.get, fn.url, params=held.params, timeout=60) for _ in range(8)]
+        wait_until(lambda: len(held.holding()) == 8, 30, 0.005, "8 requests in the handler")
+        fn.process.send_signal(signal.SIGTERM)
+        wait_until(lambda: not fn.lock.exists(), 30, 0.002, "lock file removed")
+        assert not any(f.done() for f in asked) and fn.process.poll() is None
+        held.release()
+        answers = [f.result() for f in asked]
+    assert [a.status_code for a in answers] == [200] * 8, [a.text for a in answers]
+    assert fn.process.wait(60) == 0, fn.output()
+    fn.stop()
 
 
 def test_sigterm_through_the_watchdog_waits_for_uploads_still_arriving(clip_env, tmp_path):

@@ -4,12 +4,12 @@ Most tests use a probe function (tests/support/probe_function: no model, says wh
 the last ones run clip itself with two workers."""
 import math
 import signal
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
 import requests
+from support.held import Held
 from support.servers import FunctionProcess, wait_until
 
 from localrun.functions import FUNCTION_DIRS
@@ -74,14 +74,22 @@ def test_without_a_prometheus_dir_the_workers_share_a_fresh_one(tmp_path):
 
 
 def test_sigterm_drains_every_worker(tmp_path):
+    """Requests held in both workers' handlers when SIGTERM comes: the lock file goes at once, every one
+    is answered once let go, and every process exits."""
     fn = probe(tmp_path, workers=2).start()
-    with ThreadPoolExecutor(8) as pool:
-        slow = [pool.submit(ask, fn, sleep="1.5") for _ in range(8)]
-        time.sleep(0.5)  # all eight are being handled, on both workers
+    held = Held(tmp_path / "held")
+    with ThreadPoolExecutor(32) as pool:
+        asked = []
+        while len(asked) < 8 or len(set(held.holding())) < 2:  # the kernel picks the worker: ask until both hold
+            assert len(asked) < 32, f"32 connections and one worker holds them all: {held.holding()}"
+            asked.append(pool.submit(ask, fn, **held.params))
+            wait_until(lambda: len(held.holding()) == len(asked), 30, 0.005, "the request in a handler")
         children, host = worker_processes(fn), psutil.Process(fn.host_pid)
         fn.process.send_signal(signal.SIGTERM)
-        wait_until(lambda: not fn.lock.exists(), 5, 0.01, "lock removed")
-        answers = [f.result() for f in slow]  # every request in flight is answered
+        wait_until(lambda: not fn.lock.exists(), 30, 0.01, "lock removed")
+        assert not any(f.done() for f in asked) and fn.process.poll() is None
+        held.release()
+        answers = [f.result() for f in asked]  # every request in flight is answered
     assert {a["worker"] for a in answers} == {"0", "1"}
     assert fn.process.wait(30) == 0
     # behind a watchdog the host ends its own drain just after the watchdog has gone (in a container,
