@@ -1,6 +1,7 @@
 """Observability: GET /metrics on both functions (scraped from real processes and parsed with
 prometheus_client's parser), one log line per request carrying the request id from index to clip, the
 scrape wiring in the deploy files, and a Grafana dashboard that reads only what the functions export."""
+import ast
 import json
 import re
 import threading
@@ -60,7 +61,7 @@ def multipart(count):
 
 @pytest.fixture(scope="module")
 def clip_json(clip_env, tmp_path_factory):
-    """clip with JSON logs, room for 4 images (a 5-image request is shed, always), a long batching wait
+    """clip with JSON logs, room for 4 images (so at most 4 per request), a long batching wait
     (concurrent requests ride together), and prometheus_client's multiprocess mode, as the host runs
     several workers."""
     workdir = tmp_path_factory.mktemp("clip-observed")
@@ -76,18 +77,18 @@ def test_clip_counters_move_by_exactly_the_requests_made(clip_json):
     good = [requests.post(clip_json.url, data=PNG, headers={"X-Request-Id": f"good-{i}"}, timeout=60)
             for i in range(2)]
     bad = requests.post(clip_json.url, data=b"not an image", timeout=60)
-    shed = requests.post(clip_json.url, files=multipart(5), timeout=60)
+    too_many = requests.post(clip_json.url, files=multipart(5), timeout=60)  # never admitted: a 400, not a 429
     after = scrape(clip_json.url)
 
-    assert [r.status_code for r in good] == [200, 200] and bad.status_code == 400 and shed.status_code == 429
+    assert [r.status_code for r in good] == [200, 200] and bad.status_code == 400 and too_many.status_code == 400
     assert moved(before, after, "clip_requests_total", method="POST", status="200", code="") == 2
     assert moved(before, after, "clip_requests_total", method="POST", status="400", code="invalid_image") == 1
-    assert moved(before, after, "clip_requests_total", method="POST", status="429", code="queue_full") == 1
+    assert moved(before, after, "clip_requests_total", method="POST", status="400", code="too_many_images") == 1
     assert moved(before, after, "clip_requests_total", method="GET", status="200", code="") == 0, \
         "a scrape is not a request"
     assert moved(before, after, "clip_request_duration_seconds_count") == 4
     assert moved(before, after, "clip_images_classified_total") == 2
-    assert moved(before, after, "clip_shed_images_total") == 5
+    assert moved(before, after, "clip_shed_images_total") == 0  # shed: refused by a full queue (429) only
     # one image at a time: two forward passes of one image each
     assert moved(before, after, "clip_batch_size_count") == 2 and moved(before, after, "clip_batch_size_sum") == 2
     assert moved(before, after, "clip_queue_wait_seconds_count") == 2
@@ -96,7 +97,7 @@ def test_clip_counters_move_by_exactly_the_requests_made(clip_json):
 
     lines = json_lines(clip_json)
     for response, status, code, images in [(good[0], 200, None, 1), (good[1], 200, None, 1),
-                                           (bad, 400, "invalid_image", 1), (shed, 429, "queue_full", 5)]:
+                                           (bad, 400, "invalid_image", 1), (too_many, 400, "too_many_images", 0)]:
         request_id = response.headers["X-Request-Id"]
         assert response.json()["request_id"] == request_id
         line = log_for(lines, request_id)
@@ -208,7 +209,8 @@ def test_one_request_id_follows_a_request_through_index_and_clip(stack):
 
 
 class FakeClip(BaseHTTPRequestHandler):
-    """Stands in for clip: ?fake=5xx answers 503 JSON, ?fake=html a 200 page, ?fake=slow nothing for 3 s."""
+    """Stands in for clip: ?fake=5xx answers 503 JSON, ?fake=html a 200 page, ?fake=slow nothing for 3 s,
+    ?fake=code_x a 400 with the error code x."""
 
     def do_POST(self):
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
@@ -217,6 +219,9 @@ class FakeClip(BaseHTTPRequestHandler):
             threading.Event().wait(3)
         status, body, kind = {"5xx": (503, b'{"error": {"code": "loading", "message": "x"}}', "application/json"),
                               "html": (200, b"<html>hello</html>", "text/html")}.get(mode, (200, b"{}", "text/plain"))
+        if mode.startswith("code_"):  # ?fake=code_x: a 400 with a code of clip's choosing (x_y_z), not ours
+            status, kind = 400, "application/json"
+            body = json.dumps({"error": {"code": mode[5:], "message": "x"}}).encode()
         self.send_response(status)
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(body)))
@@ -295,6 +300,85 @@ def test_a_crashed_workers_live_gauges_leave_the_function_sums(tmp_path):
         worker.kill()
         worker.wait(10)  # until its parent has reaped it, as a function's supervisor does within 50 ms
         assert 0 < value(scrape(two.url), "process_resident_memory_bytes") < 0.75 * both
+
+
+# ---- label values from closed sets, request fields truncated in the log (issue 22, point 2) ----------
+
+ODD_METHODS = [f"M{i}" + "X" * 10_000 for i in range(12)]  # a new series each, were methods labels as sent
+
+
+def label_values(samples, name, label):
+    return {dict(labels)[label] for sample, labels in samples if sample == name}
+
+
+def longest_own_line(fn):
+    """The longest line the function logged itself (the JSON ones: a watchdog in front logs each method too)."""
+    return max(len(line) for line in json_text_lines(fn))
+
+
+def json_text_lines(fn):
+    fn.log.flush()
+    return [line for line in (fn.dir / "function.log").read_text(errors="replace").splitlines() if line.startswith("{")]
+
+
+def test_clip_counts_made_up_methods_as_other_and_logs_them_short(clip_json):
+    before = scrape(clip_json.url)
+    answers = [requests.request(method, clip_json.url, headers={"X-Request-Id": f"odd-{i}"}, timeout=30)
+               for i, method in enumerate(ODD_METHODS)]
+    after = scrape(clip_json.url)
+    assert {a.status_code for a in answers} == {405}
+    assert label_values(after, "clip_requests_total", "method") <= {"GET", "HEAD", "POST", "other"}
+    assert moved(before, after, "clip_requests_total", method="other", status="405", code="method_not_allowed") == 12
+    lines = json_lines(clip_json)
+    for i in range(len(ODD_METHODS)):
+        line = log_for(lines, f"odd-{i}")
+        assert line["method"] == (f"M{i}" + "X" * 40)[:29] + "...", line["method"][:100]
+    assert longest_own_line(clip_json) < 2000, "a log line carries a whole method"
+
+
+def test_index_counts_made_up_methods_and_clips_codes_as_other(fake_clip, tmp_path):
+    """clip's answer is not trusted either: a code that is not in the catalogue is counted as other."""
+    with FunctionProcess("index", tmp_path, {"CLIP_URL": fake_clip, "LOG_FORMAT": "json"}) as index:
+        before = scrape(index.url)
+        odd = [requests.request(method, index.url, timeout=30) for method in ODD_METHODS]
+        made_up = [requests.post(index.url, data=PNG, params={"fake": f"code_made_up_{i}"}, timeout=30)
+                   for i in range(5)]
+        known = requests.post(index.url, data=PNG, params={"fake": "code_invalid_image"}, timeout=30)
+        after = scrape(index.url)
+        assert {a.status_code for a in odd} == {405}
+        assert {a.status_code for a in made_up} == {400} and known.status_code == 400
+        assert label_values(after, "index_requests_total", "method") <= {"GET", "HEAD", "POST", "other"}
+        assert "made_up_0" not in " ".join(label_values(after, "index_requests_total", "code"))
+        assert moved(before, after, "index_requests_total", method="other", status="405",
+                     code="method_not_allowed") == 12
+        assert moved(before, after, "index_requests_total", method="POST", status="400", code="other") == 5
+        assert moved(before, after, "index_requests_total", method="POST", status="400", code="invalid_image") == 1
+        lines = json_lines(index)
+        assert all(len(line["method"]) <= 32 for line in lines)
+        assert longest_own_line(index) < 2000, "a log line carries a whole method"
+
+
+def error_catalogue(metrics_file):
+    """ERROR_CODES as a function's metrics.py declares it (read from the source: clip's import torch)."""
+    tree = ast.parse(metrics_file.read_text())
+    (value,) = [node.value for node in tree.body if isinstance(node, ast.Assign)
+                and [t.id for t in node.targets if isinstance(t, ast.Name)] == ["ERROR_CODES"]]
+    return ast.literal_eval(value.args[0])
+
+
+def codes_answered(folder):
+    """Every error code a function's source answers with (ClientError, Refused, _failure, {"code": ...})."""
+    source = "\n".join(path.read_text() for path in folder.glob("*.py"))
+    return set(re.findall(r'(?:ClientError|Refused|_failure)\(\s*\d{3},\s*"([a-z_0-9]+)"', source)) | \
+        set(re.findall(r'"code":\s*"([a-z_0-9]+)"', source))
+
+
+def test_the_error_catalogues_hold_every_code_the_functions_answer():
+    clip_codes, index_codes = codes_answered(ROOT / "backend" / "clip"), codes_answered(ROOT / "frontend" / "index")
+    assert {"queue_full", "invalid_image"} <= clip_codes and {"clip_timeout", "clip_bad_answer"} <= index_codes
+    assert clip_codes <= error_catalogue(ROOT / "backend" / "clip" / "metrics.py")
+    assert clip_codes | index_codes <= error_catalogue(ROOT / "frontend" / "index" / "metrics.py"), \
+        "index passes clip's codes on"
 
 
 # ---- deploy files and the dashboard ------------------------------------------------------------------

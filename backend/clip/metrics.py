@@ -48,9 +48,44 @@ SAMPLE_INTERVAL_S = 2.0
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 LOG = logging.getLogger("clip.metrics")
 
+# Label values that come from a request take values from closed sets only: each new value is a series
+# kept for good, so a client that made up methods (or codes) would grow every scrape and the memory.
+METHODS = ("GET", "HEAD", "POST")  # any other method is counted as "other"
+# the error catalogue (docs/api.md): every code clip answers; any other is counted as "other"
+ERROR_CODES = frozenset(
+    {
+        "deadline_exceeded",
+        "image_too_complex",
+        "image_too_large",
+        "internal_error",
+        "invalid_form",
+        "invalid_image",
+        "invalid_json",
+        "invalid_labels",
+        "invalid_option",
+        "label_set_warming",
+        "loading",
+        "method_not_allowed",
+        "missing_image",
+        "model_unavailable",
+        "queue_full",
+        "too_many_images",
+        "too_many_labels",
+        "too_many_parts",
+        "unknown_label_set",
+        "url_disabled",
+        "url_refused",
+        "url_timeout",
+        "url_too_large",
+        "url_unreachable",
+    }
+)
+LOGGED_CHARS = 32  # a request's own field (its method) in the log line, at most
+
 REQUESTS = Counter(
     "clip_requests_total",
-    "Requests answered, by method, HTTP status and error code (code is empty on success)",
+    "Requests answered, by method (GET, HEAD, POST or other), HTTP status and error code (code is empty on "
+    "success; other for a code outside the catalogue)",
     ["method", "status", "code"],
 )
 DURATION = Histogram(
@@ -265,7 +300,7 @@ def counts_fetches(fetch: Callable[P, R]) -> Callable[P, R]:
         try:
             data = fetch(*args, **kwargs)
         except Exception as error:
-            URL_FETCHES.labels(getattr(error, "code", "error")).inc()
+            URL_FETCHES.labels(code_label(getattr(error, "code", "error"))).inc()
             raise
         URL_FETCHES.labels("ok").inc()
         return data
@@ -295,14 +330,41 @@ def observe(event: Any, request_id: str, answer: Callable[[], dict]) -> dict:
         code = error.get("code", "") if isinstance(error, dict) else ""
         classified = _predictions(body)
         images = record["images"] if record["images"] is not None else classified
-        REQUESTS.labels(event.method, str(status), code).inc()
+        REQUESTS.labels(method_label(event.method), str(status), code_label(code)).inc()
         if event.method == "POST":
             DURATION.observe(elapsed)
         if classified:
             IMAGES.inc(classified)
         if status == 429 and images:
             SHED.inc(images)
-        log_request(request_id, event.method, status, code, images, len(event.body or b""), elapsed, record["batches"])
+        log_request(
+            request_id,
+            clipped(event.method),
+            status,
+            clipped(code),
+            images,
+            len(event.body or b""),
+            elapsed,
+            record["batches"],
+        )
+
+
+def method_label(method: str) -> str:
+    return method if method in METHODS else "other"
+
+
+def code_label(code: object) -> str:
+    """An error code as a label value: empty (success), one of the catalogue's, or "other"."""
+    if not code:
+        return ""
+    return code if isinstance(code, str) and code in ERROR_CODES else "other"
+
+
+def clipped(value: object, limit: int = LOGGED_CHARS) -> str:
+    """A request's field as the log line shows it: printable ASCII without spaces, at most `limit` characters
+    (a longer one ends in "...")."""
+    text = "".join(c if c.isascii() and c.isprintable() and not c.isspace() else "?" for c in str(value)[: limit + 1])
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _predictions(body: object) -> int:

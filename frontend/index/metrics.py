@@ -36,9 +36,52 @@ MULTIPROCESS_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
 SAMPLE_INTERVAL_S = 2.0
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
+# Label values that come from a request, or from clip's answer, take values from closed sets only: each
+# new value is a series kept for good, so made-up methods or codes would grow every scrape and the memory.
+METHODS = ("GET", "HEAD", "POST")  # any other method is counted as "other"
+# the error catalogue (docs/api.md): index's own codes and clip's, which index passes on; any other
+# code (a clip that is not ours, or a newer one) is counted as "other"
+ERROR_CODES = frozenset(
+    {
+        # index's own
+        "clip_bad_answer",
+        "clip_timeout",
+        "clip_unavailable",
+        "clip_unreachable",
+        "field_too_large",
+        "internal_error",
+        "invalid_form",
+        "method_not_allowed",
+        "too_many_images",
+        # clip's
+        "deadline_exceeded",
+        "image_too_complex",
+        "image_too_large",
+        "invalid_image",
+        "invalid_json",
+        "invalid_labels",
+        "invalid_option",
+        "label_set_warming",
+        "loading",
+        "missing_image",
+        "model_unavailable",
+        "queue_full",
+        "too_many_labels",
+        "too_many_parts",
+        "unknown_label_set",
+        "url_disabled",
+        "url_refused",
+        "url_timeout",
+        "url_too_large",
+        "url_unreachable",
+    }
+)
+LOGGED_CHARS = 32  # a request's own field (its method) or clip's error code in the log line, at most
+
 REQUESTS = Counter(
     "index_requests_total",
-    "Requests answered, by method, HTTP status and error code (code is empty on success)",
+    "Requests answered, by method (GET, HEAD, POST or other), HTTP status and error code (code is empty on "
+    "success; other for a code outside the catalogue)",
     ["method", "status", "code"],
 )
 DURATION = Histogram(
@@ -190,10 +233,30 @@ def observe(event: Any, request_id: str, answer: Callable[[], dict]) -> dict:
         _local.answer = None
         error = body.get("error") if isinstance(body, dict) else None
         code = error.get("code", "") if isinstance(error, dict) else ""
-        REQUESTS.labels(event.method, str(status), code).inc()
+        REQUESTS.labels(method_label(event.method), str(status), code_label(code)).inc()
         if event.method == "POST":
             DURATION.observe(elapsed)
-        log_request(request_id, event.method, status, code, _images(body), len(event.body or b""), elapsed)
+        log_request(
+            request_id, clipped(event.method), status, clipped(code), _images(body), len(event.body or b""), elapsed
+        )
+
+
+def method_label(method: str) -> str:
+    return method if method in METHODS else "other"
+
+
+def code_label(code: object) -> str:
+    """An error code as a label value: empty (success), one of the catalogue's, or "other"."""
+    if not code:
+        return ""
+    return code if isinstance(code, str) and code in ERROR_CODES else "other"
+
+
+def clipped(value: object, limit: int = LOGGED_CHARS) -> str:
+    """A field as the log line shows it: printable ASCII without spaces, at most `limit` characters (a
+    longer one ends in "...")."""
+    text = "".join(c if c.isascii() and c.isprintable() and not c.isspace() else "?" for c in str(value)[: limit + 1])
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def note_answer(answer: dict) -> None:
