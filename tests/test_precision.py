@@ -1,5 +1,6 @@
 """CLIP_DTYPE: what auto picks on which processor, and what bf16 costs in accuracy against fp32."""
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +74,11 @@ def test_cpuinfo_answers_where_torch_cannot(monkeypatch, tmp_path):
     assert features.source == "cpuinfo" and features.avx512_bf16 and not features.amx_bf16
 
 
+def test_auto_bakes_bf16_ahead_only_where_it_may_be_chosen():
+    assert precision.baked_dtypes(AVX2) == "fp32"
+    assert precision.baked_dtypes(ZEN4) == precision.baked_dtypes(AMX) == "fp32,bf16"
+
+
 def test_forced_dtypes_and_cuda():
     assert choose("bf16", "cpu", AVX2, measure=never).dtype == torch.bfloat16
     assert "emulated" in choose("bf16", "cpu", AVX2, measure=never).reason
@@ -129,9 +135,23 @@ def test_label_caches_are_keyed_by_dtype(both, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def bf16_server(clip_env, clip_server, tmp_path_factory):
-    """A clip function forced to bf16, sharing the fp32 function's embedding cache directory."""
-    env = {**clip_env, "CLIP_DTYPE": "bf16", "CLIP_LABEL_SET": "cifar10", "CLIP_PRELOAD_LABEL_SETS": "cifar10"}
+def bf16_cache(both, clip_env, clip_server, tmp_path_factory):
+    """A cache directory of its own for the bf16 function (whatever other tests left in the shared one),
+    holding the fp32 function's cifar10 embeddings: the file a dtype-blind cache would wrongly reuse."""
+    fp32 = LabelStore(both["fp32"][0], clip_env["CLIP_CACHE_DIR"]).cache_path(LABEL_SETS["cifar10"])
+    assert Path(fp32).is_file(), "the fp32 function preloads cifar10"
+    cache = tmp_path_factory.mktemp("cache-bf16")
+    (cache / "embeddings").mkdir()
+    shutil.copy(fp32, cache / "embeddings")
+    return cache
+
+
+@pytest.fixture(scope="module")
+def bf16_server(clip_env, bf16_cache, tmp_path_factory):
+    """A clip function forced to bf16, on the tiny model, on any processor (oneDNN emulates bf16 where
+    it is not native): the bf16 path is tested everywhere, only its speed depends on the machine."""
+    env = {**clip_env, "CLIP_DTYPE": "bf16", "CLIP_LABEL_SET": "cifar10", "CLIP_PRELOAD_LABEL_SETS": "cifar10",
+           "CLIP_CACHE_DIR": str(bf16_cache)}
     with FunctionProcess("clip", tmp_path_factory.mktemp("clip-bf16"), env) as fn:
         yield fn
 
@@ -146,7 +166,7 @@ def test_served_description_names_the_dtype_and_why(clip_server, bf16_server):
     assert "dtype bf16" in bf16_server.output()  # and the log says it
 
 
-def test_served_bf16_scores_stay_close_to_fp32(clip_server, bf16_server, clip_env):
+def test_served_bf16_scores_stay_close_to_fp32(clip_server, bf16_server, bf16_cache):
     png = noise_image("PNG", size=(90, 70), seed=42)
     for params in ({"label_set": "cifar10", "top_k": 10}, {"labels": "cat,dog,a red car,tree", "top_k": 4}):
         answers = [requests.post(server.url, data=png, params=params, timeout=60).json()["predictions"]
@@ -156,7 +176,7 @@ def test_served_bf16_scores_stay_close_to_fp32(clip_server, bf16_server, clip_en
         bound = MAX_PROBABILITY_DELTA["1 prompt" if "labels" in params else "18 prompts"]
         assert max(abs(fp32[label] - bf16[label]) for label in fp32) <= bound
     # the bf16 function encoded its own cifar10 embeddings rather than loading the fp32 ones
-    assert len(list((Path(clip_env["CLIP_CACHE_DIR"]) / "embeddings").glob("cifar10-*.npy"))) == 2
+    assert len(list((bf16_cache / "embeddings").glob("cifar10-*.npy"))) == 2
     assert "encoding 180 prompts for cifar10" in bf16_server.output()
 
 
@@ -164,7 +184,8 @@ def test_build_ahead_bakes_each_dtype_asked_for(tiny_model, tmp_path):
     """build_ahead.py: auto bakes fp32 (plus bf16 only where this processor runs it natively); --dtypes both."""
     env = {**os.environ, "CLIP_MODEL": f"local-dir:{tiny_model}", "CLIP_CACHE_DIR": str(tmp_path), "CLIP_DEVICE": "cpu"}
     backend = Path(__file__).resolve().parents[1] / "backend"
-    for extra, expected in (([], 2 if precision.cpu_features().native_bf16 else 1), (["--dtypes", "fp32,bf16"], 2)):
+    auto = len(precision.baked_dtypes(precision.cpu_features()).split(","))  # both kinds: the test above
+    for extra, expected in (([], auto), (["--dtypes", "fp32,bf16"], 2)):
         for old in tmp_path.glob("embeddings/*"):
             old.unlink()
         run = subprocess.run([sys.executable, "-m", "clip.build_ahead", "--label-sets", "cifar10", *extra], cwd=backend,

@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"unknown label sets {unknown}; known: {', '.join(LABEL_SETS)}")
     dtypes = args.dtypes or settings.dtype
     if dtypes == "auto":
-        dtypes = "fp32,bf16" if precision.cpu_features().native_bf16 else "fp32"
+        dtypes = precision.baked_dtypes(precision.cpu_features())
     dtypes = [d.strip() for d in dtypes.split(",") if d.strip()]
     wrong = [d for d in dtypes if d not in precision.DTYPES]
     if wrong:

@@ -91,6 +91,11 @@ def cpu_features(cpuinfo_path: str = "/proc/cpuinfo") -> CpuFeatures:
         return CpuFeatures("amx_bf16" in flags, "avx512_bf16" in flags, capability, "cpuinfo")
 
 
+def baked_dtypes(features: CpuFeatures) -> str:
+    """What the build-ahead step bakes for CLIP_DTYPE=auto: bf16 too only where it may be chosen."""
+    return "fp32,bf16" if features.native_bf16 else "fp32"
+
+
 def measure_bf16(width: int = 768, tokens: int = 100, repeats: int = 5) -> tuple[float, float]:
     """Median seconds of one pre-norm transformer MLP (ViT-B width, two images' tokens) in fp32 and
     in bf16: the layers that dominate a CLIP forward pass. Weights from a private generator."""
