@@ -1,17 +1,25 @@
-"""Custom labels: encoded once each, however many requests ask for them at the same moment."""
+"""Custom labels: encoded once each, however many requests ask for them at the same moment. Built-in
+label sets: a cached file is used only when it fits the model, and an unwritable cache costs nothing but
+the file."""
+import logging
+import os
 import threading
 
 import numpy as np
+import pytest
+import requests
 import torch
 from clip import labels as labels_module
 from clip.labels import LabelStore
-from support.servers import wait_until
+from support.images import noise_image
+from support.servers import FunctionProcess, wait_until
 
 
 class SlowTextModel:
     """Stands in for the model's text tower: a distinct vector per prompt, counting prompts. With a
     gate, each encoding waits there until the test opens it."""
     weights_id = "fake"
+    dtype = torch.float32
 
     def __init__(self, gate=None, fail=False):
         self.gate, self.fail, self.prompts = gate, fail, []
@@ -76,3 +84,96 @@ def test_the_label_cache_is_bounded(tmp_path):
     assert len(model.prompts) == 4  # "d" was kept
     store.custom(["a"])
     assert len(model.prompts) == 5  # "a" had been evicted
+
+
+# ---- built-in label sets: the disk cache is checked against the model, and may be unwritable ----------
+
+CIFAR10 = labels_module.LABEL_SETS["cifar10"]
+CIFAR10_PROMPTS = len(CIFAR10.classes) * len(CIFAR10.templates)
+
+
+def set_prompts(model):
+    """The prompts of the cifar10 set that were encoded (not the one-prompt probe of the model's width)."""
+    return [p for p in model.prompts if p != labels_module.WIDTH_PROBE]
+
+
+def good_embeddings():
+    return labels_module.class_embeddings(SlowTextModel().encode_texts, CIFAR10.labels, CIFAR10.templates)
+
+
+def unit_rows(array):
+    return array / np.linalg.norm(array, axis=-1, keepdims=True)
+
+
+FOREIGN_FILES = {
+    "another model's width": lambda: unit_rows(np.random.default_rng(0).normal(size=(10, 512))).astype(np.float32),
+    "float64": lambda: good_embeddings().astype(np.float64),
+    "float16": lambda: good_embeddings().astype(np.float16),
+    "NaN": lambda: np.where(np.arange(30).reshape(10, 3) == 4, np.nan, good_embeddings()).astype(np.float32),
+    "inf": lambda: np.where(np.arange(30).reshape(10, 3) == 7, np.inf, good_embeddings()).astype(np.float32),
+    "not unit rows": lambda: (good_embeddings() * 3).astype(np.float32),
+    "one row short": lambda: good_embeddings()[:9],
+    "one dimension": lambda: good_embeddings().ravel(),
+}
+
+
+@pytest.mark.parametrize("kind", FOREIGN_FILES)
+def test_a_cached_label_set_that_does_not_fit_the_model_is_rebuilt(tmp_path, caplog, kind):
+    store = LabelStore(SlowTextModel(), str(tmp_path))
+    path = store.cache_path(CIFAR10)
+    os.makedirs(os.path.dirname(path))
+    np.save(path, FOREIGN_FILES[kind](), allow_pickle=False)
+    with caplog.at_level(logging.WARNING, logger="labels"):
+        built = store.build("cifar10")
+    assert len(set_prompts(store.model)) == CIFAR10_PROMPTS, "the foreign file was served"
+    np.testing.assert_allclose(built, good_embeddings(), rtol=1e-6)
+    assert [r for r in caplog.records if "ignoring embedding cache" in r.getMessage()], "rebuilt without a word"
+    again = LabelStore(SlowTextModel(), str(tmp_path))  # the next start: the rebuilt file is used as it is
+    np.testing.assert_array_equal(again.build("cifar10"), built)
+    assert set_prompts(again.model) == []
+
+
+def test_a_cached_label_set_that_fits_is_used_without_encoding(tmp_path):
+    first = LabelStore(SlowTextModel(), str(tmp_path))
+    built = first.build("cifar10")
+    assert len(set_prompts(first.model)) == CIFAR10_PROMPTS
+    second = LabelStore(SlowTextModel(), str(tmp_path))
+    np.testing.assert_array_equal(second.build("cifar10"), built)
+    assert set_prompts(second.model) == []
+
+
+def test_an_unwritable_cache_serves_label_sets_from_memory_with_one_warning(tmp_path, caplog):
+    """A read-only or full cache directory: the sets are built once and served from memory (never a 503
+    forever, never rebuilt per request), and the log says so once, without a traceback. (The cache sits
+    under a regular file, which no one can write into, root included.)"""
+    (tmp_path / "file").write_text("not a directory")
+    store = LabelStore(SlowTextModel(), str(tmp_path / "file" / "cache"))
+    with caplog.at_level(logging.INFO, logger="labels"):
+        assert store.get_set("cifar10") is None  # the first request starts the build
+        wait_until(lambda: store.ready("cifar10") or "failed" in caplog.text, 60, 0.01, "cifar10 built")
+        served = store.get_set("cifar10")
+        assert served is not None and store.get_set("cifar10") is served
+        assert store.build("cifar100").shape[0] == 100  # a preloaded set, the same way
+    assert len(set_prompts(store.model)) == CIFAR10_PROMPTS + 100 * len(CIFAR10.templates), "built once each"
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "served from memory" in warnings[0].getMessage(), caplog.text
+    assert not any(r.exc_info for r in caplog.records), "a traceback in the log"
+
+
+def test_clip_with_an_unwritable_cache_answers_a_label_set_it_did_not_preload(clip_env, tmp_path):
+    """The served function: the first request for a set not preloaded gets 503 label_set_warming while it
+    builds, then it is served from memory; the log has one warning and no traceback."""
+    (tmp_path / "file").write_text("not a directory")
+    env = {**clip_env, "CLIP_CACHE_DIR": str(tmp_path / "file" / "cache"), "CLIP_PRELOAD_LABEL_SETS": "cifar10"}
+    with FunctionProcess("clip", tmp_path, env) as fn:
+        def classify():
+            return requests.post(fn.url, data=noise_image("PNG"), params={"label_set": "cifar100"}, timeout=60)
+        first = classify()
+        assert first.status_code in (200, 503), first.text
+        if first.status_code == 503:
+            assert first.json()["error"]["code"] == "label_set_warming"
+            wait_until(lambda: classify().status_code == 200, 120, 0.2, "cifar100 served")
+        assert classify().status_code == 200
+        log = fn.output()
+    assert log.count("encoding 1800 prompts for cifar100") == 1, "built more than once"
+    assert log.count("cannot write the label-set cache") == 1 and "Traceback" not in log, log

@@ -3,6 +3,7 @@
 Embeddings are numpy arrays from the model's output on: ranking runs on request threads, which never
 run torch (see batcher.py), and the disk cache is a plain .npy file, read without unpickling."""
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -36,6 +37,7 @@ with open(os.path.join(os.path.dirname(__file__), "zero_shot.json")) as _f:
 
 CIFAR_TEMPLATES = tuple(_REFERENCE["cifar_templates"])
 SIMPLE_TEMPLATES = ("a photo of a {}.",)
+WIDTH_PROBE = "a photo."  # encoded once to learn the model's embedding width
 
 
 def cache_key(*parts: object) -> str:
@@ -83,8 +85,10 @@ def _templates_id(templates: Iterable[Template]) -> list[str]:
     return [_format(t, "{}") for t in templates]
 
 
-def _load(path: str, rows: int) -> np.ndarray | None:
-    """The cached [rows, D] embeddings at path, or None when absent, torn, foreign or of another shape."""
+def _load(path: str, rows: int, width: Callable[[], int]) -> np.ndarray | None:
+    """The cached embeddings at path, when they are what this model builds: float32 [rows, width()],
+    finite, each row of unit length. None when absent; anything else (torn, foreign, another model's,
+    another shape or dtype, NaN) is logged and rebuilt."""
     if not os.path.exists(path):
         return None
     try:
@@ -92,14 +96,39 @@ def _load(path: str, rows: int) -> np.ndarray | None:
     except Exception:  # a torn or foreign file: rebuild it
         LOG.warning("ignoring unreadable embedding cache %s", path)
         return None
-    return embeddings if embeddings.ndim == 2 and embeddings.shape[0] == rows else None
+    problem = _unfit(embeddings, rows, width)
+    if problem:
+        LOG.warning("ignoring embedding cache %s: %s; rebuilding it", path, problem)
+        return None
+    return embeddings
+
+
+def _unfit(embeddings: np.ndarray, rows: int, width: Callable[[], int]) -> str | None:
+    """Why cached embeddings cannot serve this model, or None when they can."""
+    if embeddings.dtype != np.float32:
+        return f"dtype {embeddings.dtype}, not float32"
+    if embeddings.ndim != 2 or embeddings.shape[0] != rows:
+        return f"shape {embeddings.shape}, not {rows} rows"
+    if embeddings.shape[1] != width():
+        return f"{embeddings.shape[1]} values per row where this model gives {width()}"
+    if not np.isfinite(embeddings).all():
+        return "values that are not finite"
+    if not np.allclose(np.linalg.norm(embeddings, axis=-1), 1.0, atol=1e-3):
+        return "rows that are not of unit length"
+    return None
 
 
 def _save(path: str, embeddings: np.ndarray) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as file:  # a file object: np.save adds no second suffix
-        np.save(file, embeddings, allow_pickle=False)
-    os.replace(tmp, path)  # atomic: concurrent builders never see half a file
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        with open(tmp, "wb") as file:  # a file object: np.save adds no second suffix
+            np.save(file, embeddings, allow_pickle=False)
+        os.replace(tmp, path)  # atomic: concurrent builders never see half a file
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)  # a full disk keeps no half-written file
+        raise
 
 
 class LabelStore:
@@ -129,6 +158,8 @@ class LabelStore:
         # label -> Future of {label: row}: a label being encoded, by one request
         self._encoding: dict[str, Future[dict[str, np.ndarray]]] = {}
         self._lock = threading.Lock()
+        self._width: int | None = None
+        self._unwritable = False  # warned once that the cache directory takes no files
 
     def cache_path(self, label_set: LabelSet) -> str:
         # keyed by dtype too: bf16 embeddings differ from fp32 ones (and fp16 from both)
@@ -141,16 +172,37 @@ class LabelStore:
         """Load the set's embeddings from disk, or encode and save them (slow: minutes for big sets)."""
         label_set = LABEL_SETS[name]
         path = self.cache_path(label_set)
-        embeddings = _load(path, len(label_set.classes))
+        embeddings = _load(path, len(label_set.classes), self.width)
         if embeddings is None:
             LOG.info("encoding %d prompts for %s", len(label_set.classes) * len(label_set.templates), name)
             embeddings = class_embeddings(self._encoder(None), label_set.labels, label_set.templates, self.chunk)
-            os.makedirs(self.cache_dir, exist_ok=True)
-            _save(path, embeddings)
+            self._keep(path, embeddings)
         with self._lock:
             self._sets[name] = embeddings
             self._building.discard(name)
         return embeddings
+
+    def width(self) -> int:
+        """Values per embedding for this model (one prompt encoded, the first time it is asked)."""
+        if self._width is None:
+            self._width = int(np.asarray(self._encoder(None)([WIDTH_PROBE])).shape[-1])
+        return self._width
+
+    def _keep(self, path: str, embeddings: np.ndarray) -> None:
+        """Save built embeddings for the next start. A cache that cannot be written (read-only, full) costs
+        that only: the set is served from memory, and one warning says so, once."""
+        try:
+            _save(path, embeddings)
+        except OSError as exc:
+            with self._lock:
+                first, self._unwritable = not self._unwritable, True
+            if first:
+                LOG.warning(
+                    "cannot write the label-set cache %s (%s): label sets are served from memory, built again "
+                    "at each start",
+                    self.cache_dir,
+                    exc.strerror or type(exc).__name__,
+                )
 
     def ready(self, name: str) -> bool:
         return name in self._sets
