@@ -1,36 +1,325 @@
-"""The one network hop of the index function: to clip, with a timeout, errors always as JSON."""
+"""The one network hop of the index function: to clip. clip's answers are untrusted input: one deadline
+for the whole exchange, a size cap after decompression, no redirects, and only the contract's shapes go
+on (rebuilt field by field); anything else is 502 `clip_bad_answer`. Errors are always JSON."""
 
+import json
+import logging
+import math
 import os
+import re
+import socket
 import threading
 import time
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from typing import Any
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from . import metrics
 
 CLIP_URL = os.environ.get("CLIP_URL", "http://gateway.openfaas:8080/function/clip")
 CONNECT_TIMEOUT_S = float(os.environ.get("CLIP_CONNECT_TIMEOUT_S", "3"))
-TIMEOUT_S = float(os.environ.get("CLIP_TIMEOUT_S", "60"))  # >= clip's own deadline (CLIP_DEADLINE_S)
-INFO_TIMEOUT_S = 2.0  # the page must render fast even when clip is cold or down
+# The whole exchange (connect, upload, answer), not each read: >= clip's own deadline (CLIP_DEADLINE_S).
+TIMEOUT_S = float(os.environ.get("CLIP_TIMEOUT_S", "60"))
+# An answer's size after decompression. 16 pictures x 1,000 labels of 200 characters is under 4 MiB.
+MAX_ANSWER_BYTES = int(os.environ.get("INDEX_MAX_ANSWER_BYTES", str(8 * 1024 * 1024)))
+DESCRIBE_TIMEOUT_S = float(os.environ.get("INDEX_DESCRIBE_TIMEOUT_S", "2"))  # one fetch of clip's description
+DESCRIBE_WAIT_S = float(os.environ.get("INDEX_DESCRIBE_WAIT_S", "1"))  # a page without one waits this long at most
 INFO_TTL_S = 30.0
 INFO_RETRY_S = 5.0  # while clip cannot be asked, pages use a fallback instead of waiting each time
+CHUNK_BYTES = 64 * 1024  # urllib3 (>= 2.6) decompresses at most this much per read: a gzip bomb stays a stream
+MAX_TEXT_CHARS = 1000  # a model, label-set or label name
+MAX_MESSAGE_CHARS = 2000  # an error message passed on
+ERROR_CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+RETRY_AFTER = re.compile(r"[0-9]{1,6}")
 
-_session = requests.Session()
-_session.trust_env = False  # a proxy from the environment must not reroute in-cluster traffic
-_session.mount("http://", HTTPAdapter(pool_maxsize=32))
-_session.mount("https://", HTTPAdapter(pool_maxsize=32))
-_info: dict[str, Any] = {"at": 0.0, "value": None}
-_info_lock = threading.Lock()
-
-
+LOG = logging.getLogger("index.clip")
 Answer = tuple[int, dict, dict]  # (status, JSON body, headers to pass on)
 
 
-def _error(status: int, code: str, message: str, retry_after: int | None = None) -> Answer:
+# ---- one deadline for the whole exchange ------------------------------------------------------------
+
+_exchange: ContextVar["_Exchange | None"] = ContextVar("clip_exchange", default=None)
+
+
+class _Exchange:
+    """One call to clip and its deadline. At the deadline its socket is shut down: that ends a read blocked
+    on an answer that drips (a per-read timeout does not: every byte that arrives starts it again, and one
+    buffered read waits for many bytes)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.expired = False
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> "_Exchange":
+        self._token = _exchange.set(self)
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+        _exchange.reset(self._token)
+
+    def attach(self, connection: HTTPConnection) -> None:
+        """The socket the exchange uses (http.client drops its own reference once the answer says it will
+        close the connection, so it is kept here)."""
+        with self._lock:
+            self._sock = connection.sock or self._sock
+            if self.expired:
+                self._shut()
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            self._shut()
+
+    def _shut(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)  # wakes a recv or send blocked on it in another thread
+            except OSError:
+                pass
+
+
+def _attached(request: Callable[..., None]) -> Callable[..., None]:
+    """A connection's request(), telling the current exchange which connection it uses (connected or
+    reused), and shutting it at once if the deadline passed while it connected or sent."""
+
+    def wrapper(connection: HTTPConnection, *args: Any, **kwargs: Any) -> None:
+        exchange = _exchange.get()
+        if exchange is not None:
+            exchange.attach(connection)
+        request(connection, *args, **kwargs)
+        if exchange is not None:
+            exchange.attach(connection)
+
+    return wrapper
+
+
+class _HTTPConnection(HTTPConnection):
+    request = _attached(HTTPConnection.request)  # type: ignore[assignment]
+
+
+class _HTTPSConnection(HTTPSConnection):
+    request = _attached(HTTPSConnection.request)  # type: ignore[assignment]
+
+
+class _HTTPPool(HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
+class _Adapter(HTTPAdapter):
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+
+
+_session = requests.Session()
+_session.trust_env = False  # a proxy from the environment must not reroute in-cluster traffic
+_session.mount("http://", _Adapter(pool_maxsize=32))
+_session.mount("https://", _Adapter(pool_maxsize=32))
+
+
+class _Timeout(Exception):
+    pass
+
+
+class _ConnectTimeout(Exception):
+    pass
+
+
+class _Unreachable(Exception):
+    pass
+
+
+class BadAnswer(Exception):
+    """clip answered, but not with what the contract says: becomes 502 clip_bad_answer."""
+
+
+def _call(method: str, url: str, seconds: float, **kwargs: Any) -> tuple[int, Mapping[str, str], bytes]:
+    """One exchange with clip within `seconds` in all: (status, headers, body after decompression)."""
+    with _Exchange(seconds) as exchange:
+        timeout = (min(CONNECT_TIMEOUT_S, seconds), seconds)  # per step; the exchange's timer bounds the sum
+        try:
+            response = _session.request(method, url, stream=True, allow_redirects=False, timeout=timeout, **kwargs)
+        except requests.ConnectTimeout:
+            raise _Timeout() if exchange.expired else _ConnectTimeout() from None
+        except requests.RequestException:
+            raise _Timeout() if exchange.expired else _Unreachable() from None
+        with response:
+            if 300 <= response.status_code < 400:
+                raise BadAnswer(f"a redirect (HTTP {response.status_code}), which index does not follow")
+            body = _read(response, exchange)
+        return response.status_code, response.headers, body
+
+
+def _read(response: requests.Response, exchange: _Exchange) -> bytes:
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > MAX_ANSWER_BYTES and "Content-Encoding" not in response.headers:
+        raise BadAnswer(f"an answer of {declared} bytes (the limit is {MAX_ANSWER_BYTES})")
+    body = bytearray()
+    try:
+        for chunk in response.raw.stream(CHUNK_BYTES, decode_content=True):
+            body += chunk
+            if len(body) > MAX_ANSWER_BYTES:
+                raise BadAnswer(f"an answer over {MAX_ANSWER_BYTES} bytes")
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        if exchange.expired or isinstance(exc, (urllib3.exceptions.ReadTimeoutError, TimeoutError)):
+            raise _Timeout() from None
+        if isinstance(exc, urllib3.exceptions.DecodeError):
+            raise BadAnswer("an answer that could not be decompressed") from None
+        raise BadAnswer("an answer that broke off") from None
+    if exchange.expired:  # an answer without a length ends at the shutdown as if complete
+        raise _Timeout()
+    return bytes(body)
+
+
+def _parse(body: bytes) -> Any:
+    """Strict JSON: UTF-8, no NaN or Infinity, no nesting deeper than the parser's recursion limit."""
+    try:
+        return json.loads(body.decode("utf-8"), parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        raise BadAnswer("an answer that is not JSON") from None
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+# ---- the shapes of the contract ---------------------------------------------------------------------
+
+
+def _text(value: Any, what: str, limit: int = MAX_TEXT_CHARS) -> str:
+    if not isinstance(value, str) or len(value) > limit:
+        raise BadAnswer(f"{what} that is not a short text")
+    return value
+
+
+def _flag(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise BadAnswer(f"{what} that is not true or false")
+    return value
+
+
+def _number(value: Any, what: str, low: float = -math.inf, high: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise BadAnswer(f"{what} that is not a number from {low:g} to {high:g}")
+    return value
+
+
+def _count(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BadAnswer(f"{what} that is not a whole number of 1 or more")
+    return value
+
+
+def _object(value: Any, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise BadAnswer(f"{what} that is not an object")
+    return value
+
+
+def _list(value: Any, what: str) -> list:
+    if not isinstance(value, list):
+        raise BadAnswer(f"{what} that is not a list")
+    return value
+
+
+def _predictions(value: Any) -> list[dict]:
+    rows = [_object(row, "a prediction") for row in _list(value, "predictions")]
+    return [
+        {"label": _text(row.get("label"), "a label"), "score": _number(row.get("score"), "a score", 0, 1)}
+        for row in rows
+    ]
+
+
+def _error(value: Any) -> dict:
+    error = _object(value, "an error")
+    code, message = error.get("code"), error.get("message")
+    if not isinstance(code, str) or not ERROR_CODE.fullmatch(code):
+        raise BadAnswer("an error code that is not a code")
+    return {"code": code, "message": _text(message, "an error message", 1 << 20)[:MAX_MESSAGE_CHARS]}
+
+
+def _result(value: Any) -> dict:
+    result = _object(value, "a result")
+    if "error" in result:
+        return {"error": _error(result["error"])}
+    return {"predictions": _predictions(result.get("predictions"))}
+
+
+def shape_answer(status: int, doc: Any) -> dict:
+    """clip's answer to a classification, rebuilt from the fields of the contract, each checked (unknown
+    fields are dropped, so nothing deep or odd reaches the page or the JSON we send); BadAnswer otherwise."""
+    doc = _object(doc, "an answer")
+    answer: dict[str, Any] = {}
+    for key in ("model", "pretrained", "label_set"):
+        if key in doc:
+            answer[key] = _text(doc[key], key)
+    if "untrained" in doc:
+        answer["untrained"] = _flag(doc["untrained"], "untrained")
+    if "elapsed_ms" in doc:
+        answer["elapsed_ms"] = _number(doc["elapsed_ms"], "elapsed_ms", 0)
+    if status == 200:
+        if "predictions" in doc:
+            answer["predictions"] = _predictions(doc["predictions"])
+        else:
+            answer["results"] = [_result(result) for result in _list(doc.get("results"), "results")]
+    elif 400 <= status <= 599:
+        answer["error"] = _error(doc.get("error"))
+    else:
+        raise BadAnswer(f"HTTP {status}")
+    return answer
+
+
+def shape_description(doc: Any) -> tuple[dict | None, str | None]:
+    """clip's self-description, rebuilt: (what the page uses of it, or None while clip is not ready; why
+    clip cannot start, if it says). BadAnswer for anything else."""
+    doc = _object(doc, "a description")
+    if doc.get("ready") is not True:
+        problem = doc.get("error")
+        return None, problem[:500] if isinstance(problem, str) else None
+    limits = _object(doc.get("limits"), "limits")
+    sets = _object(doc.get("label_sets"), "label_sets")
+    return {
+        "model": _text(doc.get("model"), "model"),
+        "pretrained": _text(doc.get("pretrained"), "pretrained"),
+        "untrained": _flag(doc.get("untrained"), "untrained"),
+        "label_sets": [_text(name, "a label-set name") for name in sets],
+        "default_label_set": _text(doc.get("default_label_set"), "default_label_set"),
+        "limits": {
+            "max_images": _count(limits.get("max_images"), "max_images"),
+            "max_body_bytes": _count(limits.get("max_body_bytes"), "max_body_bytes"),
+        },
+        "url_input": _flag(doc.get("url_input", False), "url_input"),
+    }, None
+
+
+# ---- classification ---------------------------------------------------------------------------------
+
+
+def _failure(status: int, code: str, message: str, retry_after: int | None = None) -> Answer:
     headers = {"Retry-After": str(retry_after)} if retry_after else {}
     return status, {"error": {"code": code, "message": message}}, headers
+
+
+def _bad_answer(reason: str) -> Answer:
+    LOG.warning("clip sent %s", reason)
+    metrics.upstream_failed("bad_answer")
+    return _failure(502, "clip_bad_answer", f"The classifier sent {reason}.")
 
 
 def classify(body: bytes, content_type: str, query_string: str, request_id: str) -> Answer:
@@ -43,63 +332,92 @@ def classify(body: bytes, content_type: str, query_string: str, request_id: str)
     }
     started = time.perf_counter()
     try:
-        response = _session.post(url, data=body, headers=headers, timeout=(CONNECT_TIMEOUT_S, TIMEOUT_S))
-    except requests.ConnectTimeout:
+        status, answer_headers, raw = _call("POST", url, TIMEOUT_S, data=body, headers=headers)
+    except _ConnectTimeout:
         metrics.upstream(started, "timeout")
-        return _error(
+        return _failure(
             503,
             "clip_unavailable",
             "The classifier did not accept the connection in time; it may be starting. Please try again.",
             retry_after=5,
         )
-    except requests.Timeout:
+    except _Timeout:
         metrics.upstream(started, "timeout")
-        return _error(504, "clip_timeout", f"The classifier did not answer within {TIMEOUT_S:g} s.")
-    except requests.RequestException:
+        return _failure(504, "clip_timeout", f"The classifier did not answer within {TIMEOUT_S:g} s.")
+    except _Unreachable:
         metrics.upstream(started, "refused")
-        return _error(
+        return _failure(
             502, "clip_unreachable", "The classifier could not be reached. Please try again shortly.", retry_after=5
         )
-    metrics.upstream(started, "5xx" if response.status_code >= 500 else None)
+    except BadAnswer as bad:
+        metrics.upstream(started)
+        return _bad_answer(str(bad))
+    metrics.upstream(started, "5xx" if status >= 500 else None)
     try:
-        answer = response.json()
-        if not isinstance(answer, dict):
-            raise ValueError("not an object")
-    except ValueError:
-        # Not clip's JSON: a gateway or watchdog answering for it (not deployed, scaling, crashed).
-        if response.status_code in (502, 503, 504, 429):
-            return _error(
-                503 if response.status_code != 504 else 504,
+        answer = shape_answer(status, _parse(raw))
+    except BadAnswer as bad:
+        if status in (502, 503, 504, 429):  # a gateway or watchdog answering for clip (scaling, crashed)
+            return _failure(
+                503 if status != 504 else 504,
                 "clip_unavailable",
                 "The classifier is not available right now (it may be scaling up). Please try again.",
                 retry_after=5,
             )
-        metrics.upstream_failed("bad_answer")
-        return _error(
-            502, "clip_bad_answer", f"The classifier answered HTTP {response.status_code} without a JSON body."
-        )
-    passed = {k: v for k, v in response.headers.items() if k in ("Retry-After",)}
-    return response.status_code, answer, passed
+        return _bad_answer(f"{bad} (HTTP {status})")
+    retry_after = answer_headers.get("Retry-After", "")
+    return status, answer, {"Retry-After": retry_after} if RETRY_AFTER.fullmatch(retry_after) else {}
+
+
+# ---- clip's description: cached, refreshed by one fetch for everyone --------------------------------
+
+
+class _Described:
+    def __init__(self) -> None:
+        self.value: dict[str, Any] | None = None
+        self.problem: str | None = None
+        self.at = -math.inf  # when the last fetch ended (monotonic)
+        self.fetching = False
+        self.changed = threading.Condition()
+
+
+_described = _Described()
 
 
 def info() -> dict[str, Any] | None:
-    """clip's self-description (model, untrained flag, label sets), cached briefly; None if unreachable."""
-    with _info_lock:
-        if time.monotonic() - _info["at"] < (INFO_TTL_S if _info["value"] is not None else INFO_RETRY_S):
-            return _info["value"]
+    """clip's self-description (model, untrained flag, label sets, limits), or None. Never waits on clip
+    longer than DESCRIBE_WAIT_S: a stale description is used while one fetch in the background refreshes
+    it for every page; without any, a page waits that long for the fetch, then renders without."""
+    state = _described
+    with state.changed:
+        age = time.monotonic() - state.at
+        if not state.fetching and age >= (INFO_TTL_S if state.value is not None else INFO_RETRY_S):
+            state.fetching = True
+            threading.Thread(target=_fetch_description, name="clip-describe", daemon=True).start()
+        if state.value is None and state.fetching:
+            state.changed.wait_for(lambda: not state.fetching, DESCRIBE_WAIT_S)
+        return state.value
+
+
+def _fetch_description() -> None:
+    value, problem = None, None
     try:
-        response = _session.get(CLIP_URL, timeout=(min(CONNECT_TIMEOUT_S, INFO_TIMEOUT_S), INFO_TIMEOUT_S))
-        doc = response.json()
-    except (requests.RequestException, ValueError):
-        doc = None
-    doc = doc if isinstance(doc, dict) else {}
-    value = doc if doc.get("ready") else None
-    problem = doc.get("error") if isinstance(doc.get("error"), str) else None  # e.g. weights not found
-    with _info_lock:
-        _info.update(at=time.monotonic(), value=value, problem=problem and problem[:500])
-    return value
+        status, _, raw = _call("GET", CLIP_URL, DESCRIBE_TIMEOUT_S, headers={"Accept": "application/json"})
+        if status == 200:  # anything else is a gateway answering for clip (not deployed, scaling)
+            value, problem = shape_description(_parse(raw))
+    except BadAnswer as bad:
+        LOG.warning("clip's description: clip sent %s", bad)
+    except (_Timeout, _ConnectTimeout, _Unreachable):
+        pass  # clip down or slow: the page says nothing of it until it answers
+    except Exception:  # never leave `fetching` set: pages would fall back forever
+        LOG.exception("clip's description could not be read")
+    finally:
+        state = _described
+        with state.changed:
+            state.value, state.problem = value, problem
+            state.at, state.fetching = time.monotonic(), False
+            state.changed.notify_all()
 
 
 def problem() -> str | None:
-    """Why clip says it cannot start (as of the last info()), or None."""
-    return _info.get("problem")
+    """Why clip says it cannot start (as of the last description), or None."""
+    return _described.problem

@@ -37,7 +37,7 @@ def max_images(info: dict | None) -> int:
     """clip's per-request picture limit, from its self-description (one home for the fact)."""
     try:
         return max(1, int((info or {})["limits"]["max_images"]))
-    except (TypeError, KeyError, ValueError):
+    except (TypeError, KeyError, ValueError, OverflowError):
         return DEFAULT_MAX_IMAGES
 
 
@@ -97,7 +97,7 @@ def _part_count(body: bytes, params: dict) -> int:
 
 def _too_many_parts(max_parts: int) -> Refused:
     return Refused(
-        413,
+        400,  # as clip answers it: one status per code
         "too_many_parts",
         f"The form has more than {max_parts} parts; a picture form needs one part per picture and a few options.",
     )

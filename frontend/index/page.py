@@ -42,8 +42,7 @@ def size_text(count: int) -> str:
 def page_settings(info: dict | None) -> dict:
     """What the page offers, as clip describes itself; a plain fallback while clip cannot be asked."""
     info = info or {}
-    sets = info.get("label_sets")
-    names = [str(name) for name in sets] if isinstance(sets, dict) else []
+    names = [str(name) for name in info.get("label_sets") or []]
     limits = info["limits"] if isinstance(info.get("limits"), dict) else {}
     clip_max_body = limits.get("max_body_bytes")
     max_bytes = min(HOST_MAX_BODY_BYTES, clip_max_body if isinstance(clip_max_body, int) else HOST_MAX_BODY_BYTES)
