@@ -5,8 +5,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+from support.held import clip_held_while
 from support.images import image_bytes, noise_image
 from support.servers import FunctionProcess, wait_until
+
+from localrun.functions import FUNCTION_DIRS
 
 CIFAR100_FIRST = {"apple", "aquarium fish", "baby"}
 
@@ -178,8 +181,11 @@ def test_concurrent_requests_each_get_their_own_answer(clip_server):
         assert all(abs(x["score"] - y["score"]) < 1e-4 for x, y in zip(a, b))
 
 
-def test_lock_file_follows_readiness_and_sigterm(clip_env, tmp_path):
-    fn = FunctionProcess("clip", tmp_path, clip_env).start(wait_ready=False)
+def test_lock_file_follows_readiness_and_sigterm(clip_env, tmp_path, monkeypatch):
+    hold = tmp_path / "loading"
+    hold.touch()  # clip's init() waits while this file exists: loading until the test says
+    monkeypatch.setitem(FUNCTION_DIRS, "clip-held", clip_held_while(hold, tmp_path / "clip-held-source"))
+    fn = FunctionProcess("clip-held", tmp_path, clip_env).start(wait_ready=False)
     try:
         def answering():
             try:
@@ -187,13 +193,13 @@ def test_lock_file_follows_readiness_and_sigterm(clip_env, tmp_path):
             except requests.ConnectionError:
                 return False
         wait_until(answering, 60, what="server up")
-        # Still loading (importing torch alone takes seconds): 503 and no lock file, so the
-        # watchdog's /_/health and Kubernetes readiness stay red.
+        # Still loading: 503 and no lock file, so the watchdog's /_/health and Kubernetes readiness stay red.
         assert not fn.lock.exists()
         early = requests.post(fn.host_url, data=image_bytes(), timeout=30)
         assert early.status_code == 503 and early.json()["error"]["code"] == "loading"
         assert "Retry-After" in early.headers
         assert requests.get(fn.host_url + "/ready", timeout=5).status_code == 503
+        hold.unlink()
         fn.wait_ready()
         assert requests.get(fn.host_url + "/ready", timeout=5).status_code == 200
         assert requests.post(fn.url, data=image_bytes(), timeout=30).status_code == 200

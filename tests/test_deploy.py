@@ -108,7 +108,8 @@ def names_read(*paths):
     """Environment variables a set of Python files read (os.environ.get, config.py's _env/_list/_int/_float)."""
     names = set()
     for path in paths:
-        names |= set(re.findall(r'(?:environ\.get|_env|_list|_int|_float)\(\s*"([A-Z_][A-Z0-9_]*)"', Path(path).read_text()))
+        names |= set(re.findall(r'(?:environ\.get|_env|_list|_int|_float)\(\s*"([A-Z_][A-Z0-9_]*)"',
+                                Path(path).read_text()))
     return names
 
 
