@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from support.held import Held
+from support.held import Held, clip_held_while
 from support.images import noise_image
 from support.servers import WATCHDOG, WATCHDOG_ABSENT, FunctionProcess, wait_until
 from test_faults import answers_across_sigterm, http_request
@@ -36,8 +36,12 @@ def behind_watchdog(name, workdir, env):
     return FunctionProcess(name, workdir, {**stack_environment(name), **env}, watchdog=WATCHDOG)
 
 
-def test_health_and_ready_follow_the_lock_file_and_requests_pass_through(clip_env, tmp_path):
-    fn = behind_watchdog("clip", tmp_path, clip_env).start(wait_ready=False)
+def test_health_and_ready_follow_the_lock_file_and_requests_pass_through(clip_env, tmp_path, monkeypatch):
+    hold = tmp_path / "loading"
+    hold.touch()  # clip's init() waits while this file exists: loading until the test says
+    monkeypatch.setitem(FUNCTION_DIRS, "clip-held", clip_held_while(hold, tmp_path / "clip-held-source"))
+    fn = FunctionProcess("clip-held", tmp_path, {**stack_environment("clip"), **clip_env}, watchdog=WATCHDOG)
+    fn.start(wait_ready=False)
     try:
         def answering():
             try:
@@ -45,9 +49,10 @@ def test_health_and_ready_follow_the_lock_file_and_requests_pass_through(clip_en
             except requests.ConnectionError:
                 return False
         wait_until(answering, 60, what="watchdog up")
-        if not fn.lock.exists():  # still loading (importing torch alone takes seconds)
-            assert requests.get(fn.url + "/_/health", timeout=5).status_code == 503
-            assert requests.get(fn.url + "/_/ready", timeout=5).status_code == 503
+        assert not fn.lock.exists()  # still loading
+        assert requests.get(fn.url + "/_/health", timeout=5).status_code == 503
+        assert requests.get(fn.url + "/_/ready", timeout=5).status_code == 503
+        hold.unlink()
         fn.wait_ready()
         assert requests.get(fn.url + "/_/health", timeout=5).status_code == 200
         assert requests.get(fn.url + "/_/ready", timeout=5).status_code == 200  # never a dropped connection
