@@ -2,6 +2,7 @@
 broken or hostile service would: gzip bombs, answers that drip, redirects elsewhere, wrong shapes, a
 description with Infinity in it or one that never ends. index answers 502 `clip_bad_answer` (or 504 at its
 deadline), its memory stays bounded, and the page always renders."""
+import json
 import re
 import threading
 import time
@@ -23,6 +24,8 @@ GOOD_DESCRIPTION = (
     b' "limits": {"max_images": 3, "max_body_bytes": 1000000}}'
 )
 GOOD_ANSWER = b'{"predictions": [{"label": "fake cat", "score": 0.75}, {"label": "fake dog", "score": 0.25}]}'
+UNTRAINED_ANSWER = GOOD_ANSWER[:-1] + (b', "model": "FakeCLIP", "pretrained": "none", "untrained": true,'
+                                       b' "warning": "Random weights.", "label_set": "fake-set-b", "elapsed_ms": 1.5}')
 FOUR_ANSWERS = b'{"results": [' + b", ".join([GOOD_ANSWER] * 4) + b"]}"
 # A description that would be fine but for one value, and answers of every wrong shape.
 BAD_DESCRIPTIONS = {
@@ -127,6 +130,8 @@ class FakeClip:
                     return self.send(200, fake.bomb, Content_Encoding="gzip")
                 if mode == "big":  # no length: read until the connection closes
                     return self.send(200, b'{"predictions": [' + b" " * (64 * 1024 * 1024) + b"]}", Content_Length=None)
+                if mode == "untrained":
+                    return self.send(200, UNTRAINED_ANSWER)
                 if mode == "four":
                     return self.send(200, FOUR_ANSWERS)
                 if mode in BAD_ERRORS:
@@ -205,6 +210,8 @@ def test_a_good_answer_passes_through(index):
     page = post_form(index, "good")
     assert_page(page, 200)
     assert '<span class="label">fake cat</span><span class="pct">75.0%</span>' in page.text
+    every_field = post_json(index, "untrained").json()  # every field of the contract goes on
+    assert every_field == {**json.loads(UNTRAINED_ANSWER), "request_id": every_field["request_id"]}
 
 
 @pytest.mark.parametrize("mode", sorted(BAD_ANSWERS) + sorted(BAD_ERRORS))

@@ -271,6 +271,8 @@ def shape_answer(status: int, doc: Any) -> dict:
             answer[key] = _text(doc[key], key)
     if "untrained" in doc:
         answer["untrained"] = _flag(doc["untrained"], "untrained")
+    if "warning" in doc:  # clip's sentence on random weights
+        answer["warning"] = _text(doc["warning"], "a warning")
     if "elapsed_ms" in doc:
         answer["elapsed_ms"] = _number(doc["elapsed_ms"], "elapsed_ms", 0)
     if status == 200:
