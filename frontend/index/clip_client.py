@@ -53,7 +53,6 @@ class _Exchange:
     buffered read waits for many bytes)."""
 
     def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
         self.expired = False
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
