@@ -1,6 +1,7 @@
 """clip function: CLIP zero-shot classification. Pure handle(event, context); the model loads in init()."""
 
 import logging
+import pathlib
 import re
 import threading
 import time
@@ -22,6 +23,8 @@ REQUEST_ID = re.compile(r"[\w.-]{1,64}", re.ASCII)  # echoed in a header: ASCII 
 BIG_BODY = 4 << 20
 SERVICE: "Service | None" = None  # set once by init(); requests before that answer 503
 LOAD_ERROR: str | None = None  # why init() failed, said in every answer instead of "still loading"
+# the function's OpenAPI 3.1 document (docs/api.md), served as it ships, loaded or not
+OPENAPI = pathlib.Path(__file__).with_name("openapi.json").read_bytes()
 SHOWN: dict[str, str] = {}  # the model and weights as answers show them, known once init() imports model.py
 
 
@@ -57,6 +60,8 @@ def alive() -> bool:
 def handle(event: Any, context: Any) -> dict:
     if event.path == "/metrics" and event.method in ("GET", "HEAD"):
         return metrics.exposition(event)
+    if event.path == "/openapi.json" and event.method in ("GET", "HEAD"):
+        return {"statusCode": 200, "body": OPENAPI, "headers": {"Content-Type": "application/json"}}
     request_id = event.headers.get("X-Request-Id", "")
     request_id = request_id if REQUEST_ID.fullmatch(request_id) else uuid.uuid4().hex
     return metrics.observe(event, request_id, lambda: respond(event, request_id))

@@ -1,6 +1,7 @@
 """index function: the upload page, and the forwarder to clip. Pure handle(event, context)."""
 
 import os
+import pathlib
 import re
 import uuid
 from typing import Any
@@ -16,6 +17,8 @@ TEMPLATES = Environment(
     loader=FileSystemLoader(os.path.join(os.path.dirname(__file__), "templates")),
     autoescape=select_autoescape(default=True, default_for_string=True),
 )
+# the function's OpenAPI 3.1 document (docs/api.md), served as it ships
+OPENAPI = pathlib.Path(__file__).with_name("openapi.json").read_bytes()
 REQUEST_ID = re.compile(r"[\w.-]{1,64}", re.ASCII)  # echoed in a header: ASCII only, fullmatch
 # Everything the page needs is inline or from this function: nothing from another host, ever.
 CSP = (
@@ -27,6 +30,8 @@ CSP = (
 def handle(event: Any, context: Any) -> dict:
     if event.path == "/metrics" and event.method in ("GET", "HEAD"):
         return metrics.exposition(event)
+    if event.path == "/openapi.json" and event.method in ("GET", "HEAD"):
+        return {"statusCode": 200, "body": OPENAPI, "headers": {"Content-Type": "application/json"}}
     request_id = event.headers.get("X-Request-Id", "")
     request_id = request_id if REQUEST_ID.fullmatch(request_id) else uuid.uuid4().hex
     return metrics.observe(event, request_id, lambda: respond(event, request_id))
