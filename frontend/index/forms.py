@@ -13,6 +13,9 @@ from werkzeug.http import parse_options_header
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 MAX_FIELD_BYTES = int(os.environ.get("INDEX_MAX_FIELD_BYTES", str(256 * 1024)))  # 1,000 labels of 200 chars fit
 EXTRA_PARTS = 8  # options, the URL field and the empty file parts a browser sends for unused pickers
+OPTION_KEYS = ("labels", "label_set", "top_k")
+# The picture kinds clip reads, by their first bytes (clip's images.MAGIC: clip sniffs raw bodies first).
+IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
 DEFAULT_MAX_IMAGES = 16  # clip's own default, used while clip cannot be asked
 
 
@@ -41,22 +44,35 @@ def max_images(info: dict | None) -> int:
         return DEFAULT_MAX_IMAGES
 
 
+def looks_like_image(body: bytes) -> bool:
+    """The body starts like a picture clip reads (its own sniff, by magic bytes)."""
+    return body.startswith(IMAGE_MAGIC) or (body[:4] == b"RIFF" and body[8:12] == b"WEBP")
+
+
 def is_form(content_type: str) -> bool:
     return parse_options_header(content_type)[0] in FORM_TYPES
 
 
-def parse(body: bytes, content_type: str, images_allowed: int) -> Form:
-    """Parse a form post within limits; raise Refused for floods, oversized fields or too many pictures."""
+def parse(body: bytes, content_type: str, images_allowed: int) -> Form | None:
+    """Parse a form post within limits; raise Refused for floods, oversized fields or too many pictures.
+    None when an urlencoded body is no form after all: curl's -d and --data-binary send a picture's bytes,
+    its base64 or a data URL under that type, and clip takes those as such, so they go on untouched."""
     mimetype, params = parse_options_header(content_type)
     max_parts = images_allowed + EXTRA_PARTS
-    if mimetype == "application/x-www-form-urlencoded":
-        # werkzeug reads an urlencoded body whole: bound it before it does.
+    urlencoded = mimetype == "application/x-www-form-urlencoded"
+    if urlencoded:
+        if looks_like_image(body):  # as clip sorts it: raw image bytes, whatever the Content-Type says
+            return None
+        # werkzeug reads an urlencoded body whole (the host bounds it): bound its parts before it does.
         if body.count(b"&") >= max_parts:
             raise _too_many_parts(max_parts)
-        if len(body) > MAX_FIELD_BYTES:
-            raise _field_too_large()
     parser = FormDataParser(
-        stream_factory=_in_memory, max_form_memory_size=MAX_FIELD_BYTES, max_form_parts=max_parts, silent=False
+        stream_factory=_in_memory,
+        # per field in multipart; an urlencoded body's option fields are measured below (its picture
+        # field holds base64, as large as clip takes)
+        max_form_memory_size=None if urlencoded else MAX_FIELD_BYTES,
+        max_form_parts=max_parts,
+        silent=False,
     )
     try:
         _, fields, files = parser.parse(io.BytesIO(body), mimetype, len(body), params)
@@ -65,7 +81,12 @@ def parse(body: bytes, content_type: str, images_allowed: int) -> Form:
         raise (_too_many_parts(max_parts) if _part_count(body, params) > max_parts else _field_too_large()) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise Refused(400, "invalid_form", f"The form data could not be read ({str(exc)[:80]}).") from None
-    form = Form(fields={key: fields.get(key, "") for key in ("labels", "label_set", "top_k")})
+    if urlencoded:
+        if "image" not in fields and "url" not in fields:  # base64 or a data URL: clip reads it whole
+            return None
+        if any(len(value) > MAX_FIELD_BYTES for key in OPTION_KEYS for value in fields.getlist(key)):
+            raise _field_too_large()
+    form = Form(fields={key: fields.get(key, "") for key in OPTION_KEYS})
     for storage in files.getlist("image"):
         data = storage.stream.read()
         if data:  # a browser sends an empty part for a picker left empty

@@ -65,6 +65,7 @@ def respond(event: Any, request_id: str) -> dict:
         except forms.Refused as refused:
             answer = {"error": {"code": refused.code, "message": refused.message}, "request_id": request_id}
             return _page(refused.status, answer) if html else _json(refused.status, answer)
+        html = html and form is not None  # not a form after all (curl -d with a picture): clip's JSON
     query = urlencode(list(event.query.items(multi=True)))
     status, answer, headers = clip_client.classify(event.body, content_type, query, request_id)
     answer["request_id"] = request_id  # ours: clip was sent it, and its answer is not trusted
