@@ -84,6 +84,7 @@ class Service:
                 for name, ls in LABEL_SETS.items()
             },
             "default_label_set": s.default_label_set,
+            "default_top_k": s.top_k,  # CLIP_TOP_K: the page offers it as "Results to show"
             "limits": {
                 "max_body_bytes": s.max_body_bytes,
                 "max_pixels": s.max_pixels,

@@ -287,12 +287,18 @@ def shape_answer(status: int, doc: Any) -> dict:
 
 
 def shape_description(doc: Any) -> tuple[dict | None, str | None]:
-    """clip's self-description, rebuilt: (what the page uses of it, or None while clip is not ready; why
-    clip cannot start, if it says). BadAnswer for anything else."""
+    """clip's self-description, rebuilt: (what the page uses of it, or, while clip is not ready, what it
+    says of its start: {"starting": True, model and weights once it knows them}; why clip cannot start,
+    if it says). BadAnswer for anything else."""
     doc = _object(doc, "a description")
     if doc.get("ready") is not True:
         problem = doc.get("error")
-        return None, problem[:500] if isinstance(problem, str) else None
+        starting: dict[str, Any] = {"starting": True}
+        if isinstance(doc.get("model"), str) and isinstance(doc.get("pretrained"), str):
+            starting["model"] = _text(doc["model"], "model")
+            starting["pretrained"] = _text(doc["pretrained"], "pretrained")
+            starting["untrained"] = starting["pretrained"] == "none"  # clip shows random weights as "none"
+        return starting, problem[:500] if isinstance(problem, str) else None
     limits = _object(doc.get("limits"), "limits")
     sets = _object(doc.get("label_sets"), "label_sets")
     return {
@@ -305,6 +311,7 @@ def shape_description(doc: Any) -> tuple[dict | None, str | None]:
             "max_images": _count(limits.get("max_images"), "max_images"),
             "max_body_bytes": _count(limits.get("max_body_bytes"), "max_body_bytes"),
         },
+        **({"default_top_k": _count(doc["default_top_k"], "default_top_k")} if "default_top_k" in doc else {}),
         "url_input": _flag(doc.get("url_input", False), "url_input"),
     }, None
 
@@ -375,6 +382,7 @@ def classify(body: bytes, content_type: str, query_string: str, request_id: str)
 class _Described:
     def __init__(self) -> None:
         self.value: dict[str, Any] | None = None
+        self.starting: dict[str, Any] | None = None  # clip answered: still loading (model, weights if known)
         self.problem: str | None = None
         self.at = -math.inf  # when the last fetch ended (monotonic)
         self.fetching = False
@@ -400,11 +408,13 @@ def info() -> dict[str, Any] | None:
 
 
 def _fetch_description() -> None:
-    value, problem = None, None
+    value, starting, problem = None, None, None
     try:
         status, _, raw = _call("GET", CLIP_URL, DESCRIBE_TIMEOUT_S, headers={"Accept": "application/json"})
         if status == 200:  # anything else is a gateway answering for clip (not deployed, scaling)
             value, problem = shape_description(_parse(raw))
+            if value is not None and value.get("starting"):
+                value, starting = None, value
     except BadAnswer as bad:
         LOG.warning("clip's description: clip sent %s", bad)
     except (_Timeout, _ConnectTimeout, _Unreachable):
@@ -414,9 +424,14 @@ def _fetch_description() -> None:
     finally:
         state = _described
         with state.changed:
-            state.value, state.problem = value, problem
+            state.value, state.starting, state.problem = value, starting, problem
             state.at, state.fetching = time.monotonic(), False
             state.changed.notify_all()
+
+
+def starting() -> dict[str, Any] | None:
+    """What clip said of its start while it loads (as of the last description), or None."""
+    return _described.starting
 
 
 def problem() -> str | None:

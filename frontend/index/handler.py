@@ -46,6 +46,9 @@ def respond(event: Any, request_id: str) -> dict:
     if event.path in ("/ready", "/_/ready"):
         return _json(200, {"ready": True})
     if event.method in ("GET", "HEAD"):
+        if "status" in event.query:  # polled by the page while clip starts
+            info = clip_client.info()
+            return _json(200, page.clip_status(info, clip_client.starting(), clip_client.problem()))
         return _page(200)
     if event.method != "POST":
         return _json(
@@ -88,6 +91,7 @@ def _page(status: int, answer: dict | None = None, form: forms.Form | None = Non
     html = TEMPLATES.get_template("page.html").render(
         info=info,
         clip_problem=clip_client.problem(),
+        clip_status=page.clip_status(info, clip_client.starting(), clip_client.problem()),
         settings=page.page_settings(info),
         answer=page.answer_view(answer),
         form=page.refill(form),

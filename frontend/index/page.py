@@ -20,6 +20,7 @@ PREVIEW_KINDS = (
     (b"RIFF", "image/webp"),
 )
 HOST_MAX_BODY_BYTES = int(os.environ.get("MAX_BODY_BYTES", str(32 * 1024 * 1024)))  # the function host's limit
+DEFAULT_TOP_K = 5  # clip's own default (CLIP_TOP_K), used while clip cannot be asked
 SHRINK_MAX_SIDE = int(os.environ.get("INDEX_SHRINK_MAX_SIDE", "1024"))  # browser-side downscale before upload
 SHRINK_QUALITY = float(os.environ.get("INDEX_SHRINK_QUALITY", "0.9"))  # JPEG quality of a downscaled picture
 
@@ -52,9 +53,33 @@ def page_settings(info: dict | None) -> dict:
         "max_images": max_images(info),
         "max_bytes": max_bytes,
         "url_input": info.get("url_input") is True,
+        "top_k": info.get("default_top_k") or DEFAULT_TOP_K,
         "shrink_side": SHRINK_MAX_SIDE,
         "shrink_quality": SHRINK_QUALITY,
     }
+
+
+def clip_status(info: dict | None, starting: dict | None, problem: str | None) -> dict:
+    """Whether clip is ready, and what the page says while it is not: `GET ?status`, polled by the page
+    while clip starts, and the page's own notice."""
+    status: dict = {"ready": info is not None, "untrained": bool((info or starting or {}).get("untrained"))}
+    if problem:
+        status["problem"] = problem
+    elif info is None:
+        status["starting"] = starting is not None
+        status["message"] = starting_text(starting)
+    return status
+
+
+def starting_text(starting: dict | None) -> str:
+    if starting is None:  # no answer, or a gateway's: not deployed yet, scaling up, or restarting
+        doing = "It does not answer yet (it may be starting or scaling up)."
+    elif "model" in starting:
+        doing = f"It is loading the model {short(starting['model'], NAME_MAX_CHARS)}"
+        doing += f" (weights: {short(starting['pretrained'], NAME_MAX_CHARS)})."
+    else:
+        doing = "It is loading its libraries (PyTorch, open_clip)."
+    return f"{doing} A first start can take a minute or more; this page updates itself when it is ready."
 
 
 def refill(form: Form | None) -> dict:
