@@ -3,9 +3,15 @@ index.py + handler in function/): exactly what a container runs. Used by the loc
 (scripts/serve), the tests, the benchmark and the load test. Given the path of fwatchdog (localrun.of_watchdog
 finds it), the function runs behind the real of-watchdog as in its image: `url` and `port` are then
 the watchdog's, `host_url` the template host's own. Where network namespaces can be made (localrun.netns),
-each watchdog gets a network of its own, as in its container, so any number run side by side."""
+each watchdog gets a network of its own, as in its container, so any number run side by side.
+The host behind a watchdog gets SIGTERM when its watchdog dies (setpriv's parent-death signal), as a
+container's processes end with its first; with die_with_parent the function's own process does when
+whoever started it dies, SIGKILL included (scripts/serve)."""
 
+import ctypes
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,23 +22,47 @@ from localrun.of_watchdog import watchdog_env
 from localrun.processes import free_port, stop_group, terminate, wait_until
 
 FUNCTION_DIRS = {"clip": ROOT / "backend" / "clip", "index": ROOT / "frontend" / "index"}
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_this_process():
+    """A preexec_fn that has the child sent SIGTERM when its parent dies (PR_SET_PDEATHSIG survives
+    exec, so nsenter and the watchdog keep it). Linux sends it when the *thread* that started the child
+    ends: start children this way only from a thread that lives as long as the process."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
+    parent = os.getpid()
+
+    def preexec():
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before prctl: no signal would ever come
+            os._exit(1)
+
+    return preexec
+
+
+def die_with_watchdog():
+    """The command prefix that has the host sent SIGTERM when the watchdog that started it dies."""
+    return ["setpriv", "--pdeathsig", "TERM", "--"] if shutil.which("setpriv") else []
 
 
 class FunctionProcess:
     """One function, started with the template's fprocess from its own build context, alone or behind
     the of-watchdog binary `watchdog`. env's FUNCTION_PORT, if given, is the port clients use; `replaces`,
-    a stopped FunctionProcess whose address and port this one takes over.
+    a stopped FunctionProcess whose address and port this one takes over; `die_with_parent`, the
+    function gets SIGTERM when this process dies, SIGKILL included (start() it from the main thread).
     (of-watchdog 0.11.6 serves its metrics on :8081, always: one watchdog per network namespace, where
     localrun.netns can make one.)"""
 
-    def __init__(self, name, workdir, env=None, log_to_file=True, watchdog=None, replaces=None):
+    def __init__(self, name, workdir, env=None, log_to_file=True, watchdog=None, replaces=None, die_with_parent=False):
         self.name = name
         self.dir = layout(FUNCTION_DIRS[name], Path(workdir) / name)
         self.tmp = self.dir / "tmp"
         self.tmp.mkdir(exist_ok=True)
         env = dict(env or {})
         self.port = int(env.pop("FUNCTION_PORT", 0)) or (replaces.port if replaces else free_port())
-        self.watchdog = watchdog
+        # absolute: the watchdog is started from the build context, in a namespace of its own
+        self.watchdog = os.path.abspath(watchdog) if watchdog else None
+        self.die_with_parent = die_with_parent
         slot = replaces.network.slot if replaces and replaces.network else None
         self.network = netns.Network(slot) if watchdog and netns.problem() is None else None
         address, host_address = (self.network.inside, self.network.outside) if self.network else ("127.0.0.1",) * 2
@@ -53,7 +83,11 @@ class FunctionProcess:
             self.env["FUNCTION_HOST"] = host_address  # the host stays in our network, on our end of the pair
         if self.watchdog:
             back = netns.Network.back() if self.network else []
-            self.env.update(watchdog_env(back + [sys.executable], self.host_url, self.port, free_port(), self.env))
+            self.env.update(
+                watchdog_env(
+                    die_with_watchdog() + back + [sys.executable], self.host_url, self.port, free_port(), self.env
+                )
+            )
         self.process = None
         self.log = open(self.dir / "function.log", "wb") if log_to_file else None  # None: our stdout
 
@@ -69,6 +103,7 @@ class FunctionProcess:
             start_new_session=True,
             stdout=self.log,
             stderr=subprocess.STDOUT if self.log else None,
+            preexec_fn=die_with_this_process() if self.die_with_parent else None,
         )
         if wait_ready:
             self.wait_ready()

@@ -27,6 +27,7 @@ from werkzeug.wrappers import Request, Response
 from localrun import hub, netns
 from localrun.functions import FunctionProcess
 from localrun.layout import ROOT
+from localrun.supervisor import Supervisor
 
 LOG = logging.getLogger("gateway")
 HOP_HEADERS = {
@@ -136,11 +137,26 @@ def parse_args():
         help="run each function behind this of-watchdog binary, as its image does (the tests do); "
         "each in a network namespace of its own, so as root with iproute2",
     )
+    parser.add_argument("--relative-to", metavar="DIR", help=argparse.SUPPRESS)  # scripts/serve: the caller's cwd
     args = parser.parse_args()
+    resolve_paths(parser, args)
     if args.watchdog and not args.upstream and netns.problem():
         # of-watchdog 0.11.6 always binds :8081: a second one on this network would panic
         parser.error(f"--watchdog needs a network namespace per function: {netns.problem()}")
     return args
+
+
+def resolve_paths(parser, args):
+    """--watchdog and --build-dir relative to the caller's directory (scripts/serve runs us from the
+    repository root and passes it as --relative-to): absolute from here on, as the functions start in
+    their own build contexts and namespaces. A watchdog that is not there is said now, in one line."""
+    base = Path(args.relative_to or os.getcwd())
+    if args.build_dir:
+        args.build_dir = str(base / args.build_dir)
+    if args.watchdog:
+        given, args.watchdog = args.watchdog, os.path.normpath(base / args.watchdog)
+        if not (os.path.isfile(args.watchdog) and os.access(args.watchdog, os.X_OK)):
+            parser.error(f"--watchdog {given}: no executable file at {args.watchdog}")
 
 
 def listen(args, functions):
@@ -174,43 +190,41 @@ def upstreams(specs):
 
 
 def start_functions(args):
-    """clip (unless CLIP_URL names a remote one) and index as processes, each watched: one that dies
-    (bad weights, say) is said loudly."""
+    """clip (unless CLIP_URL names a remote one) and index as processes that die with the gateway, even
+    when it is killed outright (they would keep their ports). Their logs go to build/serve-PORT/NAME/
+    function.log, shown on our stderr as they grow."""
     env = dict(os.environ)
     build_root = Path(args.build_dir or ROOT / "build" / f"serve-{args.port}")
     functions = {}
+    common = {"log_to_file": True, "watchdog": args.watchdog, "die_with_parent": True}
     if env.get("CLIP_URL"):
         LOG.info("CLIP_URL=%s: running index only", env["CLIP_URL"])  # fronting a remote clip
     else:
         clip_env = hub.offline_if_unreachable(env)
-        functions["clip"] = FunctionProcess("clip", build_root, clip_env, log_to_file=False, watchdog=args.watchdog)
+        functions["clip"] = FunctionProcess("clip", build_root, clip_env, **common)
         # index calls clip's own process, not back through this gateway: with every gateway thread
         # waiting on index, index's calls would queue behind them (the real gateway has no such pool).
         env = {**env, "CLIP_URL": functions["clip"].url + "/"}
-    functions["index"] = FunctionProcess("index", build_root, env, log_to_file=False, watchdog=args.watchdog)
+    functions["index"] = FunctionProcess("index", build_root, env, **common)
     for fn in functions.values():
         fn.start(wait_ready=False)
         LOG.info("%s: pid %d on %s", fn.name, fn.process.pid, fn.url)
-        threading.Thread(target=_say_if_it_dies, args=(fn,), daemon=True).start()
     return functions
 
 
-def _say_if_it_dies(fn):
-    status = fn.process.wait()
-    if status != 0:
-        LOG.error("%s exited with status %s; its log is above", fn.name, status)
+def ready_line(args, functions):
+    """What `serving` says once every function is ready: only the paths that answer."""
+    base = f"http://{args.host}:{args.port}/function"
+    if "clip" in functions:
+        return f"serving {base}/index (page) and {base}/clip (API)"
+    return f"serving {base}/index (page), in front of the clip at {os.environ.get('CLIP_URL')}"
 
 
-def stop_on_signals(functions):
+def stop_on_signals(supervisor):
     """SIGTERM/SIGINT: each function drains and stops (the page first, then what it calls), then exit."""
 
     def stop(signum, frame):
-        def finish():
-            for fn in reversed(list(functions.values())):
-                fn.stop(timeout=70)
-            os._exit(0)
-
-        threading.Thread(target=finish, daemon=True).start()
+        threading.Thread(target=supervisor.stop, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -227,8 +241,10 @@ def main():
         print(f"proxying {', '.join(args.upstream)} on http://{args.host}:{args.port}/function/NAME", flush=True)
     else:
         functions.update(start_functions(args))
-        stop_on_signals(functions)
-        print(f"serving http://{args.host}:{args.port}/function/index (page) and /function/clip (API)", flush=True)
+        supervisor = Supervisor(functions, ready_line(args, functions))
+        stop_on_signals(supervisor)
+        print(f"starting {' and '.join(functions)} behind http://{args.host}:{args.port}", flush=True)
+        supervisor.start()
     server.run()
 
 

@@ -63,8 +63,8 @@ class Network:
                 raise RuntimeError(f"cannot add a veth pair: {made.stderr.strip()}")
         else:
             raise RuntimeError(f"no free veth slot for a watchdog's network (wanted: {wanted})")
+        self.slot, self.name, self.closed = slot, f"{PREFIX}-{os.getpid()}-{slot}", False
         atexit.register(self.close)
-        self.slot, self.name = slot, f"{PREFIX}-{os.getpid()}-{slot}"
         base = slot * 4
         self.outside = f"10.213.{base // 256}.{base % 256 + 1}"
         self.inside = f"10.213.{base // 256}.{base % 256 + 2}"
@@ -90,5 +90,10 @@ class Network:
         return ["nsenter", f"--net=/proc/{os.getpid()}/ns/net", "--"]
 
     def close(self) -> None:
-        _ip("netns", "del", self.name, check=False)  # takes the inner link, and with it the pair
-        _ip("link", "del", f"lr{self.slot}o", check=False)
+        """Once only (explicitly, then at exit): the slot is released by deleting our end of the pair, and
+        after that another process may claim it, so a second delete by name would take its link."""
+        if self.closed:
+            return
+        self.closed = True
+        _ip("link", "del", f"lr{self.slot}o", check=False)  # takes the inner link too: the slot is free
+        _ip("netns", "del", self.name, check=False)  # named after this process: no one else's
