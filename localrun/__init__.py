@@ -4,6 +4,8 @@
 - of_watchdog: the real of-watchdog in front of a function, configured as the template's image does;
 - functions: FunctionProcess, one function as a local process from its build context;
 - gateway: the local stand-in for the OpenFaaS gateway (`scripts/serve` runs `python -m localrun.gateway`);
+- supervisor: what the gateway does with its functions (logs relayed, "serving" once ready, exit with the
+  reason of one that cannot start);
 - stack: Stack, the gateway in its own process, waited for until healthy (tests, bench, loadtest);
 - processes: free ports, waiting for a condition, stopping a process (SIGTERM, wait, SIGKILL);
 - images: the function images built with faas-cli + podman (`scripts/images`, `python -m localrun.images`).
