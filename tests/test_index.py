@@ -185,3 +185,14 @@ def test_index_takes_every_form_clip_takes(stack):
             assert got.get(key) == expected.get(key), way
         assert got.get("error", {}).get("code") == expected.get("error", {}).get("code"), way
     assert direct.status_code == 400  # the last way: refused by both, with one code
+
+
+def test_empty_plain_form_post_says_what_to_do(stack):
+    # the page without JavaScript, submitted with no picture chosen: the browser sends an empty file part
+    body, content_type = multipart([("image", "", b""), ("labels", None, b""), ("top_k", None, b"5")])
+    body = body.replace(b'name="image"', b'name="image"; filename=""')
+    response = requests.post(stack.url + "/function/index", data=body, timeout=60,
+                             headers={"Content-Type": content_type, "Accept": "text/html"})
+    assert response.status_code == 400 and "text/html" in response.headers["Content-Type"]
+    error = re.search(r'id="error" class="error" role="alert">([^<]*)<', response.text).group(1)
+    assert error.startswith("Choose a picture first") and "multipart" not in error

@@ -34,6 +34,8 @@ class Form:
     fields: dict = field(default_factory=dict)
     pictures: list = field(default_factory=list)
     urls: list = field(default_factory=list)
+    texts: int = 0  # pictures sent as base64 text fields
+    url_field: bool = False  # the form has an address field (filled or not)
 
 
 def max_images(info: dict | None) -> int:
@@ -92,7 +94,9 @@ def parse(body: bytes, content_type: str, images_allowed: int) -> Form | None:
         if data:  # a browser sends an empty part for a picker left empty
             form.pictures.append((_name(storage, len(form.pictures)), data))
     form.urls = [url.strip() for url in fields.getlist("url") if url.strip()]
-    count = len(form.pictures) + len(form.urls) + sum(1 for t in fields.getlist("image") if t.strip())
+    form.url_field = "url" in fields
+    form.texts = sum(1 for text in fields.getlist("image") if text.strip())
+    count = len(form.pictures) + len(form.urls) + form.texts
     if count > images_allowed:
         raise Refused(400, "too_many_images", f"{count} pictures sent; at most {images_allowed} per request.")
     return form

@@ -69,6 +69,11 @@ def respond(event: Any, request_id: str) -> dict:
             answer = {"error": {"code": refused.code, "message": refused.message}, "request_id": request_id}
             return _page(refused.status, answer) if html else _json(refused.status, answer)
         html = html and form is not None  # not a form after all (curl -d with a picture): clip's JSON
+        if html and form is not None and not form.pictures and not form.urls and not form.texts:
+            # the page submitted with nothing chosen: a person's words, not clip's note to developers
+            message = "Choose a picture first" + (", or type a picture's address." if form.url_field else ".")
+            answer = {"error": {"code": "missing_image", "message": message}, "request_id": request_id}
+            return _page(400, answer, form)
     query = urlencode(list(event.query.items(multi=True)))
     status, answer, headers = clip_client.classify(event.body, content_type, query, request_id)
     answer["request_id"] = request_id  # ours: clip was sent it, and its answer is not trusted
