@@ -196,3 +196,12 @@ def test_empty_plain_form_post_says_what_to_do(stack):
     assert response.status_code == 400 and "text/html" in response.headers["Content-Type"]
     error = re.search(r'id="error" class="error" role="alert">([^<]*)<', response.text).group(1)
     assert error.startswith("Choose a picture first") and "multipart" not in error
+
+
+def test_the_hosts_own_413_carries_a_request_id(tmp_path):
+    env = {"CLIP_URL": f"http://127.0.0.1:{free_port()}/function/clip", "MAX_BODY_BYTES": "100000"}
+    with FunctionProcess("index", tmp_path, env) as index:
+        response = requests.post(index.url, data=b"\xff\xd8\xff" + b"\0" * 200_000, timeout=30)
+        assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
+        assert re.fullmatch(r"[0-9a-f]{32}", response.json()["request_id"])
+        assert response.headers["X-Request-Id"] == response.json()["request_id"]

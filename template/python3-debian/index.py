@@ -15,6 +15,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -114,8 +115,9 @@ WAITRESS_CODES = {413: "body_too_large", 431: "headers_too_large", 400: "bad_req
 def waitress_error_as_json(self: waitress.utilities.Error, ident: str | None = None) -> tuple:
     code = WAITRESS_CODES.get(self.code, "http_error")
     message = f"The request body is larger than {MAX_BODY} bytes." if self.code == 413 else f"{self.reason}."
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
-    return f"{self.code} {self.reason}", [("Content-Type", "application/json")], body
+    request_id = uuid.uuid4().hex  # as every answer carries one (the request's own is not parsed yet)
+    body = json.dumps({"error": {"code": code, "message": message}, "request_id": request_id}).encode()
+    return f"{self.code} {self.reason}", [("Content-Type", "application/json"), ("X-Request-Id", request_id)], body
 
 
 def json_protocol_errors() -> None:
