@@ -51,6 +51,11 @@ BAD_ERRORS = {  # (status, body): an error answer must carry an error of the con
     "error-string": (400, b'{"error": "bad"}'),
     "error-code-number": (400, b'{"error": {"code": 7, "message": "bad"}}'),
 }
+GATEWAY_ANSWERS = {  # a gateway or watchdog answering for clip, not in clip's shape: (status, body, index's answer)
+    "gateway-504": (504, b"upstream request timeout", (504, "clip_timeout")),
+    "gateway-502": (502, b"<html>502 Bad Gateway</html>", (503, "clip_unavailable")),
+    "gateway-503": (503, b"no endpoints available for service clip", (503, "clip_unavailable")),
+}
 BOMB_BYTES = 256 * 1024 * 1024  # of spaces, as gzip: about 250 KB on the wire
 
 
@@ -136,6 +141,8 @@ class FakeClip:
                     return self.send(200, FOUR_ANSWERS)
                 if mode in BAD_ERRORS:
                     return self.send(*BAD_ERRORS[mode])
+                if mode in GATEWAY_ANSWERS:
+                    return self.send(*GATEWAY_ANSWERS[mode][:2])
                 self.send(200, BAD_ANSWERS.get(mode, GOOD_ANSWER))
 
         self.server = QuietServer(("127.0.0.1", 0), Handler)
@@ -220,6 +227,15 @@ def test_an_answer_of_another_shape_is_502_and_the_page_still_renders(index, mod
     page = post_form(index, mode)
     assert_page(page, 502)
     assert re.search(r'id="error" class="error" role="alert">The classifier sent [^<]+\.<', page.text)
+
+
+@pytest.mark.parametrize("mode", sorted(GATEWAY_ANSWERS))
+def test_a_gateway_answering_for_clip_is_one_status_per_code(index, mode):
+    """A gateway that gave up on clip is clip_timeout (504), one that could not reach it clip_unavailable
+    (503): each code has one status, whoever answered."""
+    response = post_json(index, mode)
+    status, code = GATEWAY_ANSWERS[mode][2]
+    assert (response.status_code, response.json()["error"]["code"]) == (status, code), response.text[:300]
 
 
 @pytest.mark.parametrize("status", ["302", "307"])

@@ -364,9 +364,11 @@ def classify(body: bytes, content_type: str, query_string: str, request_id: str)
     try:
         answer = shape_answer(status, _parse(raw))
     except BadAnswer as bad:
-        if status in (502, 503, 504, 429):  # a gateway or watchdog answering for clip (scaling, crashed)
+        if status == 504:  # a gateway or watchdog that gave up waiting for clip: one status per code
+            return _failure(504, "clip_timeout", "The classifier did not answer in time. Please try again.")
+        if status in (502, 503, 429):  # a gateway or watchdog answering for clip (scaling, crashed)
             return _failure(
-                503 if status != 504 else 504,
+                503,
                 "clip_unavailable",
                 "The classifier is not available right now (it may be scaling up). Please try again.",
                 retry_after=5,
