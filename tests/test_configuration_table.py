@@ -53,6 +53,7 @@ DESCRIBED = {
     "CLIP_THREADS": lambda s: s.threads == 0,  # "all cores"
     "CLIP_DECODERS": lambda s: s.decoders == 0,  # "CLIP_THREADS, else all cores"
     "CLIP_URL_ALLOW_HOSTS": lambda s: s.url_allow_hosts == (),  # "empty = URL input off"
+    "CLIP_URL_ALLOW_NETWORKS": lambda s: s.url_allow_networks == (),  # "empty = public addresses only"
 }
 
 
@@ -65,9 +66,9 @@ def empty_env(monkeypatch):
 
 
 def changed_fields(monkeypatch, name):
-    """The Settings fields that setting `name` changes (tried with a number, then a word, then a list)."""
+    """The Settings fields that setting `name` changes (tried with a number, a word, a list, a network)."""
     base = config.from_env()
-    for probe in ("7", "probe-value", "probe-a,probe-b"):
+    for probe in ("7", "probe-value", "probe-a,probe-b", "10.0.0.0/8"):
         monkeypatch.setenv(name, probe)
         try:
             settings = config.from_env()

@@ -350,3 +350,82 @@ def test_an_allow_listed_loopback_or_metadata_host_is_still_refused(clip_env, tm
                 assert response.json()["error"]["code"] in ("url_refused", "url_unreachable"), response.text
         assert requests.post(fn.url, data=PICTURE, timeout=10).status_code == 200
     assert len(Handler.hits) == before  # the test server was never reached
+
+
+# ---- named private networks (CLIP_URL_ALLOW_NETWORKS): an explicit opt-in --------------------------------
+
+ORIGIN_NET = url_input.parse_networks(f"{ORIGIN_IP}/32")
+
+
+def test_allow_networks_parses_cidrs_and_refuses_a_bad_one_by_name(monkeypatch):
+    from clip import config
+    monkeypatch.setenv("CLIP_URL_ALLOW_NETWORKS", "127.0.0.0/8, 10.0.0.0/8,fd00::/8, 192.168.1.7")
+    assert [str(n) for n in config.from_env().url_allow_networks] == ["127.0.0.0/8", "10.0.0.0/8", "fd00::/8",
+                                                                      "192.168.1.7/32"]
+    monkeypatch.delenv("CLIP_URL_ALLOW_NETWORKS")
+    assert config.from_env().url_allow_networks == ()  # off by default
+    for bad in ("10.1.2.3/8", "not-a-network", "10.0.0.0/33"):
+        monkeypatch.setenv("CLIP_URL_ALLOW_NETWORKS", bad)
+        with pytest.raises(ValueError, match="CLIP_URL_ALLOW_NETWORKS"):
+            config.from_env()
+
+
+def test_a_named_network_lets_its_addresses_through_and_no_others():
+    ok = url_input.address_check(url_input.parse_networks("127.0.0.0/8,10.0.0.0/8,fe80::/10"),
+                                 url_input.public_address)
+    for ip in ("127.0.0.1", "127.9.9.9", "::ffff:127.0.0.1", "10.1.2.3", "fe80::1%eth0", "8.8.8.8"):
+        assert ok(ip), ip
+    for ip in ("169.254.169.254", "192.168.0.1", "172.16.0.1", "::1", "0.0.0.0", "::", "fd00:ec2::254", "x"):
+        assert not ok(ip), ip
+
+
+def test_a_host_in_a_named_network_is_fetched_with_the_production_check(origin):
+    assert fetch(origin[0] + "/cat.png", address_ok=url_input.public_address, allow_networks=ORIGIN_NET) == PICTURE
+
+
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1", "metadata.test", "private.test", "mixed.test"])
+def test_addresses_outside_the_named_networks_stay_refused(origin, host):
+    before = len(Handler.hits)
+    refused(f"http://{host}:{origin[1]}/cat.png", address_ok=url_input.public_address, allow_networks=ORIGIN_NET)
+    assert len(Handler.hits) == before
+
+
+def test_a_redirect_out_of_the_named_network_is_refused(origin):
+    before = len(Handler.hits)
+    refused(f"{origin[0]}/redirect?http://metadata.test/latest/meta-data/", address_ok=url_input.public_address,
+            allow_networks=ORIGIN_NET)
+    assert len(Handler.hits) == before + 1  # the redirect itself, and nothing after it
+
+
+def test_the_address_actually_connected_to_is_checked(origin, monkeypatch):
+    """The name resolves to an allowed address, but the socket ends up elsewhere (DNS, a rewrite or a
+    race between the check and the connect): the peer is refused before a byte of the request is sent."""
+    real_create = socket.create_connection
+
+    def elsewhere(address, *args, **kwargs):  # asked for 127.0.0.3, connected to the origin at 127.0.0.2
+        return real_create((ORIGIN_IP, address[1]), *args, **kwargs)
+
+    monkeypatch.setattr(socket, "create_connection", elsewhere)
+    monkeypatch.setitem(FAKE_DNS, "images.test", ["127.0.0.3"])
+    before = len(Handler.hits)
+    error = refused(origin[0] + "/cat.png", address_ok=url_input.public_address,
+                    allow_networks=url_input.parse_networks("127.0.0.3/32"))
+    assert ORIGIN_IP in error.message
+    assert len(Handler.hits) == before
+
+
+def test_a_clip_with_a_named_network_fetches_from_it_and_nowhere_else(clip_env, tmp_path, origin):
+    """Over HTTP, production checks: loopback 127.0.0.2 named, so the local file server answers; 127.0.0.1,
+    allow-listed by name but outside the network, and the metadata address stay refused."""
+    env = {**clip_env, "CLIP_URL_ALLOW_HOSTS": f"{ORIGIN_IP},127.0.0.1,169.254.169.254",
+           "CLIP_URL_ALLOW_NETWORKS": f"{ORIGIN_IP}/32", "CLIP_URL_TIMEOUT_S": "2"}
+    with FunctionProcess("clip", tmp_path, env) as fn:
+        fetched = requests.post(fn.url, json={"url": f"http://{ORIGIN_IP}:{origin[1]}/cat.png"}, timeout=30)
+        direct = requests.post(fn.url, data=PICTURE, timeout=30)
+        assert fetched.status_code == direct.status_code == 200, fetched.text
+        assert fetched.json()["predictions"] == direct.json()["predictions"]
+        before = len(Handler.hits)
+        for url in (f"http://127.0.0.1:{origin[1]}/cat.png", "http://169.254.169.254/latest/meta-data/"):
+            response = requests.post(fn.url, json={"url": url}, timeout=30)
+            assert response.status_code == 400 and response.json()["error"]["code"] == "url_refused", response.text
+        assert len(Handler.hits) == before

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from .decode_bombs import Limits
+from .url_input import parse_networks
 
 T = TypeVar("T")
 
@@ -60,6 +61,7 @@ class Settings:
     decoders: int = 0  # images decoded at once; 0 = as many as the torch threads
     device_decode: str = "auto"  # JPEGs decoded on the model's device: auto (CUDA only), on, off
     url_allow_hosts: tuple = field(default=())
+    url_allow_networks: tuple = field(default=())  # private networks URL input may reach (opt-in, CIDRs)
     url_timeout_s: float = 5.0
     url_max_bytes: int = 20 * 1024 * 1024
     stall_s: float = 120.0  # model thread on one piece of work longer: replica taken out
@@ -133,6 +135,7 @@ def from_env() -> Settings:
         decoders=_int("CLIP_DECODERS", Settings.decoders),
         device_decode=_env("CLIP_DEVICE_DECODE", Settings.device_decode).lower(),
         url_allow_hosts=tuple(h.lower() for h in _list("CLIP_URL_ALLOW_HOSTS")),
+        url_allow_networks=parse_networks(_env("CLIP_URL_ALLOW_NETWORKS", "")),
         url_timeout_s=_float("CLIP_URL_TIMEOUT_S", Settings.url_timeout_s),
         url_max_bytes=_int("CLIP_URL_MAX_BYTES", Settings.url_max_bytes),
         stall_s=_float("CLIP_STALL_S", Settings.stall_s),

@@ -187,7 +187,9 @@ class Service:
             data = (
                 cast(bytes, item.data)  # no URL: bytes
                 if item.url is None
-                else url_input.fetch(item.url, s.url_allow_hosts, s.url_timeout_s, s.url_max_bytes)
+                else url_input.fetch(
+                    item.url, s.url_allow_hosts, s.url_timeout_s, s.url_max_bytes, allow_networks=s.url_allow_networks
+                )
             )
             item.prepared = self._for_device(data) or self._with_pillow(data, deadline)
         except ClientError as error:

@@ -1,8 +1,10 @@
-"""URL input: off unless CLIP_URL_ALLOW_HOSTS names hosts; never reaches private networks.
+"""URL input: off unless CLIP_URL_ALLOW_HOSTS names hosts; reaches no private network unless
+CLIP_URL_ALLOW_NETWORKS names it (an explicit opt-in, e.g. an in-cluster image host or a local test).
 
 Every hop (the URL, then each redirect) is checked: http(s) only, host on the allow-list, and every
-address the host resolves to public. The connection then goes to exactly those checked addresses: a
-second DNS lookup (what an HTTP library would do) could be answered differently (DNS rebinding).
+address the host resolves to public or inside a named network. The connection then goes to exactly
+those checked addresses: a second DNS lookup (what an HTTP library would do) could be answered
+differently (DNS rebinding); and the peer the socket is connected to is checked once more.
 One timer bounds the whole download, however slowly a server drips its headers or body.
 
 `resolve` and `address_ok` are the test seams: a fake resolver, and (only in tests, to fetch from a
@@ -27,6 +29,43 @@ MAX_REDIRECTS = 3
 REDIRECTS = (301, 302, 303, 307, 308)
 NAT64 = ipaddress.ip_network("64:ff9b::/96")  # IPv6 addresses that carry an IPv4 one in their low bits
 Resolver = Callable[..., Sequence[tuple[Any, ...]]]  # socket.getaddrinfo's shape: (host, port, proto=...) -> infos
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(text: str, setting: str = "CLIP_URL_ALLOW_NETWORKS") -> tuple[Network, ...]:
+    """'10.0.0.0/8, 127.0.0.1' -> networks (a bare address is its /32 or /128); one clear line for a bad one.
+    Host bits set ('10.1.2.3/8') are refused, not silently widened: the operator meant something else."""
+    networks = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(item))
+        except ValueError as exc:
+            raise ValueError(f"{setting}: {item!r} is not a network such as 10.0.0.0/8 ({exc})") from None
+    return tuple(networks)
+
+
+def in_networks(ip: str, networks: Iterable[Network]) -> bool:
+    """The address (or the IPv4 address an IPv4-mapped IPv6 one carries) lies in one of the networks."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [address]
+    if address.version == 6 and address.ipv4_mapped is not None:
+        candidates.append(address.ipv4_mapped)
+    if address.version == 6 and address.scope_id:  # fe80::1%eth0: the network has no zone
+        candidates.append(ipaddress.IPv6Address(str(address).split("%")[0]))
+    return any(a.version == n.version and a in n for a in candidates for n in networks)
+
+
+def address_check(networks: Iterable[Network], address_ok: Callable[[str], bool]) -> Callable[[str], bool]:
+    """The check every resolved and every connected address passes: address_ok, or inside a named network."""
+    named = tuple(networks)
+    if not named:
+        return address_ok
+    return lambda ip: address_ok(ip) or in_networks(ip, named)
 
 
 def host_allowed(host: str, allow_hosts: Iterable[str]) -> bool:
@@ -91,14 +130,17 @@ def fetch(
     max_bytes: int,
     resolve: Resolver = socket.getaddrinfo,
     address_ok: Callable[[str], bool] = public_address,
+    allow_networks: Iterable[Network] = (),
 ) -> bytes:
-    """Download an image, re-checking every redirect hop, within a size and an overall time limit."""
+    """Download an image, re-checking every redirect hop, within a size and an overall time limit.
+    allow_networks (CLIP_URL_ALLOW_NETWORKS): addresses in them pass as public ones do."""
     if not allow_hosts:
         raise ClientError(400, "url_disabled", "URL input is off on this server (no CLIP_URL_ALLOW_HOSTS).")
+    ok = address_check(allow_networks, address_ok)
     deadline = time.monotonic() + timeout_s
     for _ in range(MAX_REDIRECTS + 1):
-        parts, addresses = check_url(url, allow_hosts, resolve, address_ok)
-        location, data = _get(parts, addresses, deadline, timeout_s, max_bytes)
+        parts, addresses = check_url(url, allow_hosts, resolve, ok)
+        location, data = _get(parts, addresses, ok, deadline, timeout_s, max_bytes)
         if location is None:
             return cast(bytes, data)  # no location: the body
         url = urljoin(url, location)
@@ -106,10 +148,15 @@ def fetch(
 
 
 def _get(
-    parts: SplitResult, addresses: list[str], deadline: float, timeout_s: float, max_bytes: int
+    parts: SplitResult,
+    addresses: list[str],
+    address_ok: Callable[[str], bool],
+    deadline: float,
+    timeout_s: float,
+    max_bytes: int,
 ) -> tuple[str | None, bytes | None]:
     """One GET to the checked addresses -> (redirect location, None) or (None, body)."""
-    conn = _Connection(parts, addresses, timeout=max(0.01, deadline - time.monotonic()))
+    conn = _Connection(parts, addresses, address_ok, timeout=max(0.01, deadline - time.monotonic()))
     timer = threading.Timer(max(0.0, deadline - time.monotonic()), conn.abort)
     timer.start()
     try:
@@ -145,12 +192,13 @@ def _get(
 
 
 class _Connection(http.client.HTTPConnection):
-    """HTTP or HTTPS to the checked addresses only; abort() (from the timer's thread) ends any wait."""
+    """HTTP or HTTPS to the checked addresses only, and to a peer that passes address_ok once connected;
+    abort() (from the timer's thread) ends any wait."""
 
-    def __init__(self, parts: SplitResult, addresses: list[str], timeout: float):
+    def __init__(self, parts: SplitResult, addresses: list[str], address_ok: Callable[[str], bool], timeout: float):
         https = parts.scheme == "https"
         super().__init__(cast(str, parts.hostname), parts.port or (443 if https else 80), timeout=timeout)
-        self.addresses, self.https, self.aborted = addresses, https, False
+        self.addresses, self.address_ok, self.https, self.aborted = addresses, address_ok, https, False
 
     def connect(self) -> None:
         error = OSError("no address to connect to")
@@ -166,6 +214,9 @@ class _Connection(http.client.HTTPConnection):
             raise error
         if self.aborted:
             raise TimeoutError("timed out")
+        peer = self.sock.getpeername()[0]  # what the kernel actually connected to, whatever was asked
+        if not self.address_ok(peer):
+            raise ClientError(400, "url_refused", f"The connection reached a non-public address ({peer}).")
         if self.https:  # certificate checked against the host name, as any client would
             self.sock = tls_context().wrap_socket(self.sock, server_hostname=self.host)
 
