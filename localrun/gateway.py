@@ -43,6 +43,9 @@ HOP_HEADERS = {
 }
 UPSTREAM_TIMEOUT_S = float(os.environ.get("GATEWAY_UPSTREAM_TIMEOUT_S", "120"))
 CONNECTIONS = int(os.environ.get("GATEWAY_CONNECTIONS", "1000"))  # waitress's default of 100 stalls at 100 idle
+# What the stacks (clip.yml, clip.pro.yml, clip.gpu.yml) preload, so the README's examples answer the first
+# time here too; tests/test_docs_commands.py holds the two equal.
+STACK_PRELOAD_LABEL_SETS = ("cifar100", "cifar10")
 NAMESPACE = "openfaas-fn"  # /function/NAME.openfaas-fn is /function/NAME, as on OpenFaaS (faas-cli invoke)
 
 
@@ -189,6 +192,14 @@ def upstreams(specs):
     return functions
 
 
+def preload_label_sets(env):
+    """CLIP_PRELOAD_LABEL_SETS as given, else the stacks' sets and the default set (CLIP_LABEL_SET)."""
+    if env.get("CLIP_PRELOAD_LABEL_SETS", "").strip():
+        return env["CLIP_PRELOAD_LABEL_SETS"]
+    default = env.get("CLIP_LABEL_SET", "").strip()
+    return ",".join(dict.fromkeys(([default] if default else []) + list(STACK_PRELOAD_LABEL_SETS)))
+
+
 def start_functions(args):
     """clip (unless CLIP_URL names a remote one) and index as processes that die with the gateway, even
     when it is killed outright (they would keep their ports). Their logs go to build/serve-PORT/NAME/
@@ -200,7 +211,7 @@ def start_functions(args):
     if env.get("CLIP_URL"):
         LOG.info("CLIP_URL=%s: running index only", env["CLIP_URL"])  # fronting a remote clip
     else:
-        clip_env = hub.offline_if_unreachable(env)
+        clip_env = {**hub.offline_if_unreachable(env), "CLIP_PRELOAD_LABEL_SETS": preload_label_sets(env)}
         functions["clip"] = FunctionProcess("clip", build_root, clip_env, **common)
         # index calls clip's own process, not back through this gateway: with every gateway thread
         # waiting on index, index's calls would queue behind them (the real gateway has no such pool).
