@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from localrun import gateway
 from support.images import noise_image
 from support.servers import Stack
+
+from localrun import gateway
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "docs/api.md")
