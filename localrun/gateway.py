@@ -121,8 +121,22 @@ def proxy(session, fn, request, path):
     return out
 
 
+TRY_URL_INPUT = """\
+URL input, tried on this machine (off by default; loopback is refused unless a setting names it):
+  python3 -m http.server 8000 --bind 127.0.0.1 &      # in a folder holding cat.jpg
+  CLIP_URL_ALLOW_HOSTS=127.0.0.1 CLIP_URL_ALLOW_NETWORKS=127.0.0.1/32 scripts/serve
+  curl -H 'Content-Type: application/json' -d '{"url": "http://127.0.0.1:8000/cat.jpg"}' \\
+       http://127.0.0.1:8080/function/clip             # or the page's address field
+(without --watchdog: behind it each function has a network, and a loopback, of its own)"""
+
+
 def parse_args():
-    parser = argparse.ArgumentParser(prog="scripts/serve", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="scripts/serve",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=TRY_URL_INPUT,
+    )
     parser.add_argument("--port", type=int, default=int(os.environ.get("GATEWAY_PORT", "8080")))
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--build-dir", default=None, help="default: build/serve-PORT (one per instance)")

@@ -6,6 +6,7 @@ time, or the status its own comment says (a URL example "needs CLIP_URL_ALLOW_HO
 `faas-cli invoke` lines need faas-cli and a real gateway: tests/test_faas_cli.py holds those."""
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,35 @@ def test_scripts_serve_keeps_an_explicit_preload_and_the_default_set():
     assert gateway.preload_label_sets({}) == "cifar100,cifar10"
     assert gateway.preload_label_sets({"CLIP_PRELOAD_LABEL_SETS": "imagenet1k"}) == "imagenet1k"
     assert gateway.preload_label_sets({"CLIP_LABEL_SET": "imagenet1k"}) == "imagenet1k,cifar100,cifar10"
+
+
+def test_the_url_input_recipe_in_scripts_serve_help_works(clip_env, pictures, tmp_path):
+    """scripts/serve --help's recipe, followed: a local file server, the two settings it shows, and the
+    picture by URL classifies as the same bytes do. (localrun's own Stack: scripts/serve's default,
+    no watchdog, functions on this machine's network.)"""
+    import functools
+    import http.server
+    import threading
+
+    import requests
+
+    from localrun.stack import Stack as ServeStack
+
+    help_text = subprocess.run([sys.executable, "-m", "localrun.gateway", "--help"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout
+    assert gateway.TRY_URL_INPUT in help_text
+    serve_line = next(line for line in gateway.TRY_URL_INPUT.splitlines() if line.strip().endswith("scripts/serve"))
+    settings = dict(word.split("=", 1) for word in serve_line.split()[:-1])
+    assert set(settings) == {"CLIP_URL_ALLOW_HOSTS", "CLIP_URL_ALLOW_NETWORKS"}
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(pictures))
+    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    try:
+        with ServeStack(tmp_path, {**clip_env, **settings}) as stack:
+            url = f"{stack.url}/function/clip"
+            by_url = requests.post(url, json={"url": f"http://127.0.0.1:{files.server_port}/cat.jpg"}, timeout=60)
+            direct = requests.post(url, data=(pictures / "cat.jpg").read_bytes(), timeout=60)
+            assert by_url.status_code == direct.status_code == 200, by_url.text
+            assert by_url.json()["predictions"] == direct.json()["predictions"]
+    finally:
+        files.shutdown()
