@@ -100,7 +100,9 @@ def test_a_host_outlives_no_watchdog_killed_outright(clip_env, tmp_path):
     """As in a container, whose processes end with its first: the host behind a SIGKILLed watchdog ends."""
     if not WATCHDOG:
         pytest.skip(WATCHDOG_ABSENT)
-    fn = FunctionProcess("index", tmp_path, {"CLIP_URL": "http://127.0.0.1:9/"}, watchdog=WATCHDOG).start()
+    # its drain may last DRAIN_TIMEOUT_S: it waits for "the watchdog", its parent, which is init by then
+    env = {"CLIP_URL": "http://127.0.0.1:9/", "DRAIN_TIMEOUT_S": "5"}
+    fn = FunctionProcess("index", tmp_path, env, watchdog=WATCHDOG).start()
     host = psutil.Process(fn.host_pid)
     try:
         fn.process.send_signal(signal.SIGKILL)
