@@ -198,13 +198,16 @@ def test_one_request_id_follows_a_request_through_index_and_clip(stack):
     assert sum(moved(before, after, "index_upstream_failures_total", kind=k)
                for k in ("refused", "timeout", "5xx", "bad_answer")) == 0
 
-    log = (stack.workdir / "gateway.log").read_text(errors="replace")
-    for request_id in ("trace-7f3a", generated):
-        for function in ("index", "clip"):
-            lines = [line for line in log.splitlines()
-                     if f" request_id={request_id} function={function} " in line]
-            assert len(lines) == 1, (request_id, function, lines)
-            assert " method=POST status=200 code=- images=1 " in lines[0]
+    def access_lines(request_id, function):
+        log = (stack.workdir / "gateway.log").read_text(errors="replace")
+        return [line for line in log.splitlines() if f" request_id={request_id} function={function} " in line]
+    expected = [(request_id, function) for request_id in ("trace-7f3a", generated) for function in ("index", "clip")]
+    # the functions' logs reach the gateway's as they grow (localrun.supervisor.Relay): wait for the lines
+    wait_until(lambda: all(access_lines(*each) for each in expected), 30, 0.05, "the access log lines")
+    for each in expected:
+        lines = access_lines(*each)
+        assert len(lines) == 1, (*each, lines)
+        assert " method=POST status=200 code=- images=1 " in lines[0]
     assert "clip_requests_total" in requests.get(clip + "/metrics", timeout=30).text  # the gateway path too
 
 
