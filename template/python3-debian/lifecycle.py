@@ -37,11 +37,15 @@ STARTED_BY_WATCHDOG = bool(os.environ.get("fprocess"))
 WATCHDOG_PID = "FUNCTION_WATCHDOG_PID"
 
 
+# Read at start: once the watchdog is gone (SIGKILLed), the parent is init, which never exits.
+PARENT_AT_START = os.getppid()
+
+
 def watchdog_pid() -> int | None:
     """The of-watchdog that started this host (the parent, or the parent's parent for a worker)."""
     if not STARTED_BY_WATCHDOG:
         return None
-    return int(os.environ.get(WATCHDOG_PID) or os.getppid())
+    return int(os.environ.get(WATCHDOG_PID) or PARENT_AT_START)
 
 
 def _running(pid: int) -> bool:
