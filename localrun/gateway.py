@@ -27,7 +27,7 @@ from werkzeug.wrappers import Request, Response
 from localrun import hub, netns
 from localrun.functions import FunctionProcess
 from localrun.layout import ROOT
-from localrun.supervisor import Supervisor
+from localrun.supervisor import Supervisor, say
 
 LOG = logging.getLogger("gateway")
 HOP_HEADERS = {
@@ -263,12 +263,12 @@ def main():
     server = listen(args, functions)
     if args.upstream:
         functions.update(upstreams(args.upstream))
-        print(f"proxying {', '.join(args.upstream)} on http://{args.host}:{args.port}/function/NAME", flush=True)
+        say(f"proxying {', '.join(args.upstream)} on http://{args.host}:{args.port}/function/NAME")
     else:
         functions.update(start_functions(args))
         supervisor = Supervisor(functions, ready_line(args, functions))
         stop_on_signals(supervisor)
-        print(f"starting {' and '.join(functions)} behind http://{args.host}:{args.port}", flush=True)
+        say(f"starting {' and '.join(functions)} behind http://{args.host}:{args.port}")
         supervisor.start()
     server.run()
 

@@ -67,6 +67,16 @@ class Relay(threading.Thread):
                 sys.stderr.flush()
 
 
+def say(line: str, stream=None) -> None:
+    """One line in one write, under the relays' lock: never spliced into a function's log line (stdout
+    and stderr often share one file, unbuffered, where print() writes the text and its newline apart)."""
+    stream = stream or sys.stdout
+    with Relay.lock:
+        stream.flush()
+        stream.buffer.write(line.encode() + b"\n")
+        stream.buffer.flush()
+
+
 class Supervisor:
     """Watches the functions until the gateway stops them (stop(), on SIGTERM/SIGINT) or one of them
     exits on its own (then every function is stopped and the process exits 1). `ready_line` is printed
@@ -91,7 +101,7 @@ class Supervisor:
                     self.give_up(fn, announced)
                     return
             if not announced and all(fn.healthy() for fn in self.functions.values()):
-                print(self.ready_line, flush=True)
+                say(self.ready_line)
                 announced = True
             time.sleep(POLL_S)
 
@@ -102,9 +112,7 @@ class Supervisor:
         reason = one_line_reason(fn.output())
         what = "exited" if was_ready else "could not start"
         self.stop_all()
-        with Relay.lock:
-            print(f"gateway: {fn.name} {what} (exit status {fn.process.returncode}): {reason}", file=sys.stderr)
-            sys.stderr.flush()
+        say(f"gateway: {fn.name} {what} (exit status {fn.process.returncode}): {reason}", sys.stderr)
         os._exit(1)
 
     def stop(self) -> None:

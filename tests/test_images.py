@@ -37,7 +37,14 @@ def images(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clip(images):
+    """clip's container, its health and readiness watched from the start until it is ready (whichever
+    test of this module runs first): what they answered while it loaded is in `loading_seen`."""
     container = Container(images["clip"], "clip", stack_function("clip")).start()
+    container.loading_seen = set()
+    while container.status() != 200 and time.monotonic() - container.started < 180 and container.running():
+        container.loading_seen.add((container.status("/_/health"), container.status("/_/ready")))
+        time.sleep(0.05)
+    container.cold_start = container.wait_ready()
     yield container
     container.remove()
 
@@ -49,11 +56,7 @@ def jpeg(seed=3, size=(320, 240)):
 
 
 def test_clip_is_ready_only_once_loaded_and_its_healthcheck_passes(clip):
-    seen = set()
-    while clip.status() != 200 and time.monotonic() - clip.started < 180 and clip.running():
-        seen.add((clip.status("/_/health"), clip.status("/_/ready")))
-        time.sleep(0.05)
-    cold_start = clip.wait_ready()
+    seen, cold_start = clip.loading_seen, clip.cold_start
     assert (503, 503) in seen and seen <= {(None, None), (503, 503), (200, 200)}, seen  # never a dropped /_/ready
     assert clip.status("/_/ready") == 200
     assert podman("healthcheck", "run", clip.name, check=False).returncode == 0, clip.logs()

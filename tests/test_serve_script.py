@@ -207,3 +207,24 @@ def test_a_network_closed_twice_leaves_the_next_owner_of_its_slot_alone():
                               capture_output=True).returncode == 0
     finally:
         second.close()
+
+
+def test_the_gateways_own_lines_are_written_whole():
+    """stdout and stderr of scripts/serve often share one unbuffered file with the functions' logs: each
+    of the gateway's lines goes out in one write, so no function's line lands inside it."""
+    from localrun.supervisor import say
+
+    class Stream:
+        def __init__(self):
+            self.writes = []
+            self.buffer = self
+
+        def write(self, data):
+            self.writes.append(bytes(data))
+
+        def flush(self):
+            pass
+
+    stream = Stream()
+    say("serving http://127.0.0.1:8080/function/index (page)", stream)
+    assert stream.writes == [b"serving http://127.0.0.1:8080/function/index (page)\n"]
