@@ -36,3 +36,10 @@ def stack(clip_env, tmp_path_factory):
     """Both functions behind the local gateway, as `scripts/serve` runs them."""
     with Stack(tmp_path_factory.mktemp("stack"), clip_env) as running:
         yield running
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """The order's seed at the end too, where `-q` (CI) still shows it: a failure can be replayed."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if seed is not None:
+        terminalreporter.write_line(f"tests ran in random order: replay it with --randomly-seed={seed}")
