@@ -4,7 +4,7 @@ clip's codes, which index passes on with clip's status. docs/api.md's error tabl
 
 CATALOGUE: dict[str, tuple[int, str]] = {
     # clip, as seen from index
-    "clip_bad_answer": (502, "clip answered with something other than the contract's shapes (index never passes it on)"),
+    "clip_bad_answer": (502, "clip answered with something other than the shapes of its contract"),
     "clip_unreachable": (502, "clip refused the connection or could not be reached"),
     "clip_unavailable": (503, "clip did not take the connection in time, or a gateway answered for it (scaling up)"),
     "clip_timeout": (504, "clip did not answer within CLIP_TIMEOUT_S, or a gateway gave up waiting for it"),
