@@ -21,6 +21,7 @@ from typing import Any
 
 import cpus
 import lifecycle
+import settings
 import waitress.channel
 import waitress.parser
 import waitress.utilities
@@ -35,16 +36,6 @@ lifecycle.load_env_file("function.env")  # before the handler reads its settings
 handler: Any = None
 
 LOG = logging.getLogger("host")
-HOST = os.environ.get("FUNCTION_HOST", "127.0.0.1")
-PORT = int(os.environ.get("FUNCTION_PORT", "5000"))  # not $PORT: Knative sets that for the watchdog
-# Idle threads cost little; keep it above the requests a function admits at once, so one over its
-# limit is answered at once, not queued in waitress.
-THREADS = int(os.environ.get("FUNCTION_THREADS", "48"))
-MAX_BODY = int(os.environ.get("MAX_BODY_BYTES", str(32 * 1024 * 1024)))
-# Open connections served at once; waitress's default of 100 stalls a proxy that keeps more upstream
-# connections (a watchdog or load balancer under 256 concurrent requests). poll(), not select(),
-# so more than 1,024 sockets are possible.
-CONNECTIONS = int(os.environ.get("FUNCTION_CONNECTIONS", "1000"))
 
 
 class Event:
@@ -114,7 +105,8 @@ WAITRESS_CODES = {413: "body_too_large", 431: "headers_too_large", 400: "bad_req
 
 def waitress_error_as_json(self: waitress.utilities.Error, ident: str | None = None) -> tuple:
     code = WAITRESS_CODES.get(self.code, "http_error")
-    message = f"The request body is larger than {MAX_BODY} bytes." if self.code == 413 else f"{self.reason}."
+    limit = settings.host()["MAX_BODY_BYTES"]
+    message = f"The request body is larger than {limit} bytes." if self.code == 413 else f"{self.reason}."
     request_id = uuid.uuid4().hex  # as every answer carries one (the request's own is not parsed yet)
     body = json.dumps({"error": {"code": code, "message": message}, "request_id": request_id}).encode()
     return f"{self.code} {self.reason}", [("Content-Type", "application/json"), ("X-Request-Id", request_id)], body
@@ -211,32 +203,43 @@ class Channel(waitress.channel.HTTPChannel):
             super().handle_write()
 
 
+def import_handler() -> Any:
+    """function/handler.py; a bad setting found as it loads (SettingError) ends the host with its one line."""
+    try:
+        from function import handler as imported
+    except settings.SettingError as error:
+        lifecycle.exit_for_setting(error)
+    return imported
+
+
 def main() -> None:
-    logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", "INFO"),
-        stream=sys.stderr,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     lifecycle.remove_lock()
+    try:
+        config = settings.host()
+    except settings.SettingError as error:
+        lifecycle.exit_for_setting(error)
+    logging.getLogger().setLevel(config["LOG_LEVEL"])
+    host, port = config["FUNCTION_HOST"], config["FUNCTION_PORT"]
     # before the function is imported: it sizes its threads from FUNCTION_CPUS (cpus.py)
     LOG.info("%d CPUs per process (%s)", *cpus.publish(workers.count()))
     if workers.is_supervisor():  # FUNCTION_WORKERS > 1: this process only starts and watches them
-        sys.exit(workers.supervise(HOST, PORT, lifecycle.LOCK_FILE, lifecycle.DRAIN_TIMEOUT))
+        sys.exit(workers.supervise(host, port, lifecycle.LOCK_FILE, config["DRAIN_TIMEOUT_S"]))
     json_protocol_errors()
     # the listening socket is made here and handed to waitress (its `sockets` argument): its
     # connections say whether they hold unfinished work, which the drain waits for
-    listener = lifecycle.Listener.wrap(workers.listen_socket(HOST, PORT))
+    listener = lifecycle.Listener.wrap(workers.listen_socket(host, port))
     global handler
-    from function import handler
+    handler = import_handler()
 
     server = create_server(
         app,
         sockets=[listener],
-        threads=THREADS,
-        max_request_body_size=MAX_BODY + 1,
+        threads=config["FUNCTION_THREADS"],
+        max_request_body_size=config["MAX_BODY_BYTES"] + 1,
         channel_timeout=120,
         ident="function",
-        connection_limit=CONNECTIONS,
+        connection_limit=config["FUNCTION_CONNECTIONS"],
         asyncore_use_poll=True,
         inbuf_overflow=8 * 1024 * 1024,
     )  # photo-sized bodies stay in memory, not a temp file
@@ -253,7 +256,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, drain)
     signal.signal(signal.SIGINT, drain)
     lifecycle.start_warm_up(getattr(handler, "init", None), getattr(handler, "alive", None))
-    LOG.info("serving on http://%s:%d", HOST, PORT)
+    LOG.info("serving on http://%s:%d", host, port)
     server.run()
 
 

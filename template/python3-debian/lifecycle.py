@@ -23,12 +23,12 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
+
+import settings
 
 LOG = logging.getLogger("host")
 LOCK_FILE = os.path.join(tempfile.gettempdir(), ".lock")
-DRAIN_TIMEOUT = float(os.environ.get("DRAIN_TIMEOUT_S", "60"))
-ALIVE_INTERVAL = float(os.environ.get("FUNCTION_ALIVE_INTERVAL_S", "1"))
 # Drain ends once nothing has been busy for this long: what the app handed over reaches the socket.
 QUIET_S = 0.2
 # of-watchdog passes its own environment to the process it starts: fprocess names this host.
@@ -165,13 +165,15 @@ def start_warm_up(init: Callable[[], None] | None, alive: Callable[[], bool] | N
         try:
             if init is not None:
                 init()
+        except settings.SettingError as error:  # a setting read late, in init(): the same one line
+            exit_for_setting(error)
         except Exception:
             LOG.exception("function init failed; exiting so the platform restarts it")
             os._exit(1)
         write_lock()
         LOG.info("ready: lock file %s written", LOCK_FILE)
         while alive is not None:
-            time.sleep(ALIVE_INTERVAL)
+            time.sleep(settings.host()["FUNCTION_ALIVE_INTERVAL_S"])
             if not _still_alive(alive):
                 remove_lock()
                 LOG.critical("the function can no longer serve; exiting so the platform replaces it")
@@ -179,6 +181,14 @@ def start_warm_up(init: Callable[[], None] | None, alive: Callable[[], bool] | N
                 os._exit(1)
 
     threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
+
+
+def exit_for_setting(error: settings.SettingError) -> NoReturn:
+    """A bad setting: its one line (no traceback: the line says it all), then exit 78 (EX_CONFIG)."""
+    LOG.error("%s", error)
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(settings.EX_CONFIG)
 
 
 def _still_alive(alive: Callable[[], bool]) -> bool:
@@ -196,7 +206,7 @@ def drain_then_exit(busy: Callable[[], bool], shutdown: Callable[[], None] | Non
     watchdog = watchdog_pid()
     LOG.info("SIGTERM: lock removed, draining%s", " until the watchdog exits" if watchdog else "")
     time.sleep(0.05)  # let requests already accepted reach the app
-    deadline = time.monotonic() + DRAIN_TIMEOUT
+    deadline = time.monotonic() + settings.host()["DRAIN_TIMEOUT_S"]
     quiet_since = None
     while time.monotonic() < deadline:
         if busy() or (watchdog is not None and _running(watchdog)):

@@ -10,7 +10,8 @@ accepts it first, and connections wait in the shared backlog while a worker is r
   the supervisor exits once all of them have.
 - A worker that dies after it was ready is replaced (readiness is red until the new one is ready).
   A worker that dies before it was ever ready (its init() failed), or five deaths within a minute,
-  end the function with status 1, so the platform restarts it.
+  end the function with status 1, so the platform restarts it; a worker that stopped on a bad setting
+  (status 78, its one line logged) ends it with 78.
 - PROMETHEUS_MULTIPROC_DIR, when unset, is set to a fresh empty directory shared by the workers.
 Each worker sees FUNCTION_WORKERS (to share out function-wide limits) and FUNCTION_WORKER (its index).
 """
@@ -26,6 +27,7 @@ import tempfile
 import time
 
 import lifecycle
+import settings
 
 LOG = logging.getLogger("host.workers")
 LISTEN_FD = "FUNCTION_LISTEN_FD"
@@ -34,10 +36,7 @@ POLL_S = 0.05
 
 
 def count() -> int:
-    try:
-        return max(1, int(os.environ.get("FUNCTION_WORKERS", "1") or 1))
-    except ValueError:
-        return 1
+    return int(settings.host()["FUNCTION_WORKERS"])
 
 
 def is_supervisor() -> bool:
@@ -115,6 +114,10 @@ def supervise(host: str, port: int, lock_file: str, drain_timeout_s: float) -> i
                 continue
             now = time.monotonic()
             deaths = [t for t in deaths if now - t < DEATH_WINDOW_S] + [now]
+            if code == settings.EX_CONFIG and not worker.was_ready:  # a bad setting: its line is logged
+                stop.append("failed")
+                status = settings.EX_CONFIG
+                break
             if not worker.was_ready or len(deaths) >= MAX_DEATHS:
                 LOG.error(
                     "worker %d exited with %s %s; exiting so the platform restarts the function",

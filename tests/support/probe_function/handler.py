@@ -5,6 +5,11 @@ import time
 import uuid
 from pathlib import Path
 
+from settings import Setting, read
+
+# read at import, as a function's config module does: a bad value stops the host at start
+SETTINGS = read([Setting("PROBE_SLEEP_CAP_S", float, 10.0, minimum=0, maximum=60, doc="longest ?sleep")])
+
 
 def init():
     worker = os.environ.get("FUNCTION_WORKER", "0")
@@ -23,7 +28,7 @@ def hold(folder):
 
 
 def handle(event, context):
-    time.sleep(min(float(event.query.get("sleep", "0") or 0), 10))
+    time.sleep(min(float(event.query.get("sleep", "0") or 0), SETTINGS["PROBE_SLEEP_CAP_S"]))
     if event.query.get("hold"):
         hold(Path(event.query["hold"]))
     return {"statusCode": 200, "body": {"pid": os.getpid(), "worker": os.environ.get("FUNCTION_WORKER"),
