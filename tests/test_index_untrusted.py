@@ -334,3 +334,25 @@ def test_simultaneous_page_loads_share_one_description_fetch(fakes, tmp_path):
             assert 1 <= fakes.described("held") <= 2, fakes.seen
     finally:
         fakes.release.set()
+
+
+def test_one_thread_keeps_every_exchanges_deadline(fakes, monkeypatch):
+    """index's exchanges with clip share one deadline thread for the process, not one thread each."""
+    from frontend.index import clip_client, deadline
+
+    monkeypatch.setattr(clip_client, "CLIP_URL", fakes.url + "/function/clip")
+    monkeypatch.setattr(clip_client, "TIMEOUT_S", 2.0)
+    started, caller, start = [], threading.current_thread(), threading.Thread.start
+
+    def recorded(thread):  # the threads index starts while it calls clip (the fake's own are not index's)
+        if threading.current_thread() is caller:
+            started.append(thread.name)
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", recorded)
+    for mode in ("good", "drip", "good", "drip", "bomb", "good"):
+        status, answer, _ = clip_client.classify(PNG, "image/png", f"fake={mode}", "deadline-test")
+        expected = {"good": 200, "drip": 504, "bomb": 502}[mode]
+        assert status == expected, (mode, answer)
+    assert set(started) <= {deadline.THREAD_NAME} and len(started) <= 1, started
+    assert [t.name for t in threading.enumerate()].count(deadline.THREAD_NAME) == 1

@@ -7,20 +7,15 @@ import logging
 import math
 import os
 import re
-import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
-from contextvars import ContextVar
+from collections.abc import Mapping
 from typing import Any
 
 import requests
 import urllib3
-from requests.adapters import HTTPAdapter
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from . import metrics
+from . import deadline, metrics
 
 CLIP_URL = os.environ.get("CLIP_URL", "http://gateway.openfaas:8080/function/clip")
 CONNECT_TIMEOUT_S = float(os.environ.get("CLIP_CONNECT_TIMEOUT_S", "3"))
@@ -40,96 +35,7 @@ RETRY_AFTER = re.compile(r"[0-9]{1,6}")
 
 LOG = logging.getLogger("index.clip")
 Answer = tuple[int, dict, dict]  # (status, JSON body, headers to pass on)
-
-
-# ---- one deadline for the whole exchange ------------------------------------------------------------
-
-_exchange: ContextVar["_Exchange | None"] = ContextVar("clip_exchange", default=None)
-
-
-class _Exchange:
-    """One call to clip and its deadline. At the deadline its socket is shut down: that ends a read blocked
-    on an answer that drips (a per-read timeout does not: every byte that arrives starts it again, and one
-    buffered read waits for many bytes)."""
-
-    def __init__(self, seconds: float) -> None:
-        self.expired = False
-        self._sock: socket.socket | None = None
-        self._lock = threading.Lock()
-        self._timer = threading.Timer(seconds, self._expire)
-        self._timer.daemon = True
-
-    def __enter__(self) -> "_Exchange":
-        self._token = _exchange.set(self)
-        self._timer.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._timer.cancel()
-        _exchange.reset(self._token)
-
-    def attach(self, connection: HTTPConnection) -> None:
-        """The socket the exchange uses (http.client drops its own reference once the answer says it will
-        close the connection, so it is kept here)."""
-        with self._lock:
-            self._sock = connection.sock or self._sock
-            if self.expired:
-                self._shut()
-
-    def _expire(self) -> None:
-        with self._lock:
-            self.expired = True
-            self._shut()
-
-    def _shut(self) -> None:
-        if self._sock is not None:
-            try:
-                self._sock.shutdown(socket.SHUT_RDWR)  # wakes a recv or send blocked on it in another thread
-            except OSError:
-                pass
-
-
-def _attached(request: Callable[..., None]) -> Callable[..., None]:
-    """A connection's request(), telling the current exchange which connection it uses (connected or
-    reused), and shutting it at once if the deadline passed while it connected or sent."""
-
-    def wrapper(connection: HTTPConnection, *args: Any, **kwargs: Any) -> None:
-        exchange = _exchange.get()
-        if exchange is not None:
-            exchange.attach(connection)
-        request(connection, *args, **kwargs)
-        if exchange is not None:
-            exchange.attach(connection)
-
-    return wrapper
-
-
-class _HTTPConnection(HTTPConnection):
-    request = _attached(HTTPConnection.request)  # type: ignore[assignment]
-
-
-class _HTTPSConnection(HTTPSConnection):
-    request = _attached(HTTPSConnection.request)  # type: ignore[assignment]
-
-
-class _HTTPPool(HTTPConnectionPool):
-    ConnectionCls = _HTTPConnection
-
-
-class _HTTPSPool(HTTPSConnectionPool):
-    ConnectionCls = _HTTPSConnection
-
-
-class _Adapter(HTTPAdapter):
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
-
-
-_session = requests.Session()
-_session.trust_env = False  # a proxy from the environment must not reroute in-cluster traffic
-_session.mount("http://", _Adapter(pool_maxsize=32))
-_session.mount("https://", _Adapter(pool_maxsize=32))
+_session = deadline.session()
 
 
 class _Timeout(Exception):
@@ -150,7 +56,7 @@ class BadAnswer(Exception):
 
 def _call(method: str, url: str, seconds: float, **kwargs: Any) -> tuple[int, Mapping[str, str], bytes]:
     """One exchange with clip within `seconds` in all: (status, headers, body after decompression)."""
-    with _Exchange(seconds) as exchange:
+    with deadline.Exchange(seconds) as exchange:
         timeout = (min(CONNECT_TIMEOUT_S, seconds), seconds)  # per step; the exchange's timer bounds the sum
         try:
             response = _session.request(method, url, stream=True, allow_redirects=False, timeout=timeout, **kwargs)
@@ -165,7 +71,7 @@ def _call(method: str, url: str, seconds: float, **kwargs: Any) -> tuple[int, Ma
         return response.status_code, response.headers, body
 
 
-def _read(response: requests.Response, exchange: _Exchange) -> bytes:
+def _read(response: requests.Response, exchange: deadline.Exchange) -> bytes:
     declared = response.headers.get("Content-Length", "")
     if declared.isdigit() and int(declared) > MAX_ANSWER_BYTES and "Content-Encoding" not in response.headers:
         raise BadAnswer(f"an answer of {declared} bytes (the limit is {MAX_ANSWER_BYTES})")
