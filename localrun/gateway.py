@@ -16,10 +16,15 @@ import os
 import signal
 import sys
 import threading
-import types
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
+from typing import Protocol
+from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 import requests
+import waitress.server
 import waitress.utilities
 from waitress import create_server
 from werkzeug.wrappers import Request, Response
@@ -49,13 +54,38 @@ STACK_PRELOAD_LABEL_SETS = ("cifar100", "cifar10")
 NAMESPACE = "openfaas-fn"  # /function/NAME.openfaas-fn is /function/NAME, as on OpenFaaS (faas-cli invoke)
 
 
-def json_response(status, code, message):
+class Proxied(Protocol):
+    """What the gateway needs of a function: a FunctionProcess, or an Upstream already running."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def url(self) -> str: ...
+
+    def healthy(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """A function someone else runs (--upstream): always taken for healthy, as it was started ready."""
+
+    name: str
+    url: str
+
+    def healthy(self) -> bool:
+        return True
+
+
+def json_response(status: int, code: str, message: str) -> Response:
     return Response(
         json.dumps({"error": {"code": code, "message": message}}), status=status, content_type="application/json"
     )
 
 
-def protocol_error_as_json(self, ident=None):
+def protocol_error_as_json(
+    self: waitress.utilities.Error, ident: str | None = None
+) -> tuple[str, list[tuple[str, str]], bytes]:
     """waitress answers protocol errors itself (duplicate Content-Length, headers too large): JSON, like
     every other answer of the gateway and the functions."""
     body = json.dumps(
@@ -69,11 +99,11 @@ def protocol_error_as_json(self, ident=None):
     return f"{self.code} {self.reason}", [("Content-Type", "application/json")], body
 
 
-def make_app(functions):
+def make_app(functions: Mapping[str, Proxied]) -> WSGIApplication:
     session = requests.Session()
     session.trust_env = False
 
-    def app(environ, start_response):
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         request = Request(environ)
         parts = request.path.split("/", 3)  # "", "function", name, rest
         if len(parts) > 2 and parts[2].endswith("." + NAMESPACE):
@@ -97,7 +127,7 @@ def make_app(functions):
     return app
 
 
-def proxy(session, fn, request, path):
+def proxy(session: requests.Session, fn: Proxied, request: Request, path: str) -> Response:
     headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
     url = fn.url + path
     try:
@@ -130,10 +160,10 @@ URL input, tried on this machine (off by default; loopback is refused unless a s
 (without --watchdog: behind it each function has a network, and a loopback, of its own)"""
 
 
-def parse_args():
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="scripts/serve",
-        description=__doc__.splitlines()[0],
+        description=(__doc__ or "").splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=TRY_URL_INPUT,
     )
@@ -163,7 +193,7 @@ def parse_args():
     return args
 
 
-def resolve_paths(parser, args):
+def resolve_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """--watchdog and --build-dir relative to the caller's directory (scripts/serve runs us from the
     repository root and passes it as --relative-to): absolute from here on, as the functions start in
     their own build contexts and namespaces. A watchdog that is not there is said now, in one line."""
@@ -176,7 +206,9 @@ def resolve_paths(parser, args):
             parser.error(f"--watchdog {given}: no executable file at {args.watchdog}")
 
 
-def listen(args, functions):
+def listen(
+    args: argparse.Namespace, functions: Mapping[str, Proxied]
+) -> "waitress.server.MultiSocketServer | waitress.server.BaseWSGIServer":
     """The gateway's server on its port, or exit with a clear message: a busy port is said before any
     function process exists."""
     try:
@@ -197,16 +229,16 @@ def listen(args, functions):
         )
 
 
-def upstreams(specs):
+def upstreams(specs: Iterable[str]) -> dict[str, Proxied]:
     """--upstream NAME=PORT: functions already running, proxied as they are."""
-    functions = {}
+    functions: dict[str, Proxied] = {}
     for spec in specs:
         name, _, port = spec.partition("=")
-        functions[name] = types.SimpleNamespace(name=name, url=f"http://127.0.0.1:{port}", healthy=lambda: True)
+        functions[name] = Upstream(name, f"http://127.0.0.1:{port}")
     return functions
 
 
-def preload_label_sets(env):
+def preload_label_sets(env: Mapping[str, str]) -> str:
     """CLIP_PRELOAD_LABEL_SETS as given, else the stacks' sets and the default set (CLIP_LABEL_SET)."""
     if env.get("CLIP_PRELOAD_LABEL_SETS", "").strip():
         return env["CLIP_PRELOAD_LABEL_SETS"]
@@ -214,30 +246,33 @@ def preload_label_sets(env):
     return ",".join(dict.fromkeys(([default] if default else []) + list(STACK_PRELOAD_LABEL_SETS)))
 
 
-def start_functions(args):
+def start_functions(args: argparse.Namespace) -> dict[str, FunctionProcess]:
     """clip (unless CLIP_URL names a remote one) and index as processes that die with the gateway, even
     when it is killed outright (they would keep their ports). Their logs go to build/serve-PORT/NAME/
     function.log, shown on our stderr as they grow."""
     env = dict(os.environ)
     build_root = Path(args.build_dir or ROOT / "build" / f"serve-{args.port}")
-    functions = {}
-    common = {"log_to_file": True, "watchdog": args.watchdog, "die_with_parent": True}
+    functions: dict[str, FunctionProcess] = {}
+
+    def function(name: str, env: Mapping[str, str]) -> FunctionProcess:
+        return FunctionProcess(name, build_root, env, log_to_file=True, watchdog=args.watchdog, die_with_parent=True)
+
     if env.get("CLIP_URL"):
         LOG.info("CLIP_URL=%s: running index only", env["CLIP_URL"])  # fronting a remote clip
     else:
         clip_env = {**hub.offline_if_unreachable(env), "CLIP_PRELOAD_LABEL_SETS": preload_label_sets(env)}
-        functions["clip"] = FunctionProcess("clip", build_root, clip_env, **common)
+        functions["clip"] = function("clip", clip_env)
         # index calls clip's own process, not back through this gateway: with every gateway thread
         # waiting on index, index's calls would queue behind them (the real gateway has no such pool).
         env = {**env, "CLIP_URL": functions["clip"].url + "/"}
-    functions["index"] = FunctionProcess("index", build_root, env, **common)
+    functions["index"] = function("index", env)
     for fn in functions.values():
         fn.start(wait_ready=False)
-        LOG.info("%s: pid %d on %s", fn.name, fn.process.pid, fn.url)
+        LOG.info("%s: pid %d on %s", fn.name, fn.started.pid, fn.url)
     return functions
 
 
-def ready_line(args, functions):
+def ready_line(args: argparse.Namespace, functions: Mapping[str, FunctionProcess]) -> str:
     """What `serving` says once every function is ready: only the paths that answer."""
     base = f"http://{args.host}:{args.port}/function"
     if "clip" in functions:
@@ -245,28 +280,29 @@ def ready_line(args, functions):
     return f"serving {base}/index (page), in front of the clip at {os.environ.get('CLIP_URL')}"
 
 
-def stop_on_signals(supervisor):
+def stop_on_signals(supervisor: Supervisor) -> None:
     """SIGTERM/SIGINT: each function drains and stops (the page first, then what it calls), then exit."""
 
-    def stop(signum, frame):
+    def stop(signum: int, frame: FrameType | None) -> None:
         threading.Thread(target=supervisor.stop, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
 
 
-def main():
+def main() -> None:
     args = parse_args()
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
     waitress.utilities.Error.to_response = protocol_error_as_json
-    functions = {}
+    functions: dict[str, Proxied] = {}
     server = listen(args, functions)
     if args.upstream:
         functions.update(upstreams(args.upstream))
         say(f"proxying {', '.join(args.upstream)} on http://{args.host}:{args.port}/function/NAME")
     else:
-        functions.update(start_functions(args))
-        supervisor = Supervisor(functions, ready_line(args, functions))
+        started = start_functions(args)
+        functions.update(started)
+        supervisor = Supervisor(started, ready_line(args, started))
         stop_on_signals(supervisor)
         say(f"starting {' and '.join(functions)} behind http://{args.host}:{args.port}")
         supervisor.start()

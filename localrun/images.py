@@ -25,8 +25,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TextIO
 
 import yaml
 
@@ -45,10 +46,15 @@ runtime = "runc"
 """
 
 
-def run(command: Sequence[str], **kwargs) -> subprocess.CompletedProcess:
+def run(
+    command: Sequence[str],
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    stdout: int | TextIO | None = None,
+) -> subprocess.CompletedProcess[bytes]:
     print("+", " ".join(command), file=sys.stderr, flush=True)
-    kwargs.setdefault("stdout", sys.stderr)  # stdout says only the images built
-    return subprocess.run(list(command), check=True, **kwargs)
+    stdout = sys.stderr if stdout is None else stdout  # stdout says only the images built
+    return subprocess.run(list(command), check=True, env=env, cwd=cwd, stdout=stdout)
 
 
 def podman_env() -> dict[str, str]:

@@ -9,7 +9,7 @@ TEMPLATE = ROOT / "template" / "python3-debian"
 IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "tmp")
 
 
-def layout(function_dir, dest, template=TEMPLATE):
+def layout(function_dir: Path, dest: str | Path, template: Path = TEMPLATE) -> Path:
     dest = Path(dest)
     if dest.exists():
         shutil.rmtree(dest)

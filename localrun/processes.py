@@ -6,15 +6,20 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
+from typing import Any
 
 
-def free_port():
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
-def wait_until(check, timeout=120.0, interval=0.1, what="condition"):
+def wait_until(
+    check: Callable[[], object], timeout: float = 120.0, interval: float = 0.1, what: str = "condition"
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
@@ -23,10 +28,10 @@ def wait_until(check, timeout=120.0, interval=0.1, what="condition"):
     raise TimeoutError(f"{what} not reached within {timeout} s")
 
 
-def stop_group(pgid, timeout):
+def stop_group(pgid: int, timeout: float) -> None:
     """Wait for what is left of a process group to exit; kill it past the timeout."""
 
-    def gone():
+    def gone() -> bool:
         try:
             os.killpg(pgid, 0)
             return False
@@ -39,7 +44,7 @@ def stop_group(pgid, timeout):
         os.killpg(pgid, signal.SIGKILL)
 
 
-def terminate(process, timeout, kill_tree=False):
+def terminate(process: subprocess.Popen[Any] | None, timeout: float, kill_tree: bool = False) -> int | None:
     """SIGTERM to a running subprocess.Popen, then up to `timeout` s for it to exit; past that SIGKILL,
     to its descendants too when kill_tree (as they were when SIGTERM went). Returns its exit status."""
     if process is None:

@@ -4,12 +4,18 @@ and waited for until healthy: the one gateway runner of the tests, scripts/bench
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Self
 
 import requests
 
 from localrun.layout import ROOT
 from localrun.processes import free_port, terminate, wait_until
+
+if TYPE_CHECKING:
+    import psutil
 
 
 class Stack:
@@ -18,7 +24,13 @@ class Stack:
     already running; with `watchdog` (the path of fwatchdog) each function runs behind it. Its output goes
     to workdir/gateway.log, its build contexts to workdir/build."""
 
-    def __init__(self, workdir, env=None, upstreams=None, watchdog=None):
+    def __init__(
+        self,
+        workdir: str | Path,
+        env: Mapping[str, str] | None = None,
+        upstreams: Mapping[str, int] | None = None,
+        watchdog: str | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.workdir = Path(workdir)
@@ -27,17 +39,17 @@ class Stack:
         self.env = {**os.environ, **(env or {})}
         self.upstreams = dict(upstreams or {})
         self.watchdog = watchdog
-        self.process = None
+        self.process: subprocess.Popen[bytes] | None = None
         self.log = open(self.workdir / "gateway.log", "wb")
 
     @property
-    def names(self):
+    def names(self) -> list[str]:
         """The functions behind the gateway."""
         if self.upstreams:
             return list(self.upstreams)
         return ["index"] if self.env.get("CLIP_URL") else ["clip", "index"]
 
-    def start(self, timeout=180, interval=0.2):
+    def start(self, timeout: float = 180, interval: float = 0.2) -> Self:
         command = [
             sys.executable,
             "-m",
@@ -49,10 +61,12 @@ class Stack:
         ]
         command += [f"--upstream={name}={port}" for name, port in self.upstreams.items()]
         command += [f"--watchdog={self.watchdog}"] if self.watchdog else []
-        self.process = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.process = process = subprocess.Popen(
+            command, cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT
+        )
 
-        def ready():
-            if self.process.poll() is not None:
+        def ready() -> bool:
+            if process.poll() is not None:
                 return True
             try:
                 return all(
@@ -63,14 +77,16 @@ class Stack:
                 return False
 
         wait_until(ready, timeout, interval, "local stack ready")
-        if self.process.poll() is not None:
-            raise RuntimeError(f"gateway exited with {self.process.returncode}:\n{self.output()[-4000:]}")
+        if process.poll() is not None:
+            raise RuntimeError(f"gateway exited with {process.returncode}:\n{self.output()[-4000:]}")
         return self
 
-    def function_process(self, name):
+    def function_process(self, name: str) -> "psutil.Process":
         """The psutil.Process of function `name`, a child of the gateway running in build_dir/name."""
         import psutil  # requirements-dev.txt: only the tests and benchmarks ask
 
+        if self.process is None:
+            raise RuntimeError("the gateway is not started")
         directory = (self.build_dir / name).resolve()
         for child in psutil.Process(self.process.pid).children():
             try:
@@ -80,16 +96,18 @@ class Stack:
                 pass
         raise RuntimeError(f"{name} process not found under the gateway")
 
-    def output(self):
+    def output(self) -> str:
         self.log.flush()
         return (self.workdir / "gateway.log").read_text(errors="replace")
 
-    def stop(self, timeout=90):
+    def stop(self, timeout: float = 90) -> None:
         terminate(self.process, timeout, kill_tree=True)
         self.log.close()
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, *exc):
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
         self.stop()

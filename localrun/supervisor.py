@@ -9,6 +9,9 @@ import re
 import sys
 import threading
 import time
+from typing import TextIO
+
+from localrun.functions import FunctionProcess
 
 LOG = logging.getLogger("gateway")
 POLL_S = 0.1
@@ -39,7 +42,7 @@ class Relay(threading.Thread):
 
     lock = threading.Lock()  # one line at a time from all relays
 
-    def __init__(self, fn) -> None:
+    def __init__(self, fn: FunctionProcess) -> None:
         super().__init__(name=f"relay-{fn.name}", daemon=True)
         self.fn = fn
         self.done = threading.Event()  # set once everything the exited function wrote is shown
@@ -48,7 +51,7 @@ class Relay(threading.Thread):
         pending = b""
         with open(self.fn.dir / "function.log", "rb") as log:
             while True:
-                exited = self.fn.process.poll() is not None  # read before the last read: nothing is missed
+                exited = self.fn.started.poll() is not None  # read before the last read: nothing is missed
                 chunk = log.read(1 << 16)
                 if chunk:
                     whole, newline, pending = (pending + chunk).rpartition(b"\n")
@@ -67,7 +70,7 @@ class Relay(threading.Thread):
                 sys.stderr.flush()
 
 
-def say(line: str, stream=None) -> None:
+def say(line: str, stream: TextIO | None = None) -> None:
     """One line in one write, under the relays' lock: never spliced into a function's log line (stdout
     and stderr often share one file, unbuffered, where print() writes the text and its newline apart)."""
     stream = stream or sys.stdout
@@ -82,7 +85,7 @@ class Supervisor:
     exits on its own (then every function is stopped and the process exits 1). `ready_line` is printed
     once every function is ready."""
 
-    def __init__(self, functions: dict, ready_line: str) -> None:
+    def __init__(self, functions: dict[str, FunctionProcess], ready_line: str) -> None:
         self.functions = functions
         self.ready_line = ready_line
         self.relays = {name: Relay(fn) for name, fn in functions.items()}
@@ -97,7 +100,7 @@ class Supervisor:
         announced = False
         while True:
             for fn in self.functions.values():
-                if fn.process.poll() is not None:
+                if fn.started.poll() is not None:
                     self.give_up(fn, announced)
                     return
             if not announced and all(fn.healthy() for fn in self.functions.values()):
@@ -105,14 +108,14 @@ class Supervisor:
                 announced = True
             time.sleep(POLL_S)
 
-    def give_up(self, fn, was_ready: bool) -> None:
+    def give_up(self, fn: FunctionProcess, was_ready: bool) -> None:
         if not self.ending.acquire(blocking=False):
             return  # stopping on a signal: its exit is expected
         self.relays[fn.name].done.wait(5)  # its last lines first, then the reason under them
         reason = one_line_reason(fn.output())
         what = "exited" if was_ready else "could not start"
         self.stop_all()
-        say(f"gateway: {fn.name} {what} (exit status {fn.process.returncode}): {reason}", sys.stderr)
+        say(f"gateway: {fn.name} {what} (exit status {fn.started.returncode}): {reason}", sys.stderr)
         os._exit(1)
 
     def stop(self) -> None:
