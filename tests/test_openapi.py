@@ -28,7 +28,7 @@ SOURCES = {
     "index": sorted((ROOT / "frontend/index").glob("*.py")),
     "host": [ROOT / "template/python3-debian/index.py"],
 }
-# A call that refuses: ClientError(400, "invalid_image", …), Refused(413, "field_too_large", …),
+# A call that refuses: ClientError(400, "invalid_image", …), Refused(400, "too_many_parts", …),
 # _failure(504, "clip_timeout", …), json_error(500, "internal_error", …): every
 # status written in its first argument, and its code.
 REFUSAL = re.compile(r"\b(?:ClientError|Refused|_failure|json_error)\(\s*([^\"()]*?),\s*(?:#[^\n]*\s*)?\"(\w+)\"")
@@ -84,7 +84,7 @@ def test_source_scan_finds_the_known_refusals():
     """The scan below is only as good as its patterns: it finds refusals of each shape the sources use."""
     clip, index, host = answered_codes("clip"), answered_codes("index"), answered_codes("host")
     assert {(400, "invalid_image"), (405, "method_not_allowed"), (503, "loading"), (504, "deadline_exceeded")} <= clip
-    assert {(413, "field_too_large"), (503, "clip_unavailable"), (504, "clip_timeout")} <= index
+    assert {(502, "clip_bad_answer"), (503, "clip_unavailable"), (504, "clip_timeout")} <= index
     assert {(405, "method_not_allowed"), (500, "internal_error"), (400, "too_many_parts")} <= index
     assert {(413, "body_too_large"), (500, "internal_error"), (431, "headers_too_large")} <= host
 

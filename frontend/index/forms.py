@@ -1,8 +1,8 @@
-"""Form posts to index, parsed once with limits before anything is forwarded to clip: a flood of parts
-or a huge text field is refused early (werkzeug stops at the first part or byte over the limit)."""
+"""Form posts to index, parsed once before anything is forwarded to clip, with clip's own limits: a
+flood of parts or pictures is refused here (werkzeug stops at the first part over the limit), with the
+code clip would answer, and whatever clip takes goes on."""
 
 import io
-import os
 from dataclasses import dataclass, field
 
 from werkzeug.datastructures import FileStorage
@@ -11,8 +11,7 @@ from werkzeug.formparser import FormDataParser
 from werkzeug.http import parse_options_header
 
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
-MAX_FIELD_BYTES = int(os.environ.get("INDEX_MAX_FIELD_BYTES", str(256 * 1024)))  # 1,000 labels of 200 chars fit
-EXTRA_PARTS = 8  # options, the URL field and the empty file parts a browser sends for unused pickers
+EXTRA_PARTS = 8  # clip's FORM_EXTRA_PARTS: options, the URL field, the empty part of a picker left unused
 OPTION_KEYS = ("labels", "label_set", "top_k")
 # The picture kinds clip reads, by their first bytes (clip's images.MAGIC: clip sniffs raw bodies first).
 IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
@@ -56,38 +55,32 @@ def is_form(content_type: str) -> bool:
 
 
 def parse(body: bytes, content_type: str, images_allowed: int) -> Form | None:
-    """Parse a form post within limits; raise Refused for floods, oversized fields or too many pictures.
-    None when an urlencoded body is no form after all: curl's -d and --data-binary send a picture's bytes,
-    its base64 or a data URL under that type, and clip takes those as such, so they go on untouched."""
+    """Parse a form post with clip's limits (its parts and pictures; a field may be as large as the body
+    the host admits, as in clip); raise Refused where clip would refuse it too, with clip's code.
+    None when the body goes on to clip untouched: curl's -d and --data-binary send a picture's bytes,
+    its base64 or a data URL under the urlencoded type, and clip takes those as such; and an urlencoded
+    body of more fields than a picture form needs is clip's to read (it counts no parts there), not
+    index's to parse into a dictionary."""
     mimetype, params = parse_options_header(content_type)
     max_parts = images_allowed + EXTRA_PARTS
     urlencoded = mimetype == "application/x-www-form-urlencoded"
-    if urlencoded:
-        if looks_like_image(body):  # as clip sorts it: raw image bytes, whatever the Content-Type says
-            return None
-        # werkzeug reads an urlencoded body whole (the host bounds it): bound its parts before it does.
-        if body.count(b"&") >= max_parts:
-            raise _too_many_parts(max_parts)
+    if urlencoded and (looks_like_image(body) or body.count(b"&") >= max_parts):
+        return None
     parser = FormDataParser(
-        stream_factory=_in_memory,
-        # per field in multipart; an urlencoded body's option fields are measured below (its picture
-        # field holds base64, as large as clip takes)
-        max_form_memory_size=None if urlencoded else MAX_FIELD_BYTES,
-        max_form_parts=max_parts,
-        silent=False,
+        stream_factory=_in_memory, max_form_memory_size=None, max_form_parts=max_parts, silent=False
     )
     try:
         _, fields, files = parser.parse(io.BytesIO(body), mimetype, len(body), params)
-    except RequestEntityTooLarge:
-        # werkzeug says only "too large": tell which limit from what was being read when it stopped.
-        raise (_too_many_parts(max_parts) if _part_count(body, params) > max_parts else _field_too_large()) from None
+    except RequestEntityTooLarge:  # the only limit left to werkzeug: the number of parts
+        raise Refused(
+            400,  # as clip answers it: one status per code
+            "too_many_parts",
+            f"The form has more than {max_parts} parts; send at most {images_allowed} pictures and the options.",
+        ) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise Refused(400, "invalid_form", f"The form data could not be read ({str(exc)[:80]}).") from None
-    if urlencoded:
-        if "image" not in fields and "url" not in fields:  # base64 or a data URL: clip reads it whole
-            return None
-        if any(len(value) > MAX_FIELD_BYTES for key in OPTION_KEYS for value in fields.getlist(key)):
-            raise _field_too_large()
+    if urlencoded and "image" not in fields and "url" not in fields:  # base64 or a data URL: clip reads it whole
+        return None
     form = Form(fields={key: fields.get(key, "") for key in OPTION_KEYS})
     for storage in files.getlist("image"):
         data = storage.stream.read()
@@ -113,22 +106,3 @@ def _in_memory(
 
 def _name(storage: FileStorage, index: int) -> str:
     return (storage.filename or "").strip()[:120] or f"Picture {index + 1}"
-
-
-def _part_count(body: bytes, params: dict) -> int:
-    boundary = params.get("boundary", "").encode("latin-1", "replace")
-    return body.count(b"--" + boundary) - 1 if boundary else 0
-
-
-def _too_many_parts(max_parts: int) -> Refused:
-    return Refused(
-        400,  # as clip answers it: one status per code
-        "too_many_parts",
-        f"The form has more than {max_parts} parts; a picture form needs one part per picture and a few options.",
-    )
-
-
-def _field_too_large() -> Refused:
-    return Refused(
-        413, "field_too_large", f"A text field of the form (labels?) is larger than {MAX_FIELD_BYTES // 1024} KB."
-    )
