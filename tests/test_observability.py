@@ -1,7 +1,6 @@
 """Observability: GET /metrics on both functions (scraped from real processes and parsed with
 prometheus_client's parser), one log line per request carrying the request id from index to clip, the
 scrape wiring in the deploy files, and a Grafana dashboard that reads only what the functions export."""
-import ast
 import json
 import re
 import threading
@@ -16,6 +15,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from support.images import noise_image
 from support.servers import FunctionProcess, free_port, wait_until
+
+import localrun
+from localrun.functions import FUNCTION_DIRS
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "clip.json"
@@ -361,29 +363,6 @@ def test_index_counts_made_up_methods_and_clips_codes_as_other(fake_clip, tmp_pa
         assert longest_own_line(index) < 2000, "a log line carries a whole method"
 
 
-def error_catalogue(metrics_file):
-    """ERROR_CODES as a function's metrics.py declares it (read from the source: clip's import torch)."""
-    tree = ast.parse(metrics_file.read_text())
-    (value,) = [node.value for node in tree.body if isinstance(node, ast.Assign)
-                and [t.id for t in node.targets if isinstance(t, ast.Name)] == ["ERROR_CODES"]]
-    return ast.literal_eval(value.args[0])
-
-
-def codes_answered(folder):
-    """Every error code a function's source answers with (ClientError, Refused, _failure, {"code": ...})."""
-    source = "\n".join(path.read_text() for path in folder.glob("*.py"))
-    return set(re.findall(r'(?:ClientError|Refused|_failure)\(\s*\d{3},\s*"([a-z_0-9]+)"', source)) | \
-        set(re.findall(r'"code":\s*"([a-z_0-9]+)"', source))
-
-
-def test_the_error_catalogues_hold_every_code_the_functions_answer():
-    clip_codes, index_codes = codes_answered(ROOT / "backend" / "clip"), codes_answered(ROOT / "frontend" / "index")
-    assert {"queue_full", "invalid_image"} <= clip_codes and {"clip_timeout", "clip_bad_answer"} <= index_codes
-    assert clip_codes <= error_catalogue(ROOT / "backend" / "clip" / "metrics.py")
-    assert clip_codes | index_codes <= error_catalogue(ROOT / "frontend" / "index" / "metrics.py"), \
-        "index passes clip's codes on"
-
-
 # ---- deploy files and the dashboard ------------------------------------------------------------------
 
 def load(relpath):
@@ -479,3 +458,147 @@ def test_dashboard_loads_in_grafana_as_is():
         if panel["type"] != "row":
             assert panel["datasource"]["uid"] == "${%s}" % variable["name"]
             assert panel["targets"] and all(t["expr"] and t["refId"] for t in panel["targets"])
+
+
+# ---- the template host's own observability (observe.py), seen through the probe function ------------
+
+FUNCTION_DIRS.setdefault("probe", Path(__file__).parent / "support" / "probe_function")
+HOST_CODES = {"body_too_large", "headers_too_large", "bad_request", "internal_error"}
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory):
+    """The probe function (no model: NAME "probe", ERROR_CODES, sample(), a metric of its own) with JSON logs."""
+    with FunctionProcess("probe", tmp_path_factory.mktemp("probe-observed"), {"LOG_FORMAT": "json"}) as fn:
+        yield fn
+
+
+def test_the_host_counts_requests_by_method_status_and_code_from_closed_sets(probe):
+    before = scrape(probe.url)
+    answers = [requests.get(probe.url, timeout=30),
+               requests.post(probe.url, params={"code": "probe_refused"}, timeout=30),
+               requests.post(probe.url, params={"html_code": "probe_html"}, timeout=30),  # code noted: HTML body
+               requests.post(probe.url, params={"crash": "1"}, timeout=30)]
+    made_up = [requests.post(probe.url, params={"code": f"made_up_{i}"}, timeout=30) for i in range(5)]
+    odd = [requests.request(method, probe.url, timeout=30) for method in ODD_METHODS[:3] + ["FOO"]]
+    after = scrape(probe.url)
+    assert [a.status_code for a in answers] == [200, 400, 400, 500]
+    assert {a.status_code for a in made_up} == {400} and {a.status_code for a in odd} == {200}
+    for method, status, code, count in [("GET", "200", "", 1), ("POST", "400", "probe_refused", 1),
+                                        ("POST", "400", "probe_html", 1), ("POST", "500", "internal_error", 1),
+                                        ("POST", "400", "other", 5), ("other", "200", "", 4)]:
+        assert moved(before, after, "probe_requests_total", method=method, status=status, code=code) == count, \
+            (method, status, code)
+    assert label_values(after, "probe_requests_total", "method") <= {"GET", "HEAD", "POST", "other"}
+    assert label_values(after, "probe_requests_total", "code") <= {"", "probe_refused", "probe_html", "other"} | \
+        HOST_CODES
+    assert moved(before, after, "probe_request_duration_seconds_count") == 8, "POST only"
+    assert moved(before, after, "probe_handled_total") == 13, "the function's own metric, exposed by the host"
+    assert value(after, "probe_workers_sampled") == 1, "sample() ran before the scrape"
+    assert requests.head(probe.url + "/metrics", timeout=30).status_code == 200
+    assert moved(after, scrape(probe.url), "probe_handled_total") == 0, "/metrics never reaches the handler"
+    assert sum(v for (name, _), v in scrape(probe.url).items() if name == "probe_requests_total") == \
+        sum(v for (name, _), v in after.items() if name == "probe_requests_total"), "a scrape is not a request"
+
+
+@pytest.mark.parametrize("given", ["trace-7f3a", "a.b_c-D", "x" * 64])
+def test_a_callers_request_id_is_kept(probe, given):
+    response = requests.get(probe.url, headers={"X-Request-Id": given}, timeout=30)
+    assert response.headers["X-Request-Id"] == response.json()["request_id"] == given
+
+
+@pytest.mark.parametrize("given", [None, "", "x" * 65, "two words", "caf\u00e9", "a/b", "id\u0661"])
+def test_any_other_request_id_is_replaced_by_a_new_one(probe, given):
+    headers = {} if given is None else {"X-Request-Id": given.encode("utf-8")}
+    ids = [requests.get(probe.url, headers=headers, timeout=30).headers["X-Request-Id"] for _ in range(2)]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids) and ids[0] != ids[1]
+
+
+def test_every_answer_carries_a_request_id(probe):
+    crash = requests.post(probe.url, params={"crash": "1"}, headers={"X-Request-Id": "crash-1"}, timeout=30)
+    assert crash.status_code == 500 and crash.headers["X-Request-Id"] == "crash-1"
+    assert crash.json() == {"error": {"code": "internal_error", "message": "The function failed unexpectedly."},
+                            "request_id": "crash-1"}, "no stack trace in a body"
+    page = requests.post(probe.url, params={"html_code": "probe_html"}, headers={"X-Request-Id": "page-1"}, timeout=30)
+    assert page.headers["X-Request-Id"] == "page-1"
+    assert re.fullmatch(r"[0-9a-f]{32}", requests.get(probe.url + "/metrics", timeout=30).headers["X-Request-Id"])
+
+
+def test_the_access_log_line_says_what_the_host_and_the_handler_know(probe):
+    long_code = "c" * 100
+    sent = [("POST", {"images": "3", "batch": ["1x2", "2x1"]}, b"12345", "log-a"),
+            ("POST", {"code": long_code}, b"", "log-b"),
+            ("POST", {"html_code": "probe_html"}, b"xy", "log-c"),
+            (ODD_METHODS[0], {}, b"", "log-d")]
+    for method, params, body, request_id in sent:
+        requests.request(method, probe.url, params=params, data=body, headers={"X-Request-Id": request_id},
+                         timeout=30)
+    keys = {"time", "level", "msg", "request_id", "function", "method", "status", "code", "images", "bytes_in",
+            "ms", "batches", "pid"}
+    wait_until(lambda: all(any(line["request_id"] == i for line in json_lines(probe)) for *_, i in sent), 30, 0.05,
+               "the access log lines")
+    lines = {i: log_for(json_lines(probe), i) for *_, i in sent}
+    assert all(set(line) == keys and line["function"] == "probe" and line["msg"] == "request" and line["ms"] >= 0
+               for line in lines.values())
+    assert {k: lines["log-a"][k] for k in ("method", "status", "code", "images", "bytes_in", "batches")} == \
+           {"method": "POST", "status": 200, "code": None, "images": 3, "bytes_in": 5,
+            "batches": [{"id": 1, "size": 2}, {"id": 2, "size": 1}]}
+    assert lines["log-b"]["code"] == long_code[:29] + "..." and lines["log-b"]["images"] is None
+    assert (lines["log-c"]["status"], lines["log-c"]["code"], lines["log-c"]["bytes_in"]) == (400, "probe_html", 2)
+    assert lines["log-d"]["method"] == (ODD_METHODS[0][:29] + "...")
+
+
+def test_the_access_log_line_as_text(tmp_path):
+    with FunctionProcess("probe", tmp_path, {"LOG_FORMAT": "text"}) as fn:
+        requests.post(fn.url, params={"images": "2", "batch": "4x2", "code": "probe_refused"}, data=b"abc",
+                      headers={"X-Request-Id": "text-1"}, timeout=30)
+        pattern = (r"\d{4}-\d\d-\d\d [\d:,]+ request request_id=text-1 function=probe method=POST status=400 "
+                   r"code=probe_refused images=2 bytes_in=3 ms=\d+\.\d+ batches=4x2 pid=\d+")
+
+        def line():
+            fn.log.flush()
+            text = (fn.dir / "function.log").read_text(errors="replace")
+            return [each for each in text.splitlines() if re.fullmatch(pattern, each)]
+        wait_until(line, 30, 0.05, "the access log line")
+
+
+def test_the_hosts_figures_are_the_functions_across_its_workers(tmp_path):
+    """Two workers behind one port: whichever answers a scrape, requests_total and the function's own
+    metrics are the sum of both, sample() ran in each (a livesum gauge), and a worker that leaves (drained
+    or killed) stops counting in the live gauges while the counters keep what it counted."""
+    prom = tmp_path / "prom"
+    prom.mkdir()
+    env = {"FUNCTION_WORKERS": "2", "PROMETHEUS_MULTIPROC_DIR": str(prom)}
+    fn = localrun.FunctionProcess("probe", tmp_path / "fn", env)  # no watchdog: a drained worker waits for none
+    with fn:
+        def ask(**params):
+            with requests.Session() as session:  # a new connection each time: whichever worker takes it
+                session.trust_env = False
+                return session.get(fn.host_url, params=params, timeout=30).json()
+        pids = set()
+        asked = 0
+        while len(pids) < 2:
+            assert asked < 200, "one worker took every connection"
+            pids.add(ask()["pid"])
+            asked += 1
+        for _ in range(5):
+            scrape(fn.host_url)  # scrapes, whichever worker answers them, are not requests
+        scrapes = [scrape(fn.host_url) for _ in range(6)]
+        for samples in scrapes:
+            assert value(samples, "probe_requests_total", method="GET", status="200", code="") == asked
+            assert value(samples, "probe_handled_total") == asked
+            assert value(samples, "probe_workers_sampled") == 2
+            assert value(samples, "process_resident_memory_bytes") > 0
+        workers = psutil.Process(fn.host_pid).children()
+        drained, killed = workers
+        drained.terminate()
+        drained.wait(30)
+        assert not list(prom.glob(f"gauge_live*_{drained.pid}.db")), "a drained worker leaves the live sums"
+        killed.kill()
+        killed.wait(30)
+        replaced = {p.pid for p in workers}
+        wait_until(lambda: not replaced & {p.pid for p in psutil.Process(fn.host_pid).children()}, 30, 0.05,
+                   "both workers replaced")
+        wait_until(lambda: value(scrape(fn.host_url), "probe_workers_sampled") == 2, 30, 0.2,
+                   "the replaced workers alone in the live gauges")
+        assert value(scrape(fn.host_url), "probe_requests_total", method="GET", status="200", code="") == asked

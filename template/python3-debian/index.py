@@ -21,12 +21,15 @@ from typing import Any
 
 import cpus
 import lifecycle
+import observe
 import settings
 import waitress.channel
 import waitress.parser
 import waitress.utilities
 import workers
 from waitress import create_server
+from werkzeug.datastructures import MIMEAccept
+from werkzeug.http import parse_accept_header
 from werkzeug.wrappers import Request, Response
 from werkzeug.wsgi import ClosingIterator
 
@@ -50,16 +53,39 @@ class Event:
 
 
 class Context:
-    def __init__(self) -> None:
+    """What the host tells the handler about this request: its request_id, and note(images=, batches=,
+    code=), which adds to the request's access-log line (observe.Record.note)."""
+
+    def __init__(self, record: observe.Record) -> None:
         self.hostname = os.environ.get("HOSTNAME", "localhost")
+        self.request_id = record.request_id
+        self.note = record.note
 
 
 IN_FLIGHT = lifecycle.InFlight()
+# the function's observability (observe.py), made once the handler is imported; None for a handler
+# without NAME, which still observes itself (compatibility while the functions move over)
+OBSERVER: observe.Observer | None = None
 
 
-def json_error(status: int, code: str, message: str) -> Response:
-    body = json.dumps({"error": {"code": code, "message": message}})
-    return Response(body, status=status, content_type="application/json")
+def prefers_html(accept: str) -> bool:
+    return parse_accept_header(accept, MIMEAccept).best_match(["application/json", "text/html"]) == "text/html"
+
+
+def host_answer(status: int, code: str, message: str, request_id: str, accept: str) -> tuple[str, bytes]:
+    """An answer the host makes itself (a refusal, a handler that failed): (content type, body). JSON,
+    or the function's own page (handler.error_page) for a browser that prefers HTML."""
+    error_page = getattr(handler, "error_page", None)
+    if error_page is not None and prefers_html(accept):
+        try:
+            page = error_page(status, code, message, request_id)
+        except Exception:
+            LOG.exception("the function's error_page() failed; answering JSON")
+            page = None
+        if page is not None:
+            return "text/html; charset=utf-8", page.encode("utf-8")
+    body = {"error": {"code": code, "message": message}, "request_id": request_id}
+    return "application/json", json.dumps(body).encode()
 
 
 def to_response(result: Any) -> Response:
@@ -79,14 +105,34 @@ def to_response(result: Any) -> Response:
     return response
 
 
-def serve(environ: dict, start_response: Callable) -> Iterable[bytes]:
-    request = Request(environ)
+def answer(request: Request, data: bytes, record: observe.Record) -> tuple[Response, object]:
+    """The handler's answer to one request, and the body it gave (for its error code)."""
     try:
-        # waitress has already refused bodies over MAX_BODY (see json_protocol_errors)
-        response = to_response(handler.handle(Event(request, request.get_data()), Context()))
+        result = handler.handle(Event(request, data), Context(record))
+        return to_response(result), (result.get("body") if isinstance(result, dict) else result)
     except Exception:  # a bug, never bad input: log it, never show a stack trace
         LOG.exception("handler failed")
-        response = json_error(500, "internal_error", "The function failed unexpectedly.")
+        status, code, message = 500, "internal_error", "The function failed unexpectedly."
+        accept = request.headers.get("Accept", "")
+        content_type, body = host_answer(status, code, message, record.request_id, accept)
+        return Response(body, status=status, content_type=content_type), {"error": {"code": code}}
+
+
+def serve(environ: dict, start_response: Callable) -> Iterable[bytes]:
+    request = Request(environ)
+    data = request.get_data()  # waitress has already refused bodies over MAX_BODY_BYTES
+    if OBSERVER is None:  # a handler without NAME: as before, it observes itself
+        response, _ = answer(request, data, observe.Record(request.method, observe.request_id(None), len(data)))
+        return response(environ, start_response)
+    if request.path == "/metrics" and request.method in ("GET", "HEAD"):  # never the handler's, never counted
+        text, content_type = OBSERVER.exposition(request.headers.get("Accept", ""))
+        headers = {"Cache-Control": "no-store", "X-Request-Id": observe.request_id(None)}  # as every answer
+        response = Response(text, content_type=content_type, headers=headers)
+        return response(environ, start_response)
+    record = OBSERVER.start(request.method, request.headers.get("X-Request-Id"), len(data))
+    response, given = answer(request, data, record)
+    response.headers["X-Request-Id"] = record.request_id
+    OBSERVER.finish(record, response.status_code, given)
     return response(environ, start_response)
 
 
@@ -229,8 +275,10 @@ def main() -> None:
     # the listening socket is made here and handed to waitress (its `sockets` argument): its
     # connections say whether they hold unfinished work, which the drain waits for
     listener = lifecycle.Listener.wrap(workers.listen_socket(host, port))
-    global handler
+    global handler, OBSERVER
     handler = import_handler()
+    if hasattr(handler, "NAME"):  # else the handler observes itself, as before
+        OBSERVER = observe.Observer.for_handler(handler)
 
     server = create_server(
         app,
@@ -248,10 +296,16 @@ def main() -> None:
     def busy() -> bool:
         return IN_FLIGHT.count > 0 or listener.busy()
 
+    def shutdown() -> None:  # last in the drain: the function's shutdown(), then this worker leaves the sums
+        try:
+            if hasattr(handler, "shutdown"):
+                handler.shutdown()
+        finally:
+            if OBSERVER is not None:
+                observe.worker_exiting()
+
     def drain(signum: int, frame: Any) -> None:
-        threading.Thread(
-            target=lifecycle.drain_then_exit, name="drain", daemon=True, args=(busy, getattr(handler, "shutdown", None))
-        ).start()
+        threading.Thread(target=lifecycle.drain_then_exit, name="drain", daemon=True, args=(busy, shutdown)).start()
 
     signal.signal(signal.SIGTERM, drain)
     signal.signal(signal.SIGINT, drain)
