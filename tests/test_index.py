@@ -1,9 +1,11 @@
 """The index function over real HTTP, forwarding to a real clip server through the local gateway."""
 import re
 
+import localrun
+import pytest
 import requests
 from support.images import noise_image
-from support.servers import FunctionProcess, free_port
+from support.servers import FunctionProcess, free_port, wait_until
 
 
 def test_page_is_self_contained(stack):
@@ -212,3 +214,22 @@ def test_the_hosts_own_413_carries_a_request_id(tmp_path):
         assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
         assert re.fullmatch(r"[0-9a-f]{32}", response.json()["request_id"])
         assert response.headers["X-Request-Id"] == response.json()["request_id"]
+
+
+@pytest.mark.parametrize("env, line", [
+    ({"CLIP_TIMEOUT_S": "soon"}, "CLIP_TIMEOUT_S must be a number from 0.1 to 3600, not 'soon'"),
+    ({"INDEX_SHRINK_QUALITY": "90"}, "INDEX_SHRINK_QUALITY must be a number from 0.1 to 1, not '90'"),
+    ({"CLIP_URL": "gateway:8080/function/clip"},
+     "CLIP_URL must be an http:// or https:// URL with a host and no query, not 'gateway:8080/function/clip'"),
+])
+def test_a_bad_setting_stops_index_at_start_with_one_line(tmp_path, env, line):
+    index = localrun.FunctionProcess("index", tmp_path, env)  # no watchdog: the host's own exit status
+    index.start(wait_ready=False)
+    try:
+        wait_until(lambda: index.process.poll() is not None, 60, what="index to exit")
+        output = index.output()
+    finally:
+        index.stop()
+    assert index.process.returncode == 78 and "Traceback" not in output, output
+    assert [text.partition(" ERROR ")[2] for text in output.splitlines() if " ERROR " in text] == [line], output
+

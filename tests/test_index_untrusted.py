@@ -338,10 +338,10 @@ def test_simultaneous_page_loads_share_one_description_fetch(fakes, tmp_path):
 
 def test_one_thread_keeps_every_exchanges_deadline(fakes, monkeypatch):
     """index's exchanges with clip share one deadline thread for the process, not one thread each."""
-    from frontend.index import clip_client, deadline
+    from frontend.index import clip_client, config, deadline
 
-    monkeypatch.setattr(clip_client, "CLIP_URL", fakes.url + "/function/clip")
-    monkeypatch.setattr(clip_client, "TIMEOUT_S", 2.0)
+    monkeypatch.setattr(config, "CLIP_URL", fakes.url + "/function/clip")
+    monkeypatch.setattr(config, "TIMEOUT_S", 2.0)
     started, caller, start = [], threading.current_thread(), threading.Thread.start
 
     def recorded(thread):  # the threads index starts while it calls clip (the fake's own are not index's)

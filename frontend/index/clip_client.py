@@ -5,7 +5,6 @@ on (rebuilt field by field); anything else is 502 `clip_bad_answer`. Errors are 
 import json
 import logging
 import math
-import os
 import re
 import threading
 import time
@@ -15,16 +14,8 @@ from typing import Any
 import requests
 import urllib3
 
-from . import deadline, metrics
+from . import config, deadline, metrics
 
-CLIP_URL = os.environ.get("CLIP_URL", "http://gateway.openfaas:8080/function/clip")
-CONNECT_TIMEOUT_S = float(os.environ.get("CLIP_CONNECT_TIMEOUT_S", "3"))
-# The whole exchange (connect, upload, answer), not each read: >= clip's own deadline (CLIP_DEADLINE_S).
-TIMEOUT_S = float(os.environ.get("CLIP_TIMEOUT_S", "60"))
-# An answer's size after decompression. 16 pictures x 1,000 labels of 200 characters is under 4 MiB.
-MAX_ANSWER_BYTES = int(os.environ.get("INDEX_MAX_ANSWER_BYTES", str(8 * 1024 * 1024)))
-DESCRIBE_TIMEOUT_S = float(os.environ.get("INDEX_DESCRIBE_TIMEOUT_S", "2"))  # one fetch of clip's description
-DESCRIBE_WAIT_S = float(os.environ.get("INDEX_DESCRIBE_WAIT_S", "1"))  # a page without one waits this long at most
 INFO_TTL_S = 30.0
 INFO_RETRY_S = 5.0  # while clip cannot be asked, pages use a fallback instead of waiting each time
 CHUNK_BYTES = 64 * 1024  # urllib3 (>= 2.6) decompresses at most this much per read: a gzip bomb stays a stream
@@ -57,7 +48,7 @@ class BadAnswer(Exception):
 def _call(method: str, url: str, seconds: float, **kwargs: Any) -> tuple[int, Mapping[str, str], bytes]:
     """One exchange with clip within `seconds` in all: (status, headers, body after decompression)."""
     with deadline.Exchange(seconds) as exchange:
-        timeout = (min(CONNECT_TIMEOUT_S, seconds), seconds)  # per step; the exchange's timer bounds the sum
+        timeout = (min(config.CONNECT_TIMEOUT_S, seconds), seconds)  # per step; the exchange's deadline bounds the sum
         try:
             response = _session.request(method, url, stream=True, allow_redirects=False, timeout=timeout, **kwargs)
         except requests.ConnectTimeout:
@@ -73,14 +64,14 @@ def _call(method: str, url: str, seconds: float, **kwargs: Any) -> tuple[int, Ma
 
 def _read(response: requests.Response, exchange: deadline.Exchange) -> bytes:
     declared = response.headers.get("Content-Length", "")
-    if declared.isdigit() and int(declared) > MAX_ANSWER_BYTES and "Content-Encoding" not in response.headers:
-        raise BadAnswer(f"an answer of {declared} bytes (the limit is {MAX_ANSWER_BYTES})")
+    if declared.isdigit() and int(declared) > config.MAX_ANSWER_BYTES and "Content-Encoding" not in response.headers:
+        raise BadAnswer(f"an answer of {declared} bytes (the limit is {config.MAX_ANSWER_BYTES})")
     body = bytearray()
     try:
         for chunk in response.raw.stream(CHUNK_BYTES, decode_content=True):
             body += chunk
-            if len(body) > MAX_ANSWER_BYTES:
-                raise BadAnswer(f"an answer over {MAX_ANSWER_BYTES} bytes")
+            if len(body) > config.MAX_ANSWER_BYTES:
+                raise BadAnswer(f"an answer over {config.MAX_ANSWER_BYTES} bytes")
     except (urllib3.exceptions.HTTPError, OSError) as exc:
         if exchange.expired or isinstance(exc, (urllib3.exceptions.ReadTimeoutError, TimeoutError)):
             raise _Timeout() from None
@@ -238,7 +229,7 @@ def _bad_answer(reason: str) -> Answer:
 
 def classify(body: bytes, content_type: str, query_string: str, request_id: str) -> Answer:
     """Forward a classification request as it came. Returns (status, json_body, headers)."""
-    url = CLIP_URL + (f"?{query_string}" if query_string else "")
+    url = config.CLIP_URL + (f"?{query_string}" if query_string else "")
     headers = {
         "Content-Type": content_type or "application/octet-stream",
         "Accept": "application/json",
@@ -246,7 +237,7 @@ def classify(body: bytes, content_type: str, query_string: str, request_id: str)
     }
     started = time.perf_counter()
     try:
-        status, answer_headers, raw = _call("POST", url, TIMEOUT_S, data=body, headers=headers)
+        status, answer_headers, raw = _call("POST", url, config.TIMEOUT_S, data=body, headers=headers)
     except _ConnectTimeout:
         metrics.upstream(started, "timeout")
         return _failure(
@@ -257,7 +248,7 @@ def classify(body: bytes, content_type: str, query_string: str, request_id: str)
         )
     except _Timeout:
         metrics.upstream(started, "timeout")
-        return _failure(504, "clip_timeout", f"The classifier did not answer within {TIMEOUT_S:g} s.")
+        return _failure(504, "clip_timeout", f"The classifier did not answer within {config.TIMEOUT_S:g} s.")
     except _Unreachable:
         metrics.upstream(started, "refused")
         return _failure(
@@ -302,7 +293,7 @@ _described = _Described()
 
 def info() -> dict[str, Any] | None:
     """clip's self-description (model, untrained flag, label sets, limits), or None. Never waits on clip
-    longer than DESCRIBE_WAIT_S: a stale description is used while one fetch in the background refreshes
+    longer than INDEX_DESCRIBE_WAIT_S: a stale description is used while one fetch in the background refreshes
     it for every page; without any, a page waits that long for the fetch, then renders without."""
     state = _described
     with state.changed:
@@ -311,14 +302,16 @@ def info() -> dict[str, Any] | None:
             state.fetching = True
             threading.Thread(target=_fetch_description, name="clip-describe", daemon=True).start()
         if state.value is None and state.fetching:
-            state.changed.wait_for(lambda: not state.fetching, DESCRIBE_WAIT_S)
+            state.changed.wait_for(lambda: not state.fetching, config.DESCRIBE_WAIT_S)
         return state.value
 
 
 def _fetch_description() -> None:
     value, starting, problem = None, None, None
     try:
-        status, _, raw = _call("GET", CLIP_URL, DESCRIBE_TIMEOUT_S, headers={"Accept": "application/json"})
+        status, _, raw = _call(
+            "GET", config.CLIP_URL, config.DESCRIBE_TIMEOUT_S, headers={"Accept": "application/json"}
+        )
         if status == 200:  # anything else is a gateway answering for clip (not deployed, scaling)
             value, problem = shape_description(_parse(raw))
             if value is not None and value.get("starting"):

@@ -2,8 +2,8 @@
 piece of user input is cut to a screenful, so a huge field never becomes a huge page."""
 
 import base64
-import os
 
+from . import config
 from .forms import Form, max_images
 
 ECHO_MAX_CHARS = 2000  # a form field refilled on the results page; longer ones are left empty
@@ -19,10 +19,7 @@ PREVIEW_KINDS = (
     (b"GIF8", "image/gif"),
     (b"RIFF", "image/webp"),
 )
-HOST_MAX_BODY_BYTES = int(os.environ.get("MAX_BODY_BYTES", str(32 * 1024 * 1024)))  # the function host's limit
 DEFAULT_TOP_K = 5  # clip's own default (CLIP_TOP_K), used while clip cannot be asked
-SHRINK_MAX_SIDE = int(os.environ.get("INDEX_SHRINK_MAX_SIDE", "1024"))  # browser-side downscale before upload
-SHRINK_QUALITY = float(os.environ.get("INDEX_SHRINK_QUALITY", "0.9"))  # JPEG quality of a downscaled picture
 
 
 def short(text: object, limit: int) -> str:
@@ -46,7 +43,7 @@ def page_settings(info: dict | None) -> dict:
     names = [str(name) for name in info.get("label_sets") or []]
     limits = info["limits"] if isinstance(info.get("limits"), dict) else {}
     clip_max_body = limits.get("max_body_bytes")
-    max_bytes = min(HOST_MAX_BODY_BYTES, clip_max_body if isinstance(clip_max_body, int) else HOST_MAX_BODY_BYTES)
+    max_bytes = min(config.MAX_BODY_BYTES, clip_max_body if isinstance(clip_max_body, int) else config.MAX_BODY_BYTES)
     return {
         "label_sets": names,
         "default_label_set": str(info.get("default_label_set") or ""),
@@ -54,8 +51,8 @@ def page_settings(info: dict | None) -> dict:
         "max_bytes": max_bytes,
         "url_input": info.get("url_input") is True,
         "top_k": info.get("default_top_k") or DEFAULT_TOP_K,
-        "shrink_side": SHRINK_MAX_SIDE,
-        "shrink_quality": SHRINK_QUALITY,
+        "shrink_side": config.SHRINK_MAX_SIDE,
+        "shrink_quality": config.SHRINK_QUALITY,
     }
 
 
