@@ -1,12 +1,15 @@
 """The template host's connections: its own view of them (lifecycle.Listener), which the SIGTERM drain waits
 on (a connection is busy from the first byte of a request until its answer has gone out whole), and how
-it refuses a body over MAX_BODY_BYTES on the wire (before any 100 Continue; closed without a reset)."""
+it refuses a body over MAX_BODY_BYTES on the wire (before any 100 Continue; closed without a reset), and
+its refusals answered as the function answers: its error page for a browser, JSON otherwise, counted."""
 import json
 import socket
 from pathlib import Path
 
 import lifecycle
 import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
 from support.servers import FunctionProcess
 
 from localrun.functions import FUNCTION_DIRS
@@ -110,3 +113,57 @@ def test_a_client_still_sending_an_over_long_body_reads_the_413_and_is_never_res
         client.sendall(bytes(8_000_000))  # a reset makes this fail (ECONNRESET / EPIPE)
         client.shutdown(socket.SHUT_WR)
         assert client.recv(65536) == b"", "after its answer the host closes its side, nothing more"
+
+
+# ---- refusals the host makes itself, answered as the function would (issue 25: handler.error_page) -------
+
+BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"
+
+
+def refusals(fn):
+    """probe_requests_total by (status, code) for POST, from the host's /metrics."""
+    text = requests.get(fn.url + "/metrics", timeout=30).text
+    return {(s.labels["status"], s.labels["code"]): s.value for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name == "probe_requests_total" and s.labels["method"] == "POST"}
+
+
+def test_a_no_js_form_post_over_the_limit_gets_the_functions_page_with_413(host):
+    """A browser's plain form post (no JavaScript to check the size first) of a picture over MAX_BODY_BYTES:
+    the host refuses it from its Content-Length, with the function's own page, not raw JSON."""
+    before = refusals(host)
+    response = requests.post(host.url, files={"image": ("big.jpg", bytes(3 * LIMIT), "image/jpeg")},
+                             headers={"Accept": BROWSER_ACCEPT, "X-Request-Id": "form-413"}, timeout=60)
+    assert response.status_code == 413
+    assert response.headers["Content-Type"] == "text/html; charset=utf-8"
+    assert response.headers["X-Request-Id"] == "form-413"
+    assert "<p id=code>body_too_large</p>" in response.text and "<p id=request>form-413</p>" in response.text
+    assert f"larger than {LIMIT} bytes" in response.text
+    after = refusals(host)
+    assert after.get(("413", "body_too_large"), 0) - before.get(("413", "body_too_large"), 0) == 1, \
+        "a refusal is counted as the request it was"
+
+
+def test_a_script_over_the_limit_gets_json_with_its_request_id(host):
+    response = requests.post(host.url, data=bytes(2 * LIMIT), headers={"X-Request-Id": "script-413"}, timeout=60)
+    assert response.status_code == 413 and response.headers["X-Request-Id"] == "script-413"
+    assert response.json() == {"error": {"code": "body_too_large",
+                                         "message": f"The request body is larger than {LIMIT} bytes."},
+                               "request_id": "script-413"}
+
+
+def test_a_browsers_malformed_request_gets_the_page_with_400(host):
+    with socket.create_connection(host.host_address, timeout=30) as client:
+        client.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nAccept: text/html\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       b"not-a-chunk-size\r\n\r\n")
+        status, headers, body = read_answer(client)
+    assert status.startswith("HTTP/1.1 400"), status
+    assert headers["content-type"] == "text/html; charset=utf-8"
+    assert b"<p id=code>bad_request</p>" in body and headers["x-request-id"].encode() in body
+
+
+def test_without_an_error_page_a_browser_gets_json(tmp_path):
+    with FunctionProcess("probe", tmp_path, {"MAX_BODY_BYTES": str(LIMIT), "PROBE_ERROR_PAGE": "false"}) as fn:
+        response = requests.post(fn.url, data=bytes(2 * LIMIT), headers={"Accept": BROWSER_ACCEPT}, timeout=60)
+    assert response.status_code == 413 and response.headers["Content-Type"] == "application/json"
+    assert response.json()["error"]["code"] == "body_too_large"
+    assert response.json()["request_id"] == response.headers["X-Request-Id"]

@@ -1,7 +1,8 @@
 """The host's connections: waitress's own, with what a function behind a proxy needs.
 
 - Refusals waitress answers itself, before any app sees the request (a body over MAX_BODY_BYTES from
-  its Content-Length, bad chunking, over-large headers), are JSON like every other error.
+  its Content-Length, bad chunking, over-large headers), are the host's: JSON like every other error,
+  or the function's error page for a browser (RefusalTask, answer_refusal).
 - A request refused from its headers does not ask for 100 Continue.
 - A refused request's connection is closed gently (see LINGER_S), never with a reset.
 """
@@ -10,42 +11,77 @@ import json
 import logging
 import socket
 import time
-import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from http import HTTPStatus
 
+import observe
 import settings
 import waitress.channel
 import waitress.parser
-import waitress.utilities
+import waitress.task
 
 LOG = logging.getLogger("host")
 
 
-WAITRESS_CODES = {413: "body_too_large", 431: "headers_too_large", 400: "bad_request"}
+@dataclass(frozen=True)
+class Refused:
+    """A request waitress refused itself, as the host sees it: the parser's error and what it had read."""
+
+    status: int  # waitress's: 400, 413, 431, 500 (a task that failed), 501 (an unknown transfer coding)
+    method: str  # "" when the start line was never read
+    headers: Mapping[str, str]  # as waitress keeps them: ACCEPT, X_REQUEST_ID, ... (none for a 431)
 
 
-def waitress_error_as_json(self: waitress.utilities.Error, ident: str | None = None) -> tuple:
-    code = WAITRESS_CODES.get(self.code, "http_error")
-    limit = settings.host()["MAX_BODY_BYTES"]
-    message = f"The request body is larger than {limit} bytes." if self.code == 413 else f"{self.reason}."
-    request_id = uuid.uuid4().hex  # as every answer carries one (the request's own is not parsed yet)
+# The host's answer to a refusal: (status, headers, body). index.py sets it to the function's own answer
+# (its error page for a browser, counted and logged); this default is the JSON alone.
+Answer = Callable[[Refused], tuple[int, list[tuple[str, str]], bytes]]
+
+
+def json_refusal(refused: Refused) -> tuple[int, list[tuple[str, str]], bytes]:
+    status, code, message = refusal(refused)
+    request_id = observe.request_id(refused.headers.get("X_REQUEST_ID"))
     body = json.dumps({"error": {"code": code, "message": message}, "request_id": request_id}).encode()
-    return f"{self.code} {self.reason}", [("Content-Type", "application/json"), ("X-Request-Id", request_id)], body
+    return status, [("Content-Type", "application/json"), ("X-Request-Id", request_id)], body
 
 
-def json_protocol_errors() -> None:
-    """Make waitress's own protocol errors JSON, like every other error of the function.
+answer_refusal: Answer = json_refusal
 
-    waitress answers these before any app sees the request: an over-long body is refused from its
-    Content-Length before the body is read (the app is only called once a whole body has arrived,
-    so it cannot refuse one early), and so are bad chunking and over-large headers. waitress has no
-    public setting for the format of these answers; its Error.to_response (stable since waitress 1)
-    is the one point they all go through. Set here, in the host process only, never on import; a
-    waitress without it keeps its plain-text answers (same statuses) and says so in the log."""
-    error = getattr(waitress.utilities, "Error", None)
-    if error is None or not callable(getattr(error, "to_response", None)):
-        LOG.warning("this waitress has no Error.to_response: its protocol errors stay plain text")
-        return
-    error.to_response = waitress_error_as_json
+
+def refusal(refused: Refused) -> tuple[int, str, str]:
+    """(status, code, message) of a refusal, from the host's catalogue (observe.HOST_ERRORS). A transfer
+    coding waitress does not know (its 501) is a bad request: one status per code."""
+    if refused.status == 413:
+        limit = settings.host()["MAX_BODY_BYTES"]
+        return 413, "body_too_large", f"The request body is larger than {limit} bytes."
+    if refused.status == 431:
+        return 431, "headers_too_large", "The request's headers are larger than the function takes."
+    if refused.status == 500:
+        return 500, "internal_error", "The function failed unexpectedly."
+    if refused.status == 501:
+        return 400, "bad_request", "The request's Transfer-Encoding is not one the function reads."
+    return 400, "bad_request", "The request is not valid HTTP (its start line, headers, length or chunking)."
+
+
+class RefusalTask(waitress.task.ErrorTask):
+    """waitress's answer to a request it refuses before any app sees it (a body over MAX_BODY_BYTES from
+    its Content-Length, bad chunking, over-large headers): the host's answer (answer_refusal) instead
+    of waitress's plain text. Here, unlike in waitress's Error.to_response, the request's headers are
+    known: a browser gets the function's page, a caller its X-Request-Id back."""
+
+    def execute(self) -> None:
+        parser = self.request
+        refused = Refused(int(parser.error.code), str(parser.command or ""), dict(parser.headers))
+        try:
+            status, headers, body = answer_refusal(refused)
+        except Exception:  # waitress's error task must not fail
+            LOG.exception("the host's answer to a refused request failed")
+            status, headers, body = json_refusal(refused)
+        self.status = f"{status} {HTTPStatus(status).phrase}"
+        self.response_headers.extend(headers)
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
 
 
 # A refused request's connection is closed gently: the answer, then our side shut (FIN), then what
@@ -71,6 +107,7 @@ class Channel(waitress.channel.HTTPChannel):
     """waitress's connection, with Parser, and a lingering close after a refusal (see LINGER_S)."""
 
     parser_class = Parser
+    error_task_class = RefusalTask
     refused = False  # an error answer (413, 431, 400) was served: the client may still be sending
     linger_until = 0.0  # while lingering: when to give up waiting for the client to close
     linger_left = 0

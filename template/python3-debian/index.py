@@ -141,6 +141,17 @@ def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
         raise
 
 
+def answer_refusal(refused: connections.Refused) -> tuple[int, list[tuple[str, str]], bytes]:
+    """A request waitress refused before the handler could see it: the host's answer, counted and logged."""
+    status, code, message = connections.refusal(refused)
+    given = refused.headers.get("X_REQUEST_ID")
+    record = OBSERVER.start(refused.method, given, 0) if OBSERVER else observe.Record("", observe.request_id(given), 0)
+    content_type, body = host_answer(status, code, message, record.request_id, refused.headers.get("ACCEPT", ""))
+    if OBSERVER is not None:
+        OBSERVER.finish(record, status, {"error": {"code": code}}, timed=False)
+    return status, [("Content-Type", content_type), ("X-Request-Id", record.request_id)], body
+
+
 def import_handler() -> Any:
     """function/handler.py; a bad setting found as it loads (SettingError) ends the host with its one line."""
     try:
@@ -163,7 +174,7 @@ def main() -> None:
     LOG.info("%d CPUs per process (%s)", *cpus.publish(workers.count()))
     if workers.is_supervisor():  # FUNCTION_WORKERS > 1: this process only starts and watches them
         sys.exit(workers.supervise(host, port, lifecycle.LOCK_FILE, config["DRAIN_TIMEOUT_S"]))
-    connections.json_protocol_errors()
+    connections.answer_refusal = answer_refusal
     # the listening socket is made here and handed to waitress (its `sockets` argument): its
     # connections say whether they hold unfinished work, which the drain waits for
     listener = lifecycle.Listener.wrap(workers.listen_socket(host, port))
