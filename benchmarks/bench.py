@@ -16,6 +16,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from clip import precision
@@ -30,8 +31,8 @@ from benchmarks.served import serve_figures
 from localrun import ROOT
 
 
-def parse_args():
-    parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.splitlines()[0])
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="scripts/bench", description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--models", action="store_true", help="the model-choice table instead")
     parser.add_argument("--numerics", action="store_true", help="only bf16 against fp32 (cosines, CIFAR-100 |Δp|)")
     parser.add_argument("--sweep", action="store_true", help="only raw images/s per batch size and dtype")
@@ -52,12 +53,12 @@ def parse_args():
     return parser.parse_args()
 
 
-def mode_of(args):
+def mode_of(args: argparse.Namespace) -> str:
     """The JSON file's name: the first of these options given (main() checks them in another order)."""
     return next((mode for mode in ("models", "gpu", "numerics", "sweep", "intake") if getattr(args, mode)), "bench")
 
 
-def served(args, dtypes, native, report):
+def served(args: argparse.Namespace, dtypes: list[str], native: bool, report: dict[str, Any]) -> None:
     """The default run: the served figures beside the raw ones, then bf16 against fp32 when both ran."""
     raws = {d: create(args.model, d) for d in dtypes}  # the raw references, measured beside the served figures
     results, sizes = serve_figures(args, raws)
@@ -68,11 +69,11 @@ def served(args, dtypes, native, report):
         print(f"\nbf16 against fp32: {json.dumps(report['numerics'])}")
 
 
-def main():
+def main() -> None:
     args = parse_args()
     out = Path(args.out or ROOT / "bench-results" / f"{mode_of(args)}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+    report: dict[str, Any] = {"machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
     native = report["machine"]["native_bf16"] or torch.cuda.is_available()
     dtypes = [d.strip() for d in (args.dtypes or ("fp32,bf16" if native else "fp32")).split(",") if d.strip()]
     auto = precision.choose("auto", "cuda" if torch.cuda.is_available() else "cpu")

@@ -12,6 +12,7 @@
 Without CUDA it says so and measures nothing (`--device cpu` runs it on the CPU as a smoke test).
 """
 
+import argparse
 import json
 import os
 import shutil
@@ -20,8 +21,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
 
 import numpy as np
 import psutil
@@ -30,10 +34,14 @@ from clip import model as model_module
 from clip.device_decode import DeviceDecoder
 from clip.images import load_image
 from clip.labels import LABEL_SETS
+from clip.model import ClipModel
 
 from benchmarks.measure import print_table
 from benchmarks.pictures import jpeg, photo
 from localrun import FunctionProcess
+
+# A request body for wrk: (the file holding it, its Content-Type, the pictures it carries)
+WrkBody = tuple[Path, str, int]
 
 WRK_SCRIPT = r"""
 local f = assert(io.open(os.getenv("WRK_BODY"), "rb"))
@@ -59,7 +67,7 @@ end
 """
 
 
-def rate(fn, images, seconds=2.0, sync=None):
+def rate(fn: Callable[[], object], images: int, seconds: float = 2.0, sync: Callable[[], None] | None = None) -> float:
     """Images per second of fn() (which handles `images` images), run for about `seconds`."""
     fn()
     sync and sync()
@@ -71,7 +79,7 @@ def rate(fn, images, seconds=2.0, sync=None):
     return count * images / (time.perf_counter() - started)
 
 
-def raw_model(clip, sync, batches):
+def raw_model(clip: ClipModel, sync: Callable[[], None] | None, batches: Sequence[int]) -> dict[int, float]:
     out = {}
     for batch in batches:
         x = torch.randn(batch, 3, clip.image_size, clip.image_size, device=clip.device)
@@ -80,7 +88,9 @@ def raw_model(clip, sync, batches):
     return out
 
 
-def decode_ceilings(clip, sync, batch=64):
+def decode_ceilings(
+    clip: ClipModel, sync: Callable[[], None] | None, batch: int = 64
+) -> tuple[dict[str, float], DeviceDecoder]:
     data = jpeg(photo(640, 480, seed=1))
     pillow = lambda: clip.prepare(load_image(data, 50_000_000, clip.image_size))  # noqa: E731
     cores = os.cpu_count() or 1
@@ -88,7 +98,10 @@ def decode_ceilings(clip, sync, batch=64):
     with ThreadPoolExecutor(cores) as pool:
         out[f"pillow_{cores}_threads"] = rate(lambda: list(pool.map(lambda _: pillow(), range(cores * 4))), cores * 4)
     decoder = DeviceDecoder(clip)
-    jobs = [decoder.accept(data, 50_000_000)] * batch
+    job = decoder.accept(data, 50_000_000)
+    if job is None:
+        raise RuntimeError("the bench photo is not one the device decoder takes")
+    jobs = [job] * batch
     out[f"device_decode_batch_{batch}"] = rate(lambda: decoder.preprocess(jobs), batch, sync=sync)
     out[f"device_decode_and_encode_batch_{batch}"] = rate(lambda: decoder.encode(jobs), batch, sync=sync)
     for name, value in out.items():
@@ -96,11 +109,12 @@ def decode_ceilings(clip, sync, batch=64):
     return out, decoder
 
 
-def agreement(clip, decoder):
+def agreement(clip: ClipModel, decoder: DeviceDecoder) -> dict[str, Any]:
     """Device path against Pillow path on the bench photos: same top-1? largest |Δp| over CIFAR-100, and
     the feature cosine (with random weights the scores are near uniform, so |Δp| alone says little)."""
     labels = clip.encode_texts([f"a photo of a {name}." for name in LABEL_SETS["cifar100"].labels]).numpy()
-    worst, same, cosine, rows = 0.0, True, 1.0, {}
+    worst, same, cosine = 0.0, True, 1.0
+    rows: dict[str, dict[str, float | bool]] = {}
     for i, (w, h) in enumerate([(640, 480), (224, 224), (1024, 768), (4000, 3000), (300, 1000), (1920, 1080)]):
         data = jpeg(photo(w, h, seed=i))
         device = decoder.encode([decoder.accept(data, 50_000_000)])[0].numpy()
@@ -117,10 +131,11 @@ def agreement(clip, decoder):
 class GpuSampler:
     """nvidia-smi's utilisation.gpu every 200 ms while the load runs."""
 
-    def __init__(self):
-        self.process, self.samples = None, []
+    def __init__(self) -> None:
+        self.process: subprocess.Popen[str] | None = None
+        self.samples: list[tuple[float, float]] = []
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         if shutil.which("nvidia-smi"):
             self.process = subprocess.Popen(
                 [
@@ -136,7 +151,9 @@ class GpuSampler:
             )
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
         if self.process:
             self.process.terminate()
             out, _ = self.process.communicate(timeout=10)
@@ -147,7 +164,7 @@ class GpuSampler:
                 except ValueError:
                     pass
 
-    def summary(self):
+    def summary(self) -> dict[str, float] | None:
         if not self.samples:
             return None
         utils = [u for u, _ in self.samples]
@@ -159,7 +176,7 @@ class GpuSampler:
         }
 
 
-def request_bodies(workdir):
+def request_bodies(workdir: Path) -> dict[str, WrkBody]:
     single = jpeg(photo(640, 480, seed=1))
     boundary = "clipbenchboundary"
     parts = [
@@ -178,7 +195,7 @@ def request_bodies(workdir):
     }
 
 
-def wrk_run(wrk, url, body, connections, duration, script):
+def wrk_run(wrk: str, url: str, body: WrkBody, connections: int, duration: int, script: Path) -> dict[str, Any]:
     path, content_type, images = body
     env = {**os.environ, "WRK_BODY": str(path), "WRK_CONTENT_TYPE": content_type}
     threads = max(1, min(connections, (os.cpu_count() or 2) // 4))
@@ -222,7 +239,7 @@ def wrk_run(wrk, url, body, connections, duration, script):
     }
 
 
-def served(args, device, workdir):
+def served(args: argparse.Namespace, device: str, workdir: Path) -> list[dict[str, Any]] | None:
     wrk = shutil.which(args.wrk)
     if not wrk:
         print(f"bench --gpu: no '{args.wrk}' on PATH (Debian's wrk package): served figures skipped", file=sys.stderr)
@@ -263,7 +280,7 @@ def served(args, device, workdir):
     return out
 
 
-def host_memory_mb(pid):
+def host_memory_mb(pid: int) -> dict[str, float | list[float]]:
     """Resident memory (MB) of the template host `pid` and of each of its worker processes (psutil, as
     measure.tree_rss reads it)."""
     host = psutil.Process(pid)
@@ -276,8 +293,8 @@ def host_memory_mb(pid):
     return {"host": round(host.memory_info().rss / 2**20, 1), "workers": sorted(workers)}
 
 
-def run(args):
-    device = args.device
+def run(args: argparse.Namespace) -> dict[str, Any] | None:
+    device: str = args.device
     if device == "cuda" and not torch.cuda.is_available():
         print(
             "bench --gpu: no CUDA device is visible (torch.cuda.is_available() is False): nothing measured. "
@@ -286,7 +303,7 @@ def run(args):
         return None
     sync = torch.cuda.synchronize if device == "cuda" else None
     clip = model_module.create(args.model, "none", device=device)
-    report = {
+    report: dict[str, Any] = {
         "model": args.model,
         "device": device,
         "dtype": str(clip.dtype),
@@ -331,7 +348,7 @@ def run(args):
     return report
 
 
-def add_arguments(parser):
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("--gpu")
     group.add_argument("--device", default="cuda", help="cuda; cpu only as a smoke test of this script")
     group.add_argument("--workers", type=lambda s: [int(v) for v in s.split(",")], default=[1, 4, 8])

@@ -1,6 +1,9 @@
 """scripts/bench's printed tables: the served figures against their references, where one request's
 time goes, the model-choice table and the batch sweep."""
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 from benchmarks.forward import MODELS, SWEEP_BATCHES
 from benchmarks.measure import print_table
 
@@ -11,16 +14,21 @@ TARGETS = {
     "bf16": {"single": 1.25, "clients": 0.85, "large": 2.0},
 }
 
+# A figures_table row: figure, value, reference, ratio, target
+Row = tuple[str, float, float | None, float | None, str]
+# forward.models_figures' result: model -> dtype -> figure -> value
+ByModel = Mapping[str, Mapping[str, Mapping[str, float]]]
 
-def against(label, value, reference, target=""):
+
+def against(label: str, value: float, reference: float, target: str = "") -> Row:
     """A table row: a figure, its reference and their ratio."""
     return (label, value, reference, value / reference, target)
 
 
-def figures_table(r, dtype):
+def figures_table(r: Mapping[str, Any], dtype: str) -> list[Row]:
     t = TARGETS.get(dtype, TARGETS["fp32"])
     raw1, raw8, p50 = r["raw_batch1_ms"], r["raw_batch8_images_per_s"], r["http_224_p50_ms"]
-    rows = [
+    rows: list[Row] = [
         ("raw encode_image, batch 1 (ms)", raw1, None, None, ""),
         ("raw encode_image, batch 8 (images/s)", raw8, None, None, ""),
         against("HTTP p50, 224×224 JPEG (ms)", p50, raw1, f"≤ {t['single']}"),
@@ -50,7 +58,7 @@ def figures_table(r, dtype):
     return rows
 
 
-def print_served(results, dtypes):
+def print_served(results: Mapping[str, Mapping[str, Any]], dtypes: Sequence[str]) -> None:
     """Each dtype's figures against their references, then where one 224 px request's time goes."""
     for d, r in results.items():
         print(f"\n{d} ({r['served_dtype']['dtype_reason']}):")
@@ -67,9 +75,9 @@ def print_served(results, dtypes):
     )
 
 
-def models_report(by_model, dtypes):
+def models_report(by_model: ByModel, dtypes: Sequence[str]) -> dict[str, dict[str, object]]:
     """The JSON of the model-choice table: published accuracy and size beside each dtype's raw figures."""
-    report = {}
+    report: dict[str, dict[str, object]] = {}
     for name, tag, accuracy in MODELS:
         first = by_model[name][dtypes[0]]
         report[name] = {
@@ -82,11 +90,11 @@ def models_report(by_model, dtypes):
     return report
 
 
-def print_models(by_model, dtypes):
-    rows = []
+def print_models(by_model: ByModel, dtypes: Sequence[str]) -> None:
+    rows: list[tuple[object, ...]] = []
     for name, tag, accuracy in MODELS:
         figures, first = by_model[name], by_model[name][dtypes[0]]
-        cells = []
+        cells: list[float | str] = []
         for d in ("fp32", "bf16"):
             cells += (
                 [figures[d]["batch1_ms"], figures[d]["batch8_images_per_s"]] if d in figures else ["not run", "not run"]
@@ -108,7 +116,7 @@ def print_models(by_model, dtypes):
     )
 
 
-def print_sweep(table, dtypes):
+def print_sweep(table: Mapping[str, Mapping[int, float]], dtypes: Sequence[str]) -> None:
     print_table(
         ["batch", *(f"{d} images/s" for d in dtypes)],
         [(b, *(table[d][b] for d in dtypes)) for b in SWEEP_BATCHES],

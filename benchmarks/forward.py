@@ -3,6 +3,7 @@ figure of scripts/bench is a ratio to, the model-choice table (--models) and the
 
 import os
 import sys
+from collections.abc import Sequence
 
 import torch
 from clip import model as model_module
@@ -22,11 +23,11 @@ MODELS = [
 SWEEP_BATCHES = (1, 2, 4, 8, 16, 32)
 
 
-def create(name, dtype):
+def create(name: str, dtype: str) -> model_module.ClipModel:
     return model_module.create(name, "none", device=os.environ.get("CLIP_DEVICE", "auto"), dtype=dtype)
 
 
-def raw_model(name, runs, dtype="fp32"):
+def raw_model(name: str, runs: int, dtype: str = "fp32") -> tuple[model_module.ClipModel, dict[str, float]]:
     """open_clip's encode_image alone, batch 1 and batch 8, in this process."""
     clip = create(name, dtype)
     size = clip.image_size
@@ -42,11 +43,12 @@ def raw_model(name, runs, dtype="fp32"):
     }
 
 
-def models_figures(dtypes, runs):
+def models_figures(dtypes: Sequence[str], runs: int) -> dict[str, dict[str, dict[str, float]]]:
     """MODELS' raw figures per dtype: name -> (dtype -> raw_model's figures), each printed as it comes."""
-    by_model = {}
+    by_model: dict[str, dict[str, dict[str, float]]] = {}
     for name, _, _ in MODELS:
-        figures = by_model[name] = {}
+        figures: dict[str, dict[str, float]] = {}
+        by_model[name] = figures
         for d in dtypes:
             clip, figures[d] = raw_model(name, runs=runs, dtype=d)
             del clip
@@ -54,15 +56,16 @@ def models_figures(dtypes, runs):
     return by_model
 
 
-def sweep(name, dtypes, runs):
+def sweep(name: str, dtypes: Sequence[str], runs: int) -> dict[str, dict[int, float]]:
     """Raw images/s per batch size and dtype: how CLIP_MAX_BATCH's defaults are chosen."""
-    table = {}
+    table: dict[str, dict[int, float]] = {}
     for d in dtypes:
-        clip = create(name, d)
-        x = torch.randn(32, 3, clip.image_size, clip.image_size)
-        table[d] = {
-            b: b / median_time(lambda: clip.encode_images(x[:b]), max(3, runs // b), warmup=1) for b in SWEEP_BATCHES
-        }
+        table[d] = batch_rates(create(name, d), runs)  # the model is freed before the next dtype loads
         print(f"{d}: {table[d]}", file=sys.stderr, flush=True)
-        clip = None  # freed before the next dtype loads
     return table
+
+
+def batch_rates(clip: model_module.ClipModel, runs: int) -> dict[int, float]:
+    """One model's raw images/s at each of SWEEP_BATCHES."""
+    x = torch.randn(32, 3, clip.image_size, clip.image_size)
+    return {b: b / median_time(lambda: clip.encode_images(x[:b]), max(3, runs // b), warmup=1) for b in SWEEP_BATCHES}

@@ -5,6 +5,9 @@ import os
 import platform
 import threading
 import time
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any, Self
 
 import numpy as np
 import psutil
@@ -12,11 +15,11 @@ import torch
 from clip import precision
 
 
-def percentile(values, q):
+def percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def tree_rss(process):
+def tree_rss(process: psutil.Process) -> int:
     total = 0
     for p in [process, *process.children(recursive=True)]:
         try:
@@ -29,13 +32,13 @@ def tree_rss(process):
 class RssSampler:
     """RSS of a process and its children, every `interval` seconds: (seconds since start, bytes)."""
 
-    def __init__(self, process, interval=1.0):
+    def __init__(self, process: psutil.Process, interval: float = 1.0) -> None:
         self.process, self.interval = process, interval
-        self.samples = []
+        self.samples: list[tuple[float, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self):
+    def _run(self) -> None:
         started = time.monotonic()
         while True:
             self.samples.append((time.monotonic() - started, tree_rss(self.process)))
@@ -43,23 +46,25 @@ class RssSampler:
                 return
 
     @property
-    def peak(self):
+    def peak(self) -> int:
         return max((rss for _, rss in self.samples), default=0)
 
-    def at(self, t):
+    def at(self, t: float) -> tuple[float, int]:
         return min(self.samples, key=lambda s: abs(s[0] - t))
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
         self._stop.set()
         self._thread.join()
 
 
-def print_table(headers, rows):
-    def fmt(v):
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    def fmt(v: object) -> str:
         return "" if v is None else (f"{v:,.2f}" if isinstance(v, float) else str(v))
 
     cells = [[fmt(v) for v in row] for row in rows]
@@ -70,7 +75,7 @@ def print_table(headers, rows):
         print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
 
 
-def processor_name():
+def processor_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -81,7 +86,7 @@ def processor_name():
     return platform.processor() or platform.machine()
 
 
-def machine():
+def machine() -> dict[str, Any]:
     features = precision.cpu_features()
     return {
         "cpu": processor_name(),

@@ -1,16 +1,18 @@
 """bf16 against fp32 on the same random weights (scripts/bench --numerics, and after the served figures)."""
 
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from clip.images import load_image
-from clip.labels import LABEL_SETS, class_embeddings
+from clip.labels import LABEL_SETS, Template, class_embeddings
 
 from benchmarks.forward import create
 from benchmarks.pictures import jpeg, photo
 
 
-def numerics(name, templates=None, images=8):
+def numerics(name: str, templates: Sequence[Template] | None = None, images: int = 8) -> dict[str, Any]:
     """bf16 against fp32 on the same random weights: worst image- and text-feature cosine, and worst
     |Δp| over CIFAR-100's scores (each side's probabilities in fp32 from its own features)."""
     cifar = LABEL_SETS["cifar100"]

@@ -1,7 +1,9 @@
 """scripts/bench's served figures: the clip function as real processes (direct, via the local gateway,
 behind the of-watchdog), timed in alternating rounds beside the raw forward pass in this process."""
 
+import argparse
 import contextlib
+import functools
 import io
 import json
 import statistics
@@ -9,26 +11,30 @@ import sys
 import tempfile
 import time
 import types
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import psutil
 import requests
 import torch
 from clip.images import load_image
-from clip.labels import LABEL_SETS, LabelStore
+from clip.labels import LABEL_SETS, LabelSet, LabelStore
+from clip.model import ClipModel
 from clip.service import Service
 from PIL import Image
 
 from benchmarks.measure import RssSampler, percentile
 from benchmarks.pictures import jpeg, photo
-from benchmarks.timing import interleaved, median_time
+from benchmarks.timing import Timed, interleaved, median_time
 from localrun import FunctionProcess, Stack
 from localrun.of_watchdog import watchdog_for_many
 
 
-def original_design(name, image_bytes, tokenizer_labels):
+def original_design(name: str, image_bytes: bytes, tokenizer_labels: Sequence[str]) -> float:
     """The baseline without a warm model: every request creates the model, encodes 100 prompts, then the image."""
     import open_clip
 
@@ -43,7 +49,7 @@ def original_design(name, image_bytes, tokenizer_labels):
     return time.perf_counter() - started
 
 
-def cold_start(env, workdir):
+def cold_start(env: Mapping[str, str], workdir: Path) -> float:
     """Process start -> first classification answered (200)."""
     body = jpeg(photo(224, 224, seed=9))
     started = time.perf_counter()
@@ -55,7 +61,7 @@ def cold_start(env, workdir):
                     return time.perf_counter() - started
             except requests.ConnectionError:
                 pass
-            if fn.process.poll() is not None:
+            if fn.started.poll() is not None:
                 raise RuntimeError(fn.output())
             if time.perf_counter() - started > 600:
                 raise TimeoutError("no answer within 600 s")
@@ -64,14 +70,14 @@ def cold_start(env, workdir):
         fn.stop()
 
 
-def stages(clip, body, label_set):
+def stages(clip: ClipModel, body: bytes, label_set: LabelSet) -> dict[str, Callable[[], object]]:
     """Each in-function stage of one request as a callable, with the function's own code in this process."""
     image = load_image(body, 50_000_000, clip.image_size)
     batch = clip.to_batch([clip.prepare(image)])
-    features = clip.encode_images(batch)[0]
+    features = clip.encode_images(batch)[0].numpy()  # what the service ranks: a row as an array
     rng = np.random.default_rng(0)  # ranking's cost does not depend on the embeddings' values
     embeddings = rng.standard_normal((len(label_set.labels), features.shape[0])).astype(np.float32)
-    ranker = types.SimpleNamespace(model=clip)  # Service.rank needs only the model's logit scale
+    ranker = cast(Service, types.SimpleNamespace(model=clip))  # Service.rank needs only the model's logit scale
     predictions = Service.rank(ranker, features, label_set.labels, embeddings, 5)
     answer = {
         "predictions": predictions,
@@ -94,14 +100,20 @@ def stages(clip, body, label_set):
     }
 
 
-def post_ok(session, url, body):
+def post_ok(session: requests.Session, url: str, body: bytes) -> None:
     response = session.post(url, data=body, timeout=600)
     assert response.status_code == 200, response.text
 
 
-def cold_starts(envs, raws, cache, label_set, workdir):
+def cold_starts(
+    envs: Mapping[str, Mapping[str, str]],
+    raws: Mapping[str, ClipModel],
+    cache: Path,
+    label_set: LabelSet,
+    workdir: Path,
+) -> dict[str, dict[str, Any]]:
     """Two cold starts per dtype: the first builds the label cache when there is none, the second has it."""
-    results = {d: {} for d in raws}
+    results: dict[str, dict[str, Any]] = {d: {} for d in raws}
     for d, env in envs.items():
         had_cache = Path(LabelStore(raws[d], str(cache)).cache_path(label_set)).exists()
         first = cold_start(env, workdir / f"first-{d}")
@@ -110,33 +122,48 @@ def cold_starts(envs, raws, cache, label_set, workdir):
     return results
 
 
-def at_rest(session, fn):
+def at_rest(session: requests.Session, fn: FunctionProcess) -> dict[str, Any]:
     """The running function's RSS before any load, the dtype it serves and its CLIP_MAX_BATCH."""
     return {
-        "rss_at_rest_mb": psutil.Process(fn.process.pid).memory_info().rss / 2**20,
+        "rss_at_rest_mb": psutil.Process(fn.started.pid).memory_info().rss / 2**20,
         "served_dtype": {k: v for k, v in session.get(fn.url, timeout=30).json().items() if k.startswith("dtype")},
         "max_batch": session.get(fn.url, timeout=30).json()["limits"]["max_batch"],
     }
 
 
-def request_figures(session, raws, fns, gateway_url, behind, small, large, label_set, runs):
+def request_figures(
+    session: requests.Session,
+    raws: Mapping[str, ClipModel],
+    fns: Mapping[str, FunctionProcess],
+    gateway_url: str,
+    behind: Mapping[str, FunctionProcess],
+    small: bytes,
+    large: bytes,
+    label_set: LabelSet,
+    runs: int,
+) -> dict[str, dict[str, float | dict[str, float]]]:
     """One request at a time: 224 px direct, via the gateway and behind the of-watchdog, 4000×3000 direct,
     and each in-function stage, all in the same alternating rounds as the raw forward pass."""
-    rounds, named, inside = 4, {}, {}
+    rounds = 4
+    named: dict[str, Timed] = {}
+    inside: dict[str, dict[str, Callable[[], object]]] = {}
     for d, fn in fns.items():
         one = torch.randn(1, 3, raws[d].image_size, raws[d].image_size)
-        named[f"raw {d}"] = ((lambda c=raws[d], x=one: c.encode_images(x)), runs // rounds)
-        named[f"small {d}"] = ((lambda u=fn.url: post_ok(session, u, small)), runs // rounds)
-        named[f"gateway {d}"] = ((lambda u=f"{gateway_url}/function/{d}": post_ok(session, u, small)), runs // rounds)
+        named[f"raw {d}"] = (functools.partial(raws[d].encode_images, one), runs // rounds)
+        named[f"small {d}"] = (functools.partial(post_ok, session, fn.url, small), runs // rounds)
+        named[f"gateway {d}"] = (
+            functools.partial(post_ok, session, f"{gateway_url}/function/{d}", small),
+            runs // rounds,
+        )
         if d in behind:
-            named[f"watchdog {d}"] = ((lambda u=behind[d].url: post_ok(session, u, small)), runs // rounds)
-        named[f"large {d}"] = ((lambda u=fn.url: post_ok(session, u, large)), max(10, runs // 2) // rounds)
+            named[f"watchdog {d}"] = (functools.partial(post_ok, session, behind[d].url, small), runs // rounds)
+        named[f"large {d}"] = (functools.partial(post_ok, session, fn.url, large), max(10, runs // 2) // rounds)
         inside[d] = stages(raws[d], small, label_set)  # in the same rounds: the same drift as the HTTP figures
         named.update({f"stage {d} {n}": (f, runs // rounds) for n, f in inside[d].items()})
     medians = interleaved(named, rounds)
-    figures = {}
+    figures: dict[str, dict[str, float | dict[str, float]]] = {}
     for d in fns:
-        r = figures[d] = {
+        r = {
             "raw_batch1_ms": medians[f"raw {d}"] * 1000,  # the reference, beside the HTTP figures
             "http_224_p50_ms": medians[f"small {d}"] * 1000,
             "gateway_224_p50_ms": medians[f"gateway {d}"] * 1000,
@@ -150,11 +177,11 @@ def request_figures(session, raws, fns, gateway_url, behind, small, large, label
         if d in behind:
             r["watchdog_224_p50_ms"] = medians[f"watchdog {d}"] * 1000
             r["watchdog_hop_ms"] = r["watchdog_224_p50_ms"] - r["http_224_p50_ms"]
-        r["stages_224_ms"] = split
+        figures[d] = {**r, "stages_224_ms": split}
     return figures
 
 
-def client(url, body, count):
+def client(url: str, body: bytes, count: int) -> list[float]:
     """One client's latencies (s): `count` requests in a row on its own session."""
     latencies = []
     with requests.Session() as own:
@@ -167,39 +194,53 @@ def client(url, body, count):
     return latencies
 
 
-def load_figures(fns, raws, body, concurrent_requests):
+@dataclass
+class Load:
+    """What one dtype's load rounds saw, summed over the rounds."""
+
+    latencies: list[float] = field(default_factory=list)  # s, every request of every client
+    elapsed: float = 0.0  # s, the rounds' wall time
+    raw: list[float] = field(default_factory=list)  # s, the raw batch-8 median before each round
+    peak: int = 0  # bytes, the function's highest RSS
+
+
+def load_figures(
+    fns: Mapping[str, FunctionProcess], raws: Mapping[str, ClipModel], body: bytes, concurrent_requests: int
+) -> dict[str, dict[str, float]]:
     """8 concurrent clients per dtype, in two alternating rounds, each round after the raw batch-8 figure
     it is compared with."""
-    load = {d: {"latencies": [], "elapsed": 0.0, "raw": [], "peak": 0} for d in fns}
+    load = {d: Load() for d in fns}
     for _ in range(2):
         for d, fn in fns.items():
             client(fn.url, body, 2)
             eight = torch.randn(8, 3, raws[d].image_size, raws[d].image_size)
-            load[d]["raw"].append(median_time(lambda: raws[d].encode_images(eight), 5, warmup=1))
+            load[d].raw.append(median_time(lambda: raws[d].encode_images(eight), 5, warmup=1))
             time.sleep(0.3)
             with (
-                RssSampler(psutil.Process(fn.process.pid), interval=0.05) as sampler,
+                RssSampler(psutil.Process(fn.started.pid), interval=0.05) as sampler,
                 ThreadPoolExecutor(8) as pool,
             ):
                 started = time.perf_counter()
                 per_client = list(pool.map(lambda _: client(fn.url, body, max(1, concurrent_requests // 2)), range(8)))
-                load[d]["elapsed"] += time.perf_counter() - started
-            load[d]["latencies"] += [x for c in per_client for x in c]
-            load[d]["peak"] = max(load[d]["peak"], sampler.peak)
+                load[d].elapsed += time.perf_counter() - started
+            load[d].latencies += [x for c in per_client for x in c]
+            load[d].peak = max(load[d].peak, sampler.peak)
             time.sleep(0.3)
     return {
         d: {
-            "raw_batch8_images_per_s": 8 / statistics.mean(figures["raw"]),  # before each round
-            "http_8_clients_images_per_s": len(figures["latencies"]) / figures["elapsed"],
-            "http_8_clients_p50_ms": percentile(figures["latencies"], 50) * 1000,
-            "http_8_clients_p99_ms": percentile(figures["latencies"], 99) * 1000,
-            "rss_under_load_peak_mb": figures["peak"] / 2**20,
+            "raw_batch8_images_per_s": 8 / statistics.mean(figures.raw),  # before each round
+            "http_8_clients_images_per_s": len(figures.latencies) / figures.elapsed,
+            "http_8_clients_p50_ms": percentile(figures.latencies, 50) * 1000,
+            "http_8_clients_p99_ms": percentile(figures.latencies, 99) * 1000,
+            "rss_under_load_peak_mb": figures.peak / 2**20,
         }
         for d, figures in load.items()
     }
 
 
-def start_functions(stack, envs, workdir):
+def start_functions(
+    stack: contextlib.ExitStack, envs: Mapping[str, Mapping[str, str]], workdir: Path
+) -> tuple[dict[str, FunctionProcess], str, dict[str, FunctionProcess]]:
     """Each dtype's function, the local gateway in front of them, and each behind the real of-watchdog
     where that can run; `stack` stops them all. Returns (functions, the gateway's URL, those behind the watchdog)."""
     fns = {d: stack.enter_context(FunctionProcess("clip", workdir / f"serve-{d}", env)) for d, env in envs.items()}
@@ -209,7 +250,7 @@ def start_functions(stack, envs, workdir):
     gateway_url = gateway.start(timeout=30, interval=0.1).url
     # the same function behind the real of-watchdog, as its image runs it (the hop every deployment has)
     watchdog, why_not = watchdog_for_many()
-    behind = {}
+    behind: dict[str, FunctionProcess] = {}
     if why_not:
         print(f"bench: the of-watchdog figure is skipped: {why_not}", file=sys.stderr)
     else:
@@ -220,7 +261,9 @@ def start_functions(stack, envs, workdir):
     return fns, gateway_url, behind
 
 
-def serve_figures(args, raws):
+def serve_figures(
+    args: argparse.Namespace, raws: Mapping[str, ClipModel]
+) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
     """The served figures of each dtype's function, measured in alternating rounds beside the raw
     forward pass (raws: dtype -> the model in this process)."""
     workdir = Path(tempfile.mkdtemp(prefix="clip-bench-"))
@@ -250,8 +293,8 @@ def serve_figures(args, raws):
             session, raws, fns, gateway_url, behind, small, large, label_set, args.runs
         ).items():
             results[d].update(figures)
-        for d, figures in load_figures(fns, raws, small, args.concurrent_requests).items():
-            results[d].update(figures)
+        for d, loaded in load_figures(fns, raws, small, args.concurrent_requests).items():
+            results[d].update(loaded)
     first = next(iter(raws))
     results[first]["original_design_s"] = statistics.median(
         original_design(args.model, small, label_set.labels) for _ in range(2)

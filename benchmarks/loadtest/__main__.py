@@ -13,8 +13,8 @@ from benchmarks.loadtest.run import Target, hostile_phase, main_phase, overload_
 from localrun import ROOT
 
 
-def parse_args():
-    doc = benchmarks.loadtest.__doc__
+def parse_args() -> argparse.Namespace:
+    doc = benchmarks.loadtest.__doc__ or ""
     parser = argparse.ArgumentParser(
         prog="scripts/loadtest",
         description=doc.splitlines()[0],
@@ -58,7 +58,7 @@ def parse_args():
     return args
 
 
-def main():
+def main() -> int:
     args = parse_args()
     out = Path(args.json or ROOT / "bench-results" / f"loadtest-{time.strftime('%Y%m%d-%H%M%S')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

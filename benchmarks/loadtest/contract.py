@@ -1,9 +1,16 @@
 """Every answer checked against the API's contract: the JSON shape of a 200 and of an error, the
 error code the input must get, a usable Retry-After on a 429."""
 
+from typing import Any
 
-def check_body(payload, response):
-    """(None, body) when the answer has the contract's shape, else (what is wrong, body or None)."""
+import requests
+
+from benchmarks.loadtest.payloads import Payload
+
+
+def check_body(payload: Payload, response: requests.Response) -> tuple[str | None, Any]:
+    """(None, body) when the answer has the contract's shape, else (what is wrong, body or None); the
+    body is whatever JSON came."""
     content_type = response.headers.get("Content-Type", "")
     if not content_type.startswith("application/json"):
         return f"Content-Type {content_type!r}", None
@@ -50,7 +57,7 @@ def check_body(payload, response):
     return None, doc
 
 
-def retry_after(response):
+def retry_after(response: requests.Response) -> float | None:
     try:
         value = float(response.headers.get("Retry-After", ""))
         return value if value >= 0 else None

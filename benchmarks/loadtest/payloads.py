@@ -7,6 +7,7 @@ import random
 import struct
 import zlib
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 from urllib3.filepost import encode_multipart_formdata
 
@@ -21,31 +22,38 @@ class Payload:
     name: str
     good: bool
     body: bytes = b""
-    content_type: str = None
-    params: dict = field(default_factory=dict)
+    content_type: str | None = None
+    params: dict[str, str] = field(default_factory=dict)
     method: str = "POST"
     weight: int = 1
-    statuses: tuple = (200,)
-    codes: tuple = ()  # error codes allowed (for the error statuses)
+    statuses: tuple[int, ...] = (200,)
+    codes: tuple[str, ...] = ()  # error codes allowed (for the error statuses)
     images: int = 1
     top_k: int = 5
     label_set: str = "cifar100"
-    labels: tuple = ()  # the predictions' labels must come from these (when given)
+    labels: tuple[str, ...] = ()  # the predictions' labels must come from these (when given)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.method == "POST":  # a full function refuses any POST at once, before it reads the body (docs/api.md)
             self.statuses = tuple(dict.fromkeys((*self.statuses, 429)))
             self.codes = tuple(dict.fromkeys((*self.codes, "queue_full")))
 
-    def headers(self):
+    def headers(self) -> dict[str, str]:
         return {"Content-Type": self.content_type} if self.content_type else {}
 
 
-def png_chunk(kind, data):
+class Expected(TypedDict):
+    """The answers a bad payload must get: Payload's statuses and codes, shared by several."""
+
+    statuses: tuple[int, ...]
+    codes: tuple[str, ...]
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def png_bomb(width=100_000, height=100_000):
+def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
     """A valid PNG header claiming 10 gigapixels, a few bytes of pixel data: refused from its header (413)."""
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (
@@ -56,7 +64,7 @@ def png_bomb(width=100_000, height=100_000):
     )
 
 
-def payloads():
+def payloads() -> tuple[list[Payload], list[Payload]]:
     small = jpeg(photo(224, 224, seed=1))
     medium = jpeg(photo(640, 480, seed=2))
     large = jpeg(photo(1920, 1080, seed=3), quality=85)
@@ -93,7 +101,7 @@ def payloads():
     ]
     rng = random.Random(7)
     noise = bytes(rng.randrange(256) for _ in range(4096))
-    shed = {"statuses": (400,), "codes": ("invalid_image", "invalid_json")}
+    shed: Expected = {"statuses": (400,), "codes": ("invalid_image", "invalid_json")}
     bad = [
         Payload("random_bytes", False, noise, "application/octet-stream", **shed),
         Payload("truncated_jpeg", False, medium[: len(medium) // 2], "image/jpeg", **shed),
@@ -125,7 +133,7 @@ def payloads():
     return good, bad
 
 
-def hostile_payloads():
+def hostile_payloads() -> list[Payload]:
     """Bombs and floods an attacker would send: each refused (4xx) or served, never a 5xx."""
     import io
 
@@ -141,7 +149,7 @@ def hostile_payloads():
     info = struct.pack("<IiiHHIIiiII", 40, 50_000, 1_000, 1, 8, 1, 16, 0, 0, 256, 0)
     rle_bmp = b"BM" + struct.pack("<IHHI", 1094, 0, 0, 1078) + info + bytes(1024) + b"\x00\x00" * 8
     part = b'--b\r\nContent-Disposition: form-data; name="x"\r\n\r\n1\r\n'
-    complex_ = {"statuses": (400,), "codes": ("image_too_complex",)}
+    complex_: Expected = {"statuses": (400,), "codes": ("image_too_complex",)}
     labels = {"labels": ",".join(f"hostile label {i}" for i in range(400))}
     return [
         Payload("jpeg_fill_bytes", False, small[:2] + b"\xff" * 3_000_000 + small[2:], "image/jpeg", **complex_),

@@ -4,11 +4,22 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
+from benchmarks.loadtest.payloads import Payload
 from benchmarks.measure import machine, print_table
 
+# A row of the table: (figure, value, limit, ok); limit "" (and ok "") for a figure that is only shown
+Row = tuple[str, object, str, bool | str]
+# A phase's figures (run.summarize and what the phase adds), and the whole report: JSON
+Figures = Mapping[str, Any]
 
-def new_report(config, env, good, bad):
+
+def new_report(
+    config: Mapping[str, object], env: Mapping[str, str], good: Sequence[Payload], bad: Sequence[Payload]
+) -> dict[str, Any]:
     """The JSON report before any phase: where and how it ran, and what was sent."""
     return {
         "machine": machine(),
@@ -21,10 +32,10 @@ def new_report(config, env, good, bad):
     }
 
 
-def rows_for(result, prefix, limits):
+def rows_for(result: Figures, prefix: str, limits: bool) -> list[Row]:
     """(figure, value, limit, ok) rows for one phase; `limits` adds the pass/fail ones."""
     lat = result["latency_ms"]
-    rows = [
+    rows: list[Row] = [
         (f"{prefix}requests (good / bad)", f"{result['requests']} ({result['good']} / {result['bad']})", "", ""),
         (
             f"{prefix}throughput (req/s, images/s)",
@@ -55,7 +66,10 @@ def rows_for(result, prefix, limits):
                 "",
             )
         )
-    fmt = lambda v: "-" if v is None else f"{v:,.0f}"  # noqa: E731
+
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:,.0f}"
+
     rows.append(
         (
             f"{prefix}latency of 200s p50 / p90 / p99 / max (ms)",
@@ -121,7 +135,7 @@ def rows_for(result, prefix, limits):
 DEFAULT_MAX_QUEUE, DEFAULT_MAX_BATCH = 32, 8
 
 
-def p99_bound(main, limits):
+def p99_bound(main: Figures, limits: Mapping[str, int]) -> float:
     """The ms the hostile and overload phases' p99 must stay within: 1.5 × (ceil(max_queue / max_batch)
     + 1) × the main phase's p50 (the package's docstring says why); NaN when the main phase had no 200s."""
     p50 = main["latency_ms"]["p50"]
@@ -131,11 +145,11 @@ def p99_bound(main, limits):
     return 1.5 * (math.ceil(queue / max_batch) + 1) * p50
 
 
-def p99_row(figure, p99, bound):
+def p99_row(figure: str, p99: float | None, bound: float) -> Row:
     return (figure, "-" if p99 is None else f"{p99:,.0f}", f"≤ {bound:,.0f}", p99 is not None and p99 <= bound)
 
 
-def main_rows(main):
+def main_rows(main: Figures) -> list[Row]:
     """The main phase's rows, with its warm-up and its memory growth."""
     rss = main["rss"]
     return rows_for(main, "", limits=True) + [
@@ -151,7 +165,7 @@ def main_rows(main):
     ]
 
 
-def hostile_rows(hostile, bound):
+def hostile_rows(hostile: Figures, bound: float) -> list[Row]:
     """The hostile phase's rows: the normal requests' p99 within `bound`, memory given back after idle."""
     prefix, rss = "hostile: ", hostile["rss"]
     return rows_for(hostile, prefix, limits=True) + [
@@ -171,7 +185,7 @@ def hostile_rows(hostile, bound):
     ]
 
 
-def overload_rows(over, bound, limits):
+def overload_rows(over: Figures, bound: float, limits: Mapping[str, int]) -> list[Row]:
     """The overload phase's rows: load shed with 429, the 200s' p99 within `bound`."""
     prefix, queue = "overload: ", limits.get("max_queue", DEFAULT_MAX_QUEUE)
     return rows_for(over, prefix, limits=True) + [
@@ -180,7 +194,7 @@ def overload_rows(over, bound, limits):
     ]
 
 
-def finish(report, rows, out, workdir):
+def finish(report: dict[str, Any], rows: Sequence[Row], out: Path, workdir: Path) -> int:
     """Print the table and the examples of each problem, write the JSON report to `out`; the working
     folder goes when every limit is met. Returns the exit status (1: a limit failed)."""
     report["limits"] = [{"figure": f, "value": v, "limit": lim, "ok": ok} for f, v, lim, ok in rows if lim]

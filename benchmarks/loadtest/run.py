@@ -1,24 +1,30 @@
 """The load test's run: what the load goes to (clip alone, or the local gateway as scripts/serve runs it),
 the clients, and the phases (main, hostile, overload) with their figures."""
 
+import argparse
 import math
 import random
 import sys
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Self
 
 import psutil
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.loadtest.contract import check_body, retry_after
+from benchmarks.loadtest.payloads import Payload
 from benchmarks.measure import RssSampler, percentile, tree_rss
 from localrun import FunctionProcess, Stack
 
 TIMEOUT = (3, 60)  # connect, read: every request of every client
+# clip's /metrics, parsed: (sample name, its labels sorted) -> value
+Scrape = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 # ---- what the load goes to -------------------------------------------------------------------
@@ -28,11 +34,14 @@ class Target:
     """clip alone (target clip), or the local gateway running clip and index (localrun.Stack, as
     scripts/serve does)."""
 
-    def __init__(self, target, env, workdir):
+    def __init__(self, target: str, env: Mapping[str, str], workdir: Path) -> None:
         self.target, self.env, self.workdir = target, env, Path(workdir)
-        self.fn = self.gateway = None
+        self.fn: FunctionProcess | None = None
+        self.gateway: Stack | None = None
+        self.clip_url = ""
+        self.urls: list[str] = []
 
-    def start(self, timeout=900):
+    def start(self, timeout: float = 900) -> Self:
         if self.target == "clip":
             self.fn = FunctionProcess("clip", self.workdir, self.env).start(wait_ready=False)
             self.fn.wait_ready(timeout)
@@ -45,27 +54,30 @@ class Target:
         self.urls = {"index": [f"{base}/index"], "both": [f"{base}/clip", f"{base}/index"]}[self.target]
         return self
 
-    def clip_process(self):
+    def clip_process(self) -> psutil.Process:
         if self.fn:
-            return psutil.Process(self.fn.process.pid)
-        return self.gateway.function_process("clip")
+            return psutil.Process(self.fn.started.pid)
+        if self.gateway:
+            return self.gateway.function_process("clip")
+        raise RuntimeError("the load test's target is not started")
 
-    def describe(self):
+    def describe(self) -> Any:
         try:
             return requests.get(self.clip_url, timeout=10).json()
         except (requests.RequestException, ValueError):
             return {}
 
-    def log_problems(self):
+    def log_problems(self) -> list[str]:
         """Lines of the function logs that say something failed (a 500 logs 'handler failed' + a traceback)."""
         if self.fn:
-            self.fn.log.flush()
+            if self.fn.log:
+                self.fn.log.flush()
             text = (self.fn.dir / "function.log").read_text(errors="replace")  # output() is the tail only
         else:
-            text = self.gateway.output()
+            text = self.gateway.output() if self.gateway else ""
         return [line for line in text.splitlines() if "Traceback" in line or " ERROR " in line or "CRITICAL" in line]
 
-    def stop(self):
+    def stop(self) -> None:
         if self.fn:
             self.fn.stop()
         if self.gateway:
@@ -82,13 +94,13 @@ class Record:
     good: bool
     status: int  # 0: connection error
     latency: float
-    problem: str = None  # unexpected status / contract violation / exception text
-    kind: str = None  # "unexpected", "contract", "connection", "no_retry_after"
+    problem: str | None = None  # unexpected status / contract violation / exception text
+    kind: str | None = None  # "unexpected", "contract", "connection", "no_retry_after"
     route: str = ""  # the function the request went to (its URL's last part)
-    server_ms: float = None  # a 200's own elapsed_ms: the time inside clip's handler
+    server_ms: float | None = None  # a 200's own elapsed_ms: the time inside clip's handler
 
 
-def one_request(session, payload, url):
+def one_request(session: requests.Session, payload: Payload, url: str) -> tuple[requests.Response | None, Record]:
     started = time.perf_counter()
     route = url.rstrip("/").rsplit("/", 1)[-1] if "/function/" in url else "clip"
     try:
@@ -121,14 +133,23 @@ def one_request(session, payload, url):
     return response, record
 
 
-def run_load(urls, good, bad, clients, duration, bad_fraction, seed, honor_retry_after=True):
+def run_load(
+    urls: Sequence[str],
+    good: Sequence[Payload],
+    bad: Sequence[Payload],
+    clients: int,
+    duration: float,
+    bad_fraction: float,
+    seed: int,
+    honor_retry_after: bool = True,
+) -> tuple[list[Record], float]:
     """`clients` threads, each with its own session, for `duration` seconds. Returns (records, elapsed)."""
     weights = [p.weight for p in good]
-    per_client = [[] for _ in range(clients)]
+    per_client: list[list[Record]] = [[] for _ in range(clients)]
     barrier = threading.Barrier(clients + 1)
-    state = {}
+    state: dict[str, float] = {}
 
-    def client(index):
+    def client(index: int) -> None:
         rng = random.Random(seed * 1000 + index)
         records = per_client[index]
         with requests.Session() as session:
@@ -141,7 +162,7 @@ def run_load(urls, good, bad, clients, duration, bad_fraction, seed, honor_retry
                 records.append(record)
                 if record.kind == "connection":
                     time.sleep(0.1)  # no tight loop against a dead server
-                elif response.status_code == 429 and honor_retry_after:
+                elif response is not None and response.status_code == 429 and honor_retry_after:
                     time.sleep(min(retry_after(response) or 1.0, 5.0))
 
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
@@ -156,32 +177,33 @@ def run_load(urls, good, bad, clients, duration, bad_fraction, seed, honor_retry
     return [r for records in per_client for r in records], elapsed
 
 
-def warm_up(urls, good, bad):
+def warm_up(urls: Sequence[str], good: Sequence[Payload], bad: Sequence[Payload]) -> list[Record]:
     """Every input once on every URL, one at a time: first-use costs (custom labels) land before the clock."""
     records = []
     with requests.Session() as session:
         session.trust_env = False
         for url in urls:
-            for payload in good + bad:
+            for payload in [*good, *bad]:
                 records.append(one_request(session, payload, url)[1])
     return records
 
 
-def summarize(records, elapsed):
+def summarize(records: Sequence[Record], elapsed: float) -> dict[str, Any]:
     ok_200 = [r.latency for r in records if r.good and r.status == 200]
     shed = [r.latency for r in records if r.status == 429]
     server = [r.server_ms for r in records if r.good and r.status == 200 and r.server_ms is not None]
     images = sum(2 if r.payload == "json_batch_of_2" else 1 for r in records if r.good and r.status == 200)
-    by_payload, by_route = defaultdict(Counter), defaultdict(Counter)
+    by_payload: defaultdict[str, Counter[str]] = defaultdict(Counter)
+    by_route: defaultdict[str, Counter[str]] = defaultdict(Counter)
     for r in records:
         by_payload[r.payload][str(r.status)] += 1
         by_route[r.route][str(r.status)] += 1
-    problems = defaultdict(list)
+    problems: defaultdict[str, list[Record]] = defaultdict(list)
     for r in records:
         if r.kind:
             problems[r.kind].append(r)
 
-    def ms(values, q):
+    def ms(values: Sequence[float], q: float) -> float | None:
         return percentile(values, q) * 1000 if values else None
 
     return {
@@ -236,13 +258,13 @@ def summarize(records, elapsed):
     }
 
 
-def server_stats(stack):
+def server_stats(stack: Target) -> tuple[int, int] | None:
     """(batches, images) encoded so far, from clip's GET description; None when it does not answer."""
     stats = stack.describe().get("stats")
     return (stats["batches"], stats["images"]) if stats else None
 
 
-def clip_metrics(stack):
+def clip_metrics(stack: Target) -> Scrape | None:
     """clip's GET /metrics, parsed: {(sample name, labels): value}; None when it does not answer."""
     try:
         text = requests.get(stack.clip_url + "/metrics", timeout=10).text
@@ -255,7 +277,9 @@ def clip_metrics(stack):
         return None
 
 
-def histogram_figures(before, after, name, scale=1.0):
+def histogram_figures(
+    before: Scrape | None, after: Scrape | None, name: str, scale: float = 1.0
+) -> dict[str, float | dict[str, float]] | None:
     """What a histogram saw between two scrapes: count, mean, p50/p90/p99 as bucket bounds (the true
     value is at most that), and the share of observations in each bucket."""
     if before is None or after is None:
@@ -270,10 +294,11 @@ def histogram_figures(before, after, name, scale=1.0):
     if not count:
         return {"count": 0}
 
-    def bound(q):
+    def bound(q: float) -> float:
         return next((le * scale for le, seen in cumulative if seen >= q * count), math.inf)
 
-    shares, previous = {}, 0.0
+    shares: dict[str, float] = {}
+    previous = 0.0
     for le, seen in cumulative:
         if seen > previous:
             shares["+Inf" if math.isinf(le) else f"{le * scale:g}"] = round((seen - previous) / count, 3)
@@ -288,14 +313,16 @@ def histogram_figures(before, after, name, scale=1.0):
     }
 
 
-def metric_figures(before, after):
+def metric_figures(
+    before: Scrape | None, after: Scrape | None
+) -> dict[str, dict[str, float | dict[str, float]] | None]:
     return {
         "batch_size": histogram_figures(before, after, "clip_batch_size"),
         "queue_wait_ms": histogram_figures(before, after, "clip_queue_wait_seconds", scale=1000),
     }
 
 
-def batch_figures(before, after):
+def batch_figures(before: tuple[int, int] | None, after: tuple[int, int] | None) -> dict[str, float | None]:
     if before is None or after is None:
         return {"batches": None, "images": None, "mean_batch": None}
     batches, images = after[0] - before[0], after[1] - before[1]
@@ -305,7 +332,17 @@ def batch_figures(before, after):
 # ---- the phases --------------------------------------------------------------------------------
 
 
-def measured_load(stack, clients, duration, good, bad, bad_fraction, seed, interval=1.0, honor_retry_after=True):
+def measured_load(
+    stack: Target,
+    clients: int,
+    duration: float,
+    good: Sequence[Payload],
+    bad: Sequence[Payload],
+    bad_fraction: float,
+    seed: int,
+    interval: float = 1.0,
+    honor_retry_after: bool = True,
+) -> tuple[dict[str, Any], RssSampler, psutil.Process]:
     """One load on the stack with the server's batch counters, clip's metrics and clip's memory taken
     around it: (its summary with "server" and "metrics" added, the RSS sampler, clip's process)."""
     process = stack.clip_process()
@@ -321,7 +358,9 @@ def measured_load(stack, clients, duration, good, bad, bad_fraction, seed, inter
     return result, sampler, process
 
 
-def main_phase(args, stack, good, bad):
+def main_phase(
+    args: argparse.Namespace, stack: Target, good: Sequence[Payload], bad: Sequence[Payload]
+) -> dict[str, Any]:
     warm = warm_up(stack.urls, good, bad)
     warm_problems = [r for r in warm if r.kind]
     for r in warm_problems:
@@ -352,7 +391,13 @@ def main_phase(args, stack, good, bad):
     return result
 
 
-def hostile_phase(args, stack, good, hostile, main):
+def hostile_phase(
+    args: argparse.Namespace,
+    stack: Target,
+    good: Sequence[Payload],
+    hostile: Sequence[Payload],
+    main: Mapping[str, Any],
+) -> dict[str, Any]:
     """Half the requests hostile: normal clients keep a bounded p99, memory comes back, no 5xx."""
     print(
         f"hostile phase: {args.clients} clients, {args.hostile_duration:g} s, half of them bombs and floods",
@@ -371,7 +416,9 @@ def hostile_phase(args, stack, good, hostile, main):
     return result
 
 
-def overload_phase(args, stack, good, bad, label):
+def overload_phase(
+    args: argparse.Namespace, stack: Target, good: Sequence[Payload], bad: Sequence[Payload], label: str
+) -> dict[str, Any]:
     print(
         f"overload ({label}): {args.overload_clients} clients, {args.overload_duration:g} s",
         file=sys.stderr,
