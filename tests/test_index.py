@@ -1,11 +1,12 @@
 """The index function over real HTTP, forwarding to a real clip server through the local gateway."""
 import re
 
-import localrun
 import pytest
 import requests
 from support.images import noise_image
 from support.servers import FunctionProcess, free_port, wait_until
+
+import localrun
 
 
 def test_page_is_self_contained(stack):
@@ -233,3 +234,12 @@ def test_a_bad_setting_stops_index_at_start_with_one_line(tmp_path, env, line):
     assert index.process.returncode == 78 and "Traceback" not in output, output
     assert [text.partition(" ERROR ")[2] for text in output.splitlines() if " ERROR " in text] == [line], output
 
+
+def test_every_setting_index_reads_is_declared_once():
+    """index reads its settings through config.py's declarations alone (nothing else reads the environment)."""
+    from frontend.index import config
+
+    sources = {path.name: path.read_text() for path in localrun.ROOT.joinpath("frontend/index").glob("*.py")}
+    assert [name for name, text in sources.items() if re.search(r"\bos\.environ|getenv", text)] == []
+    names = [setting.name for setting in config.DECLARATIONS]
+    assert len(names) == len(set(names)) and {"CLIP_URL", "CLIP_TIMEOUT_S", "INDEX_MAX_ANSWER_BYTES"} <= set(names)

@@ -330,6 +330,11 @@ def _fetch_description() -> None:
             state.changed.notify_all()
 
 
+def last_info() -> dict[str, Any] | None:
+    """clip's self-description as last fetched, or None: never waits, never fetches."""
+    return _described.value
+
+
 def starting() -> dict[str, Any] | None:
     """What clip said of its start while it loads (as of the last description), or None."""
     return _described.starting
