@@ -356,3 +356,26 @@ def test_one_thread_keeps_every_exchanges_deadline(fakes, monkeypatch):
         assert status == expected, (mode, answer)
     assert set(started) <= {deadline.THREAD_NAME} and len(started) <= 1, started
     assert [t.name for t in threading.enumerate()].count(deadline.THREAD_NAME) == 1
+
+
+def test_the_access_log_tells_a_pages_code_and_pictures(fakes, tmp_path):
+    """A form post answered with the page (HTML, not a JSON error) still has its code and pictures in
+    the host's access-log line, as a JSON answer has."""
+    env = {"CLIP_URL": fakes.url + "/function/clip", "LOG_FORMAT": "json"}
+    with FunctionProcess("index", tmp_path, env) as index:
+        answers = {mode: post_form(index, mode) for mode in ("good", "not-json")}
+        answers["batch-json"] = requests.post(  # the fake's four results: what the line counts is clip's answer
+            index.url, params={"fake": "four"}, headers={"Accept": "application/json"}, timeout=60,
+            files=[("image", (f"{i}.png", PNG, "image/png")) for i in range(3)])
+        ids = {mode: answer.headers["X-Request-Id"] for mode, answer in answers.items()}
+
+        def lines():
+            text = (index.dir / "function.log").read_text(errors="replace")
+            found = [json.loads(line) for line in text.splitlines() if line.startswith('{"time"')]
+            return {line["request_id"]: line for line in found if line.get("function") == "index"}
+
+        wait_until(lambda: set(ids.values()) <= set(lines()), 30, what="the access-log lines")
+        logged = {mode: lines()[request_id] for mode, request_id in ids.items()}
+    assert (logged["good"]["status"], logged["good"]["code"], logged["good"]["images"]) == (200, None, 1)
+    assert (logged["not-json"]["status"], logged["not-json"]["code"]) == (502, "clip_bad_answer")
+    assert (logged["batch-json"]["status"], logged["batch-json"]["images"]) == (200, 4)
