@@ -217,6 +217,31 @@ def test_the_hosts_own_413_carries_a_request_id(tmp_path):
         assert response.headers["X-Request-Id"] == response.json()["request_id"]
 
 
+def test_a_plain_form_post_over_the_hosts_limit_gets_the_page(tmp_path):
+    """The template host refuses a body over MAX_BODY_BYTES before index sees it; a browser without
+    JavaScript gets index's page with the refusal in its error box (413), a script still gets JSON."""
+    env = {"CLIP_URL": f"http://127.0.0.1:{free_port()}/function/clip", "MAX_BODY_BYTES": "100000"}
+    body, content_type = multipart([("image", "big.jpg", b"\xff\xd8\xff" + b"\0" * 200_000), ("top_k", None, b"5")])
+    with FunctionProcess("index", tmp_path, env) as index:
+        response = requests.post(index.url, data=body, timeout=30, headers={
+            "Content-Type": content_type, "Accept": "text/html,application/xhtml+xml,*/*;q=0.8",
+            "X-Request-Id": "big-form-1"})
+        assert response.status_code == 413 and response.headers["Content-Type"] == "text/html; charset=utf-8"
+        assert response.headers["X-Request-Id"] == "big-form-1"
+        error = re.search(r'id="error" class="error" role="alert">([^<]*)<', response.text).group(1)
+        assert error == "The pictures sent are larger than 98 KB in all: choose fewer or smaller pictures."
+        assert '<form id="form"' in response.text
+        scripted = requests.post(index.url, data=body, timeout=30, headers={"Content-Type": content_type})
+        assert scripted.status_code == 413 and scripted.json()["error"]["code"] == "body_too_large"
+
+
+def test_the_error_page_escapes_what_it_shows():
+    from frontend.index import handler
+
+    html = handler.error_page(400, "bad_request", 'Bad <script>alert("x")</script> request.', "id-1")
+    error = re.search(r'id="error" class="error" role="alert">([^<]*)<', html).group(1)
+    assert error == "Bad &lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt; request." and "<script>alert" not in html
+
 @pytest.mark.parametrize("env, line", [
     ({"CLIP_TIMEOUT_S": "soon"}, "CLIP_TIMEOUT_S must be a number from 0.1 to 3600, not 'soon'"),
     ({"INDEX_SHRINK_QUALITY": "90"}, "INDEX_SHRINK_QUALITY must be a number from 0.1 to 1, not '90'"),
