@@ -4,7 +4,8 @@ import time
 
 import pytest
 import torch
-from clip.batcher import Batcher, DeadlineExceeded, QueueFull
+from clip.batcher import Batcher, Encoded
+from clip.errors import DeadlineExceeded, QueueFull
 from support.servers import wait_until
 
 
@@ -36,8 +37,8 @@ def test_a_lone_request_is_encoded_alone_and_correctly():
     batcher = Batcher(encoder, max_batch=8, max_wait_s=5.0)  # a long wait that must not be taken
     with batcher.admit(1) as ticket:
         future = batcher.submit([torch.ones(3)], time.monotonic() + 60, ticket)[0]
-    assert torch.equal(future.result(timeout=2), torch.full((3,), 2.0))  # far less than max_wait
-    assert encoder.sizes == [1]
+    assert torch.equal(future.result(timeout=2).row, torch.full((3,), 2.0))  # far less than max_wait
+    assert encoder.sizes == [1] and future.result().batch == (1, 1)  # the first batch, of one
 
 
 def test_concurrent_requests_share_batches_and_get_their_own_rows():
@@ -48,7 +49,7 @@ def test_concurrent_requests_share_batches_and_get_their_own_rows():
 
     def request(i):
         with batcher.admit(1) as ticket:
-            results[i] = batcher.submit([torch.full((2,), float(i))], time.monotonic() + 60, ticket)[0].result(30)
+            results[i] = batcher.submit([torch.full((2,), float(i))], time.monotonic() + 60, ticket)[0].result(30).row
     threads = [threading.Thread(target=request, args=(i,)) for i in range(8)]
     [t.start() for t in threads]
     wait_until(lambda: encoder.started.is_set() and encoder.sizes[0] + batcher.depth == 8, 30, 0.005,
@@ -97,7 +98,7 @@ def test_a_request_that_gave_up_cannot_kill_the_model_thread():
     gate.set()
     assert slow.result(timeout=5) is not None
     after = batcher.submit([torch.full((1,), 3.0)], time.monotonic() + 10)[0]
-    assert torch.equal(after.result(timeout=5), torch.full((1,), 6.0))
+    assert torch.equal(after.result(timeout=5).row, torch.full((1,), 6.0))
     assert batcher.healthy() and batcher.problem() is None
 
 
@@ -144,3 +145,29 @@ def test_a_stalled_or_dead_model_thread_is_reported_unhealthy():
     while batcher.healthy() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not batcher.healthy() and "died" in batcher.problem()
+
+
+def test_each_row_says_its_batch_and_the_batch_is_reported_to_the_callback():
+    """What a forward pass measured goes out two ways, with nothing pinned on the futures: each image's
+    Encoded row names its batch (seq, size), and on_batch gets the size, each image's queue wait and the
+    encode time (the edge records them as metrics)."""
+    encoder, gate = held_model()
+    batcher = Batcher(encoder, max_batch=8, max_wait_s=0.05)
+    reported = []
+    batcher.on_batch = lambda size, waits, encode_s: reported.append((size, list(waits), encode_s))
+    first = batcher.submit([torch.ones(1)], time.monotonic() + 60)[0]  # held on the model thread
+    assert encoder.started.wait(30)
+    rest = batcher.submit([torch.ones(1), torch.ones(1), torch.ones(1)], time.monotonic() + 60)
+    gate.set()
+    assert isinstance(first.result(5), Encoded) and first.result().batch == (1, 1)
+    assert {future.result(5).batch for future in rest} == {(2, 3)}
+    assert [size for size, _, _ in reported] == [1, 3]
+    assert all(len(waits) == size and min(waits) >= 0 and encode_s >= 0 for size, waits, encode_s in reported)
+
+
+def test_a_failing_callback_never_stops_the_model_thread():
+    batcher = Batcher(RecordingEncoder(), max_batch=1)
+    batcher.on_batch = lambda *args: 1 / 0
+    assert batcher.submit([torch.ones(1)], time.monotonic() + 10)[0].result(5).row is not None
+    assert batcher.submit([torch.ones(1)], time.monotonic() + 10)[0].result(5).batch == (2, 1)
+    assert batcher.healthy()

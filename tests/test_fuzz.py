@@ -1,5 +1,6 @@
 """Property-based fuzzing of the input path: whatever arrives, only a ClientError with a 4xx status may come
-out of the request and option parsers and the image decoder, and handle() never answers a 5xx."""
+out of the request and option parsers, only a BadImage of a 4xx code out of the image decoder, and handle()
+never answers a 5xx."""
 import base64
 import io
 import json
@@ -8,7 +9,7 @@ import string
 
 import pytest
 from clip import config, handler, images, options, request
-from clip.errors import ClientError
+from clip.errors import BadImage, ClientError
 from clip.labels import LABEL_SETS
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
@@ -27,6 +28,7 @@ def fuzz(examples):
                     suppress_health_check=SUPPRESSED)
 
 SETTINGS = config.Settings()
+LIMITS = request.Limits(SETTINGS.max_images, options.OptionRules.of(SETTINGS, LABEL_SETS))
 IMAGE_SIZE = 64  # the tiny model's input size
 CONTENT_TYPES = ["", "application/octet-stream", "image/png", "image/jpeg", "text/plain", "application/json",
                  "application/json; charset=utf-16", "application/x-www-form-urlencoded",
@@ -122,6 +124,8 @@ queries = st.lists(st.tuples(option_keys | st.text(max_size=5), option_text), ma
 
 
 def assert_client_error(error):
+    if isinstance(error, BadImage):  # a decoder's: its status is the catalogue's
+        error = error.as_client_error()
     assert isinstance(error, ClientError)
     assert 400 <= error.status < 500 and error.code and error.message
 
@@ -130,7 +134,7 @@ def assert_client_error(error):
 @given(st.lists(st.tuples(option_keys, option_values), max_size=6))
 def test_parse_options_raises_only_client_errors(pairs):
     try:
-        parsed = options.parse_options(MultiDict(pairs), SETTINGS)
+        parsed = options.parse_options(MultiDict(pairs), LIMITS.options)
     except ClientError as error:
         assert_client_error(error)
         return
@@ -146,26 +150,27 @@ def test_parse_request_raises_only_client_errors(body_and_type, query):
     body, content_type = body_and_type
     event = Event(body, content_type, query=query)
     try:
-        parsed = request.parse_request(event, SETTINGS.max_images)
+        parsed = request.parse_request(event, LIMITS)
     except ClientError as error:
         assert_client_error(error)
         return
-    assert parsed.images or parsed.urls
-    assert len(parsed.images) + len(parsed.urls) <= SETTINGS.max_images
-    for item in parsed.images:
-        if isinstance(item, ClientError):
-            assert_client_error(item)
+    assert 1 <= len(parsed.items) <= SETTINGS.max_images
+    for item in parsed.items:
+        if item.error:
+            assert_client_error(item.error)
+        elif item.url is None:
+            assert isinstance(item.data, bytes) and item.data  # file parts are sniffed by load_image
         else:
-            assert isinstance(item, bytes) and item  # file parts are sniffed by load_image
-    assert all(isinstance(url, str) and url for url in parsed.urls)
+            assert isinstance(item.url, str) and item.url
+    assert isinstance(parsed.options, options.Options) and parsed.options.top_k >= 1
 
 
 @fuzz(150)
 @given(image_bytes)
-def test_load_image_gives_an_rgb_picture_or_a_client_error(data):
+def test_load_image_gives_an_rgb_picture_or_a_refusal(data):
     try:
         image = images.load_image(data, SETTINGS.max_pixels, IMAGE_SIZE)
-    except ClientError as error:
+    except BadImage as error:
         assert_client_error(error)
         event(f"load_image: {error.code}")
         return
@@ -187,7 +192,7 @@ def test_any_size_and_mode_a_format_can_hold_decodes(width, height, mode, fmt):
         assume(False)  # the format cannot hold this mode: nothing to test
     try:
         image = images.load_image(buffer.getvalue(), SETTINGS.max_pixels, IMAGE_SIZE)
-    except ClientError as error:
+    except BadImage as error:
         assert_client_error(error)
         return
     assert image.mode == "RGB"

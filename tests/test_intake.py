@@ -143,7 +143,7 @@ def test_file_parts_stay_in_memory_whatever_their_size(monkeypatch):
     monkeypatch.setattr(formparser, "default_stream_factory", no_files)
     body = BODIES["picture over 500 KB and options"]
     event = Event(body, content_type="multipart/form-data; boundary=B")
-    parsed = request.parse_request(event, 16)
+    parsed = request.sort_body(event, 16)
     assert [len(item.data) for item in parsed.items] == [700_000] and parsed.options.getlist("top_k") == ["3"]
 
 

@@ -33,7 +33,7 @@ def what(item):
 def test_form_parts_of_every_kind_keep_their_order():
     event = multipart(part("image", A, "a.png"), part("top_k", b"3"), part("image", base64.b64encode(B)),
                       part("image", C, "c.png"), part("url", b" https://images.test/d.png "))
-    parsed = request.parse_request(event, 16)
+    parsed = request.sort_body(event, 16)
     assert [what(item) for item in parsed.items] == [A, B, C, "https://images.test/d.png"]
     assert parsed.options.getlist("top_k") == ["3"]
 
@@ -41,20 +41,20 @@ def test_form_parts_of_every_kind_keep_their_order():
 def test_a_url_first_and_text_between_files_keep_their_order():
     event = multipart(part("url", b"https://images.test/d.png"), part("image", base64.b64encode(B)),
                       part("image", A, "a.png"), part("image", base64.b64encode(C)))
-    parsed = request.parse_request(event, 16)
+    parsed = request.sort_body(event, 16)
     assert [what(item) for item in parsed.items] == ["https://images.test/d.png", B, A, C]
 
 
 def test_a_urlencoded_form_keeps_its_order():
     body = "&".join([f"image={base64.urlsafe_b64encode(A).decode()}", "url=https://images.test/d.png",
                      f"image={base64.urlsafe_b64encode(C).decode()}"]).encode()
-    parsed = request.parse_request(Event(body, "application/x-www-form-urlencoded"), 16)
+    parsed = request.sort_body(Event(body, "application/x-www-form-urlencoded"), 16)
     assert [what(item) for item in parsed.items] == [A, "https://images.test/d.png", C]
 
 
 def test_a_refused_part_keeps_its_place():
     event = multipart(part("image", A, "a.png"), part("image", b"not base64 *"), part("image", C, "c.png"))
-    items = request.parse_request(event, 16).items
+    items = request.sort_body(event, 16).items
     assert [item.data for item in items] == [A, None, C] and items[1].error.code == "invalid_image"
 
 

@@ -33,16 +33,17 @@ class SlowTextModel:
         return torch.stack([torch.tensor([float(len(t)), float(sum(map(ord, t)) % 97), 1.0]) for t in texts])
 
 
-def ask_together(store, label_lists, monkeypatch):
+def ask_together(store, label_lists):
     """Every request asks while the first encoding is held: the gate opens only once each one has
-    looked its labels up (the lookup counter has seen them all), however the threads are scheduled."""
+    looked its labels up, however the threads are scheduled. Returns the answers, the errors and what
+    each lookup found (its counts: hit, miss, shared)."""
     answers, errors, looked_up = [None] * len(label_lists), [], []
-    count = labels_module.metrics.label_lookups
-    monkeypatch.setattr(labels_module.metrics, "label_lookups", lambda **kw: (looked_up.append(kw), count(**kw)))
 
     def ask(i):
+        lookup = store.look_up(label_lists[i])
+        looked_up.append(lookup.counts())
         try:
-            answers[i] = store.custom(label_lists[i])
+            answers[i] = store.embed(lookup)
         except RuntimeError as exc:
             errors.append(exc)
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(label_lists))]
@@ -50,25 +51,30 @@ def ask_together(store, label_lists, monkeypatch):
     wait_until(lambda: len(looked_up) == len(label_lists), 30, 0.005, "every request looked its labels up")
     store.model.gate.set()
     [t.join(30) for t in threads]
-    return answers, errors
+    return answers, errors, looked_up
 
 
-def test_concurrent_requests_for_new_labels_encode_each_label_once(tmp_path, monkeypatch):
+def test_concurrent_requests_for_new_labels_encode_each_label_once(tmp_path):
     model = SlowTextModel(threading.Event())
     store = LabelStore(model, str(tmp_path))
     lists = [["cat", "dog"]] * 6 + [["dog", "bird"]] * 2
-    answers, errors = ask_together(store, lists, monkeypatch)
+    answers, errors, looked_up = ask_together(store, lists)
     assert not errors
+    # each label is one request's miss; every other request shares that encoding, none found it cached
+    assert sum(counts["miss"] for counts in looked_up) == 3
+    assert sum(counts["shared"] for counts in looked_up) == 6 * 2 + 2 * 2 - 3
+    assert sum(counts["hit"] for counts in looked_up) == 0
+    assert store.look_up(["cat", "bird"]).counts() == {"hit": 2, "miss": 0, "shared": 0}
     assert sorted(model.prompts) == sorted(["a photo of a bird.", "a photo of a cat.", "a photo of a dog."])
     alone = LabelStore(SlowTextModel(), str(tmp_path))
     for labels, answer in zip(lists, answers):
         np.testing.assert_array_equal(answer, alone.custom(labels))  # every request got its own rows, in order
 
 
-def test_a_failed_encoding_fails_those_waiting_for_it_and_is_retried_later(tmp_path, monkeypatch):
+def test_a_failed_encoding_fails_those_waiting_for_it_and_is_retried_later(tmp_path):
     model = SlowTextModel(threading.Event(), fail=True)
     store = LabelStore(model, str(tmp_path))
-    answers, errors = ask_together(store, [["cat"]] * 4, monkeypatch)
+    answers, errors, _ = ask_together(store, [["cat"]] * 4)
     assert len(errors) == 4 and answers == [None] * 4
     assert model.prompts == ["a photo of a cat."]
     model.fail = False

@@ -5,16 +5,17 @@ import dataclasses
 import pytest
 from clip import config
 from clip.errors import ClientError
-from clip.options import parse_options
+from clip.labels import LABEL_SETS
+from clip.options import OptionRules, parse_options
 from support.images import noise_image
 from support.inprocess import Event, service
 from werkzeug.datastructures import MultiDict
 
-SETTINGS = config.Settings()
+RULES = OptionRules.of(config.Settings(), LABEL_SETS)
 
 
 def labels(*values):
-    return parse_options(MultiDict([("labels", v) for v in values]), SETTINGS).labels
+    return parse_options(MultiDict([("labels", v) for v in values]), RULES).labels
 
 
 @pytest.mark.parametrize(("value", "expected"), [
@@ -62,7 +63,7 @@ def test_query_labels_as_a_json_list_classify_with_those_labels(tiny_model, clip
 
 
 def test_the_limits_count_the_lists_labels():
-    tight = dataclasses.replace(SETTINGS, max_labels=1)
+    tight = dataclasses.replace(RULES, max_labels=1)
     assert parse_options(MultiDict([("labels", '["cat, dog"]')]), tight).labels == ("cat, dog",)
     with pytest.raises(ClientError) as refused:
         parse_options(MultiDict([("labels", '["cat","dog"]')]), tight)

@@ -8,10 +8,11 @@ import json
 import pathlib
 import re
 
+import observe
 import pytest
 import requests
 import schemathesis
-import waitress.utilities
+from clip import errors as clip_errors
 from hypothesis import HealthCheck, settings
 from openapi_spec_validator import validate
 from schemathesis.checks import not_a_server_error
@@ -26,12 +27,14 @@ DOCUMENTS = {"clip": ROOT / "backend/clip/openapi.json", "index": ROOT / "fronte
 SOURCES = {
     "clip": sorted((ROOT / "backend/clip").glob("*.py")),
     "index": sorted((ROOT / "frontend/index").glob("*.py")),
-    "host": [ROOT / "template/python3-debian/index.py"],
+    "host": [],
 }
 # A call that refuses: ClientError(400, "invalid_image", …), Refused(400, "too_many_parts", …),
 # _failure(504, "clip_timeout", …), json_error(500, "internal_error", …): every
 # status written in its first argument, and its code.
 REFUSAL = re.compile(r"\b(?:ClientError|Refused|_failure|json_error)\(\s*([^\"()]*?),\s*(?:#[^\n]*\s*)?\"(\w+)\"")
+# A decoder's refusal names a code only (BadImage("invalid_image", …)): its status is clip's catalogue's.
+DECODER_REFUSAL = re.compile(r"\bBadImage\(\s*\"(\w+)\"")
 # An error answer written out whole: _json(405, {"error": {"code": "method_not_allowed", …
 # or {"statusCode": 500, "body": {"error": {"code": "internal_error"}}}
 LITERAL = re.compile(r"(\d{3}),\s*(?:\"body\":\s*)?\{\s*\"error\":\s*\{\s*\"code\":\s*\"(\w+)\"")
@@ -48,17 +51,9 @@ def answered_codes(part: str) -> set[tuple[int, str]]:
             assert statuses, f"{path.name}: a refusal with code {code} and no status literal ({first!r})"
             found |= {(int(status), code) for status in statuses}
         found |= {(int(status), code) for status, code in LITERAL.findall(text)}
-    if part == "host":  # waitress's protocol errors, named by the host's table, "http_error" for the others
-        table = re.search(r"WAITRESS_CODES = (\{.*\})", (ROOT / "template/python3-debian/index.py").read_text())
-        assert table, "the host's WAITRESS_CODES table moved"
-        named = {int(status): code for status, code in re.findall(r"(\d{3}): \"(\w+)\"", table.group(1))}
-        found |= set(named.items())
-        errors = [cls for cls in vars(waitress.utilities).values() if isinstance(cls, type)]
-        found |= {
-            (cls.code, "http_error")
-            for cls in errors
-            if issubclass(cls, waitress.utilities.Error) and cls.code not in named
-        }
+        found |= {(clip_errors.status(code), code) for code in DECODER_REFUSAL.findall(text)}
+    if part == "host":  # the host's own refusals and its 500: its catalogue (tests/test_error_catalogue.py)
+        found |= {(status, code) for code, (status, _) in observe.HOST_ERRORS.items()}
     return found
 
 
@@ -83,9 +78,10 @@ def test_document_is_valid_openapi_3_1(name):
 def test_source_scan_finds_the_known_refusals():
     """The scan below is only as good as its patterns: it finds refusals of each shape the sources use."""
     clip, index, host = answered_codes("clip"), answered_codes("index"), answered_codes("host")
-    assert {(400, "invalid_image"), (405, "method_not_allowed"), (503, "loading"), (504, "deadline_exceeded")} <= clip
+    assert {(400, "invalid_image"), (413, "image_too_large"), (405, "method_not_allowed"), (503, "loading"),
+            (504, "deadline_exceeded")} <= clip
     assert {(502, "clip_bad_answer"), (503, "clip_unavailable"), (504, "clip_timeout")} <= index
-    assert {(405, "method_not_allowed"), (500, "internal_error"), (400, "too_many_parts")} <= index
+    assert {(405, "method_not_allowed"), (400, "too_many_parts")} <= index
     assert {(413, "body_too_large"), (500, "internal_error"), (431, "headers_too_large")} <= host
 
 

@@ -15,7 +15,7 @@ import requests
 from clip import handler
 from clip.decode_bombs import Limits
 from clip.decode_gate import DecodeGate
-from clip.errors import ClientError
+from clip.errors import BadImage
 from clip.images import load_image
 from PIL import Image
 from support.images import image_bytes, noise_image
@@ -120,12 +120,12 @@ def test_new_labels_take_their_share_of_the_queue(tiny_model, clip_env):
 def svc_options(svc, labels):
     from clip.options import parse_options
     from werkzeug.datastructures import MultiDict
-    return parse_options(MultiDict([("labels", labels)]), svc.settings)
+    return parse_options(MultiDict([("labels", labels)]), svc.limits.options)
 
 
 def test_a_stalled_model_thread_takes_the_replica_out_and_exits_non_zero(clip_env, tmp_path):
     """CLIP_STALL_S far below a forward pass: the first busy moment counts as a stall."""
-    env = {**clip_env, "CLIP_STALL_S": "0.0001", "FUNCTION_ALIVE_INTERVAL_S": "0.001"}
+    env = {**clip_env, "CLIP_STALL_S": "0.0001", "FUNCTION_ALIVE_INTERVAL_S": "0.01"}
     fn = FunctionProcess("clip", tmp_path, env).start()
     try:
         def hammer():
@@ -221,7 +221,7 @@ def test_real_pictures_pass_the_structure_checks(data):
 def test_structure_limits_are_settings(clip_server):
     limits = requests.get(clip_server.url, timeout=10).json()["limits"]
     assert limits["max_scan_pixels"] == Limits.max_scan_pixels and limits["max_rle_pixels"] == Limits.max_rle_pixels
-    with pytest.raises(ClientError) as refused:
+    with pytest.raises(BadImage) as refused:
         load_image(progressive_with_scans(2, size=(400, 300)), 50_000_000, 224, limits=Limits(max_scan_pixels=1000))
     assert refused.value.code == "image_too_complex"
 
@@ -289,7 +289,7 @@ def test_small_pictures_go_first_when_a_slot_frees():
 
 
 def test_a_decode_waiting_past_its_deadline_gives_up():
-    from clip.batcher import DeadlineExceeded
+    from clip.errors import DeadlineExceeded
     gate = DecodeGate(slots=1, memory_bytes=1000, heavy_pixels=100)
     with gate.enter(10, 10, time.monotonic() + 5):
         with pytest.raises(DeadlineExceeded):

@@ -24,21 +24,23 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from .config import Settings
+from .errors import DeadlineExceeded, QueueFull
 
 LOG = logging.getLogger("batcher")
 T = TypeVar("T")
 Ticket = dict[str, bool]  # admit()'s: {"counted": still counted as preparing}
+# on_batch(size, queue waits in s (one per image), encode s): after each forward pass (the edge's metrics)
+BatchHook = Callable[[int, list[float], float], None]
 
 
-class QueueFull(Exception):
-    pass
+class Encoded(NamedTuple):
+    """What a submitted image's Future gives: its feature row and the batch it rode in (seq, size)."""
 
-
-class DeadlineExceeded(Exception):
-    pass
+    row: Any
+    batch: tuple[int, int]
 
 
 class Batcher:
@@ -65,10 +67,9 @@ class Batcher:
         self._admitted = 0
         self._last_size = 1
         self._cond = threading.Condition()
-        self.batches = 0
+        self.batches = 0  # forward passes so far: the last one's sequence number
         self.images = 0
-        # hook: on_batch(futures, started, encode_s) after each forward pass (metrics)
-        self.on_batch: Callable[[list[Future[Any]], float, float], None] | None = None
+        self.on_batch: BatchHook | None = None  # what the batcher measured, for the edge to record
         self._busy_since: float | None = None  # when the piece of work in hand started (None: idle)
         self.failure: BaseException | None = None  # why the loop died, if it did
         self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
@@ -126,14 +127,12 @@ class Batcher:
             return f"the model thread has been on one batch for over {self.stall_s:g} s"
         return None
 
-    def submit(self, items: Sequence[Any], deadline: float, ticket: Ticket | None = None) -> list[Future[Any]]:
-        """Queue prepared images; returns one Future per image (its feature row)."""
+    def submit(self, items: Sequence[Any], deadline: float, ticket: Ticket | None = None) -> list[Future[Encoded]]:
+        """Queue prepared images; returns one Future per image (its Encoded row)."""
         with self._cond:
-            futures: list[Future[Any]] = [Future() for _ in items]
+            futures: list[Future[Encoded]] = [Future() for _ in items]
             queued_at = time.monotonic()
-            for future in futures:
-                future.queued_at = queued_at  # type: ignore[attr-defined]  # for the queue-wait metric
-            self._queue.extend((t, f, deadline) for t, f in zip(items, futures))
+            self._queue.extend((t, f, deadline, queued_at) for t, f in zip(items, futures))
             self._release(ticket)  # queued and no longer preparing: the worker sees both at once
             self._cond.notify_all()
         return futures
@@ -146,7 +145,7 @@ class Batcher:
     def admitted(self) -> int:
         return self._admitted
 
-    def _next(self) -> tuple[Any, list[tuple[Any, Future[Any], float]] | None]:
+    def _next(self) -> tuple[Any, list[tuple[Any, Future[Encoded], float, float]] | None]:
         """The next piece of work: a job, or a batch of images; jobs and batches take turns."""
         with self._cond:
             self._cond.wait_for(lambda: self._queue or self._jobs)
@@ -195,30 +194,34 @@ class Batcher:
         except Exception as exc:
             future.set_exception(exc)
 
-    def _run_batch(self, batch: list[tuple[Any, Future[Any], float]]) -> None:
+    def _run_batch(self, batch: list[tuple[Any, Future[Encoded], float, float]]) -> None:
         now = time.monotonic()
         live = []
-        for item, future, deadline in batch:
+        for item, future, deadline, queued_at in batch:
             if not future.set_running_or_notify_cancel():
                 continue  # its request gave up (deadline): nobody is waiting
             if deadline < now:
                 future.set_exception(DeadlineExceeded())
             else:
-                live.append((item, future))
+                live.append((item, future, now - queued_at))
         if not live:
             return
         try:
-            features = self.encode([item for item, _ in live])
+            features = self.encode([item for item, _, _ in live])
         except Exception as exc:  # e.g. out of memory: fail these requests, keep serving
-            for _, future in live:
+            for _, future, _ in live:
                 future.set_exception(exc)
             return
         self.batches += 1
         self.images += len(live)
+        batch_id = (self.batches, len(live))
         if self.on_batch:
-            self.on_batch([future for _, future in live], now, time.monotonic() - now)
-        for row, (_, future) in zip(features, live):
-            future.set_result(row)
+            try:
+                self.on_batch(len(live), [waited for _, _, waited in live], time.monotonic() - now)
+            except Exception:  # a recording that fails never takes the model thread down
+                LOG.exception("on_batch failed")
+        for row, (_, future, _) in zip(features, live):
+            future.set_result(Encoded(row, batch_id))
 
 
 def wait(future: Future[T], deadline: float | None) -> T:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from .batcher import DeadlineExceeded
+from .errors import DeadlineExceeded
 
 # Bytes per pixel as Pillow holds a decoded image (RGB takes 4), by mode; anything else: 4.
 MODE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2, "LA": 4, "PA": 4}

@@ -28,7 +28,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
 from . import decode_bombs
-from .errors import ClientError
+from .errors import BadImage
 from .images import MAX_ASPECT, sniff
 
 if TYPE_CHECKING:
@@ -175,18 +175,18 @@ class DeviceDecoder:
 
 def admit(data: bytes, limits: decode_bombs.Limits, max_pixels: int) -> DeviceJpeg | None:
     """A request thread's whole check of one picture for the device path: the decode-bomb checks (a
-    ClientError 400 image_too_complex), then read_header(). One segment walk serves both."""
+    BadImage image_too_complex), then read_header(). One segment walk serves both."""
     fmt = sniff(data)
     shape = decode_bombs.jpeg_shape(data, limits) if fmt == "JPEG" else None
     problem = decode_bombs.shape_problem(shape, limits) if shape else decode_bombs.problem(fmt, data, limits)
     if problem:  # before any header parse
-        raise ClientError(400, "image_too_complex", problem)
+        raise BadImage("image_too_complex", problem)
     return read_header(data, max_pixels, shape)
 
 
 def read_header(data: bytes, max_pixels: int, shape: decode_bombs.JpegShape | None = None) -> DeviceJpeg | None:
     """A DeviceJpeg when the bytes are a plain baseline JPEG within the limits, else None (Pillow path:
-    it gives every refusal, 413 and 400 included, in its own words). shape: the file's segment walk,
+    it gives every refusal, image_too_large included, in its own words). shape: the file's segment walk,
     when the caller has made it already."""
     if sniff(data) != "JPEG":
         return None

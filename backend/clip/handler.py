@@ -2,15 +2,14 @@
 
 import logging
 import pathlib
-import re
 import threading
 import time
-import uuid
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from . import config, metrics
 from .decode_gate import trim_memory
 from .errors import ClientError
+from .measured import Measured
 from .request import parse_request
 
 if TYPE_CHECKING:
@@ -19,7 +18,6 @@ if TYPE_CHECKING:
 LOG = logging.getLogger("clip")
 SETTINGS = config.from_env()
 READY_PATHS = ("/ready", "/_/ready")
-REQUEST_ID = re.compile(r"[\w.-]{1,64}", re.ASCII)  # echoed in a header: ASCII only, fullmatch
 BIG_BODY = 4 << 20
 SERVICE: "Service | None" = None  # set once by init(); requests before that answer 503
 LOAD_ERROR: str | None = None  # why init() failed, said in every answer instead of "still loading"
@@ -36,12 +34,22 @@ def init() -> None:
 
     SHOWN.update(shown(SETTINGS.model, SETTINGS.pretrained))
     try:
-        SERVICE = Service(SETTINGS)
+        service = Service(SETTINGS)
     except WeightsUnavailable as exc:  # a setup problem a restart cannot fix: stay up, never ready, say why
         LOAD_ERROR = str(exc)  # answers and the page show it: it names the setting, never a path
         LOG.error("%s (the weights cache here: %s)", LOAD_ERROR, exc.weights_dir)
         threading.Event().wait()  # init never returns: the lock file is never written
-    metrics.watch(cast("Service", SERVICE))  # set: init() returns only once it is
+    service.batcher.on_batch = metrics.batch_done  # what each forward pass measured, recorded here
+    metrics.model_info(service.model.describe())
+    SERVICE = service
+    metrics.add_sampler(sample)
+
+
+def sample() -> None:
+    """Sets clip's gauges from the live service: queue, admission, label sets."""
+    if SERVICE is not None:
+        batcher = SERVICE.batcher
+        metrics.live(batcher.admitted, batcher.depth, SERVICE.label_sets_ready())
 
 
 def shutdown() -> None:
@@ -62,21 +70,21 @@ def handle(event: Any, context: Any) -> dict:
         return metrics.exposition(event)
     if event.path == "/openapi.json" and event.method in ("GET", "HEAD"):
         return {"statusCode": 200, "body": OPENAPI, "headers": {"Content-Type": "application/json"}}
-    request_id = event.headers.get("X-Request-Id", "")
-    request_id = request_id if REQUEST_ID.fullmatch(request_id) else uuid.uuid4().hex
-    return metrics.observe(event, request_id, lambda: respond(event, request_id))
+    return metrics.observe(event, lambda note: respond(event, note))
 
 
-def respond(event: Any, request_id: str) -> dict:
+def respond(event: Any, context: Any) -> dict:
+    """context: the request's id (context.request_id) and context.note(images=…, batches=…) for its
+    log line."""
     started = time.perf_counter()
     try:
-        status, body, headers = 200, route(event), {}
+        status, body, headers = 200, route(event, context), {}
     except ClientError as error:
         status, headers = error.status, error.headers
         body = {"error": error.body()}
     if len(event.body) >= BIG_BODY:  # its parsing (JSON lists, form parts) left freed memory in glibc's arenas
         trim_memory()
-    body["request_id"] = request_id
+    body["request_id"] = context.request_id
     if event.method == "POST":
         body["elapsed_ms"] = round((time.perf_counter() - started) * 1000, 1)
     return {
@@ -84,7 +92,7 @@ def respond(event: Any, request_id: str) -> dict:
         "body": body,
         "headers": {
             "Content-Type": "application/json",
-            "X-Request-Id": request_id,
+            "X-Request-Id": context.request_id,
             "Cache-Control": "no-store",
             **headers,
         },
@@ -97,7 +105,7 @@ def not_loaded() -> ClientError:
     return ClientError(503, "loading", "The model is still loading; try again in a few seconds.", {"Retry-After": "5"})
 
 
-def route(event: Any) -> dict:
+def route(event: Any, context: Any) -> dict:
     if event.method in ("GET", "HEAD"):
         if event.path in READY_PATHS:
             if SERVICE is None:
@@ -116,4 +124,16 @@ def route(event: Any) -> dict:
     if SERVICE is None:
         raise not_loaded()
     SERVICE.refuse_if_full()  # before parsing: a full function answers 429 whatever the body holds
-    return SERVICE.classify(parse_request(event, SERVICE.max_images))
+    request = parse_request(event, SERVICE.limits)  # validated at the door: the service sees no raw input
+    measured = Measured()
+    status, answer = 200, None
+    try:
+        answer = SERVICE.classify(request, measured)
+        return answer
+    except ClientError as error:
+        status = error.status
+        raise
+    finally:  # what the work measured, whether it answered or not
+        context.note(images=measured.images, batches=measured.batches)
+        metrics.work_done(measured.label_lookups, measured.fetches)
+        metrics.answered(status, answer, measured.images)

@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 from . import decode_bombs
 from .decode_bombs import Limits
 from .decode_gate import decode_cost
-from .errors import ClientError
+from .errors import BadImage
 
 # Magic bytes -> Pillow format; nothing else is ever handed to a decoder.
 MAGIC = (
@@ -57,21 +57,21 @@ def open_image(data: bytes, max_pixels: int, image_size: int, limits: Limits = L
     any pixel is decoded."""
     fmt = sniff(data)
     if fmt is None:
-        raise ClientError(400, "invalid_image", f"The data is not an image we can read ({SUPPORTED}).")
+        raise BadImage("invalid_image", f"The data is not an image we can read ({SUPPORTED}).")
     with _decoder_errors(fmt, max_pixels):
         problem = decode_bombs.problem(fmt, data, limits)
         if problem:
-            raise ClientError(400, "image_too_complex", problem)
+            raise BadImage("image_too_complex", problem)
         image = Image.open(io.BytesIO(data), formats=[fmt])
         width, height = image.size
         if width < 1 or height < 1:
-            raise ClientError(400, "invalid_image", "The image has no pixels.")
+            raise BadImage("invalid_image", "The image has no pixels.")
         if width * height > max_pixels:
-            raise ClientError(
-                413, "image_too_large", f"The image is {width}×{height} pixels; the limit is {max_pixels:,} pixels."
+            raise BadImage(
+                "image_too_large", f"The image is {width}×{height} pixels; the limit is {max_pixels:,} pixels."
             )
         if fmt == "PNG" and not _png_checksums_match(data):
-            raise ClientError(400, "invalid_image", "The PNG file is corrupt: a chunk's checksum does not match.")
+            raise BadImage("invalid_image", "The PNG file is corrupt: a chunk's checksum does not match.")
         if fmt == "PNG":
             _png_key_as_decoded(image, data)
         if fmt == "JPEG" and min(width, height) >= 2 * image_size:
@@ -102,20 +102,20 @@ def load_image(
 
 @contextmanager
 def _decoder_errors(fmt: str, max_pixels: int | None) -> Iterator[None]:
-    """Whatever a decoder raises on bad data becomes a plain-worded ClientError."""
+    """Whatever a decoder raises on bad data becomes a plain-worded BadImage."""
     try:
         yield
-    except ClientError:
+    except BadImage:
         raise
     except (Image.DecompressionBombError, MemoryError):
         limit = f"the limit of {max_pixels:,} pixels" if max_pixels else "the memory limit"
-        raise ClientError(413, "image_too_large", f"The image is over {limit}.") from None
+        raise BadImage("image_too_large", f"The image is over {limit}.") from None
     except Image.UnidentifiedImageError:  # its message names a Python object: say it plainly instead
-        raise ClientError(400, "invalid_image", f"The data starts like a {fmt} file but is not a valid one.") from None
+        raise BadImage("invalid_image", f"The data starts like a {fmt} file but is not a valid one.") from None
     except Exception as exc:  # Pillow raises many types on corrupt data; all of them mean bad input
         reason = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the data", str(exc))[:120]  # no object addresses
-        raise ClientError(
-            400, "invalid_image", f"The {fmt} image could not be decoded ({type(exc).__name__}: {reason})."
+        raise BadImage(
+            "invalid_image", f"The {fmt} image could not be decoded ({type(exc).__name__}: {reason})."
         ) from None
 
 

@@ -20,8 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from open_clip import zero_shot_metadata as imagenet
 
-from . import metrics
-from .batcher import DeadlineExceeded
+from .errors import DeadlineExceeded
 
 if TYPE_CHECKING:
     import torch
@@ -58,6 +57,21 @@ class LabelSet:
     @property
     def labels(self) -> tuple[str, ...]:  # shown to users: underscores as spaces
         return tuple(c.replace("_", " ") for c in self.classes)
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """Custom labels looked up in the embedding cache (LabelStore.look_up): found (hits), being encoded
+    for another request (shared), or this request's to encode (misses)."""
+
+    labels: tuple[str, ...]
+    rows: dict[str, np.ndarray]
+    others: dict[str, Future[dict[str, np.ndarray]]]
+    mine: list[str]
+    future: Future[dict[str, np.ndarray]]
+
+    def counts(self) -> dict[str, int]:
+        return {"hit": len(self.rows), "miss": len(self.mine), "shared": len(self.others)}
 
 
 LABEL_SETS = {
@@ -235,9 +249,13 @@ class LabelStore:
             return sum(label not in self._lru for label in dict.fromkeys(labels))
 
     def custom(self, labels: Sequence[str], deadline: float | None = None) -> np.ndarray:
-        """Embeddings for user labels; each label is encoded once and kept in a bounded LRU. A label
-        another request is encoding right now is waited for, not encoded a second time. Past the
-        deadline (time.monotonic()), raises DeadlineExceeded."""
+        """Embeddings for user labels: look_up() then embed()."""
+        return self.embed(self.look_up(labels), deadline)
+
+    def look_up(self, labels: Sequence[str]) -> "Lookup":
+        """Which of the labels are cached, being encoded for another request, or this one's to encode
+        (claimed now: a request arriving later waits for this one's encoding instead of encoding them
+        a second time). The Lookup says how many of each; embed() finishes it."""
         unique = list(dict.fromkeys(labels))
         with self._lock:
             rows = {label: self._lru[label] for label in unique if label in self._lru}
@@ -246,7 +264,13 @@ class LabelStore:
             future: Future[dict[str, np.ndarray]] = Future()
             for label in mine:
                 self._encoding[label] = future
-        metrics.label_lookups(hits=len(rows), misses=len(mine), shared=len(others))
+        return Lookup(tuple(labels), rows, others, mine, future)
+
+    def embed(self, lookup: "Lookup", deadline: float | None = None) -> np.ndarray:
+        """The looked-up labels' embeddings, in their order: each label is encoded once and kept in a
+        bounded LRU; one another request is encoding right now is waited for. Past the deadline
+        (time.monotonic()), raises DeadlineExceeded."""
+        rows, mine, future = dict(lookup.rows), lookup.mine, lookup.future
         if mine:
             try:
                 fresh = dict(
@@ -259,14 +283,14 @@ class LabelStore:
             self._forget_encoding(mine, fresh)
             future.set_result(fresh)
             rows.update(fresh)
-        for label, pending in others.items():
+        for label, pending in lookup.others.items():
             try:
                 rows[label] = pending.result(None if deadline is None else max(0.0, deadline - time.monotonic()))[label]
             except FutureTimeout:
                 raise DeadlineExceeded() from None
         with self._lock:
             self._remember(rows)
-        return np.stack([rows[label] for label in labels])
+        return np.stack([rows[label] for label in lookup.labels])
 
     def _forget_encoding(self, labels: Iterable[str], rows: dict[str, np.ndarray] | None = None) -> None:
         with self._lock:

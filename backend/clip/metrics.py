@@ -1,7 +1,8 @@
 """What the clip function says about itself: Prometheus metrics (GET /metrics) and one log line per request.
 
-The handler stays pure: handle() routes /metrics to exposition() and wraps each request in observe();
-the service reports through small hooks (note_images, rode, on_batch, fetch and label-cache counts).
+The handler stays pure: handle() routes /metrics to exposition() and wraps each request in observe().
+This module imports nothing of clip's core but its error catalogue: the core returns what it measured
+(measured.Measured, the batcher's on_batch callback) and the handler, the edge, records it here.
 
 With PROMETHEUS_MULTIPROC_DIR set (the template host sets it when it runs several worker processes),
 every worker writes its samples to that directory and a scrape, whichever worker answers it, reads them
@@ -9,9 +10,6 @@ all: the figures are the function's, not one worker's. Gauges say how workers co
 and a sampler thread keeps each worker's gauges current, since a scrape cannot call into other workers.
 """
 
-from __future__ import annotations
-
-import functools
 import json
 import logging
 import os
@@ -19,9 +17,9 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from prometheus_client import (
     REGISTRY,
@@ -34,11 +32,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import choose_encoder
 
-if TYPE_CHECKING:
-    from .service import Service
-
-P = ParamSpec("P")
-R = TypeVar("R")
+from .errors import ERROR_CODES
 
 disable_created_metrics()  # the *_created series double the output and no dashboard reads them
 
@@ -51,35 +45,7 @@ LOG = logging.getLogger("clip.metrics")
 # Label values that come from a request take values from closed sets only: each new value is a series
 # kept for good, so a client that made up methods (or codes) would grow every scrape and the memory.
 METHODS = ("GET", "HEAD", "POST")  # any other method is counted as "other"
-# the error catalogue (docs/api.md): every code clip answers; any other is counted as "other"
-ERROR_CODES = frozenset(
-    {
-        "deadline_exceeded",
-        "image_too_complex",
-        "image_too_large",
-        "internal_error",
-        "invalid_form",
-        "invalid_image",
-        "invalid_json",
-        "invalid_labels",
-        "invalid_option",
-        "label_set_warming",
-        "loading",
-        "method_not_allowed",
-        "missing_image",
-        "model_unavailable",
-        "queue_full",
-        "too_many_images",
-        "too_many_labels",
-        "too_many_parts",
-        "unknown_label_set",
-        "url_disabled",
-        "url_refused",
-        "url_timeout",
-        "url_too_large",
-        "url_unreachable",
-    }
-)
+REQUEST_ID = re.compile(r"[\w.-]{1,64}", re.ASCII)  # echoed in a header: ASCII only, fullmatch
 LOGGED_CHARS = 32  # a request's own field (its method) in the log line, at most
 
 REQUESTS = Counter(
@@ -133,9 +99,6 @@ MODEL = Gauge(
 _samplers: list = []  # callables that set gauges from live state
 _refresh_lock = threading.Lock()
 _sampler_pid: list[int | None] = [None]
-_local = threading.local()
-_batch_lock = threading.Lock()
-_batch_seq = [0]
 
 
 # ---- exposition ------------------------------------------------------------------------------------
@@ -234,118 +197,97 @@ def forget_dead_workers() -> None:
             pass
 
 
-# ---- the service's hooks -------------------------------------------------------------------------
+# ---- what the core measured, recorded here by the edge ---------------------------------------------
 
 
-def watch(service: Service) -> None:
-    """Gauges that read the warm service: queue, admission, label sets, model."""
-    info = service.model.describe()
-    MODEL.labels(info["model"], info["pretrained"], info["device"], info["dtype"], str(info["untrained"]).lower()).set(
-        1
-    )
-    service.batcher.on_batch = on_batch
-
-    from .labels import LABEL_SETS  # torch is loaded by now; importing it earlier would slow start-up
-
-    def sample() -> None:
-        ADMITTED.set(service.batcher.admitted)
-        QUEUED.set(service.batcher.depth)
-        for name in LABEL_SETS:
-            LABEL_SET_READY.labels(name).set(1 if service.labels.ready(name) else 0)
-
+def add_sampler(sample: Callable[[], None]) -> None:
+    """sample() sets gauges from live state: before each scrape, and every few seconds per worker."""
     _samplers.append(sample)
     refresh()
 
 
-def on_batch(futures: list[Future[Any]], started: float, encode_s: float) -> None:
-    """Called by the batcher's thread after each forward pass, before the results are handed out."""
-    try:
-        with _batch_lock:
-            _batch_seq[0] += 1
-            batch = (_batch_seq[0], len(futures))
-        BATCH_SIZE.observe(len(futures))
-        ENCODE.observe(encode_s)
-        for future in futures:
-            future.batch = batch  # type: ignore[attr-defined]
-            QUEUE_WAIT.observe(max(0.0, started - getattr(future, "queued_at", started)))
-    except Exception:  # never take the model thread down
-        LOG.exception("batch metrics failed")
+def model_info(info: Mapping[str, Any]) -> None:
+    MODEL.labels(info["model"], info["pretrained"], info["device"], info["dtype"], str(info["untrained"]).lower()).set(
+        1
+    )
 
 
-def note_images(count: int) -> None:
-    record = getattr(_local, "record", None)
-    if record is not None:
-        record["images"] = count
+def live(admitted: int, queued: int, label_sets_ready: Mapping[str, bool]) -> None:
+    ADMITTED.set(admitted)
+    QUEUED.set(queued)
+    for name, ready in label_sets_ready.items():
+        LABEL_SET_READY.labels(name).set(1 if ready else 0)
 
 
-def rode(future: Future[Any]) -> None:
-    """The request on this thread got a row from `future`: remember which batch carried it."""
-    record = getattr(_local, "record", None)
-    batch = getattr(future, "batch", None)
-    if record is not None and batch is not None and batch not in record["batches"]:
-        record["batches"].append(batch)
+def batch_done(size: int, waits_s: Iterable[float], encode_s: float) -> None:
+    """The batcher's on_batch: one forward pass of `size` images, each having waited waits_s."""
+    BATCH_SIZE.observe(size)
+    ENCODE.observe(encode_s)
+    for waited in waits_s:
+        QUEUE_WAIT.observe(max(0.0, waited))
 
 
-def label_lookups(hits: int, misses: int, shared: int) -> None:
-    for result, count in (("hit", hits), ("miss", misses), ("shared", shared)):
+def work_done(label_lookups: Mapping[str, int], fetches: Iterable[str]) -> None:
+    """One request's custom-label lookups ({hit, miss, shared}: counts) and URL fetch outcomes."""
+    for result, count in label_lookups.items():
         if count:
             LABEL_CACHE.labels(result).inc(count)
+    for outcome in fetches:
+        URL_FETCHES.labels("ok" if outcome == "ok" else code_label(outcome)).inc()
 
 
-def counts_fetches(fetch: Callable[P, R]) -> Callable[P, R]:
-    """Decorates url_input.fetch: every URL input counted by outcome."""
+def answered(status: int, body: object, images: int | None) -> None:
+    """Images classified by an answer, and images shed by a 429 (when the request's count is known)."""
+    classified = _predictions(body)
+    if classified:
+        IMAGES.inc(classified)
+    if status == 429 and images:
+        SHED.inc(images)
 
-    @functools.wraps(fetch)
-    def counted(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            data = fetch(*args, **kwargs)
-        except Exception as error:
-            URL_FETCHES.labels(code_label(getattr(error, "code", "error"))).inc()
-            raise
-        URL_FETCHES.labels("ok").inc()
-        return data
 
-    return counted
+class Note:
+    """The request's id and what the handler notes of it for the log line: note(images=…, batches=…)."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.fields: dict[str, Any] = {}
+
+    def note(self, **fields: Any) -> None:
+        self.fields.update(fields)
 
 
 # ---- per request: counters and the log line ------------------------------------------------------
 
 
-def observe(event: Any, request_id: str, answer: Callable[[], dict]) -> dict:
-    """Run answer() (the handler's work) for one request; count it and log one line about it."""
+def observe(event: Any, answer: Callable[[Note], dict]) -> dict:
+    """Run answer(note) (the handler's work) for one request; count it and log one line about it."""
     started = time.perf_counter()
     _ensure_sampler()
-    record: dict = {"images": None, "batches": []}
-    _local.record = record
+    request_id = event.headers.get("X-Request-Id", "")
+    note = Note(request_id if REQUEST_ID.fullmatch(request_id) else uuid.uuid4().hex)
     result: dict = {"statusCode": 500, "body": {"error": {"code": "internal_error"}}}
     try:
-        result = answer()
+        result = answer(note)
         return result
     finally:
-        _local.record = None
         elapsed = time.perf_counter() - started
         status = int(result.get("statusCode", 200))
         body = result.get("body")
         error = body.get("error") if isinstance(body, dict) else None
         code = error.get("code", "") if isinstance(error, dict) else ""
-        classified = _predictions(body)
-        images = record["images"] if record["images"] is not None else classified
+        images = note.fields.get("images")
         REQUESTS.labels(method_label(event.method), str(status), code_label(code)).inc()
         if event.method == "POST":
             DURATION.observe(elapsed)
-        if classified:
-            IMAGES.inc(classified)
-        if status == 429 and images:
-            SHED.inc(images)
         log_request(
-            request_id,
+            note.request_id,
             clipped(event.method),
             status,
             clipped(code),
-            images,
+            images if images is not None else _predictions(body),
             len(event.body or b""),
             elapsed,
-            record["batches"],
+            note.fields.get("batches", []),
         )
 
 

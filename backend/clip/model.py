@@ -45,7 +45,6 @@ class ClipModel:
     logit_scale: float
     dtype_setting: str = "fp32"  # CLIP_DTYPE as given
     dtype_reason: str = ""  # why this dtype (GET /, logs, scripts/bench)
-    max_batch: int = 8  # CLIP_MAX_BATCH's default for this device and dtype
 
     def __post_init__(self) -> None:
         # Split open_clip's transform at ToTensor: the PIL half (resize, crop, mode) runs in request
@@ -178,7 +177,6 @@ def create(
         logit_scale=logit_scale,
         dtype_setting=chosen.setting,
         dtype_reason=chosen.reason,
-        max_batch=precision.default_max_batch(dev.type, chosen.dtype),
     )
 
 

@@ -1,13 +1,13 @@
 """Request options (top_k, labels, label_set): validated, with a clear 400 for anything off."""
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from werkzeug.datastructures import MultiDict
 
 from .errors import ClientError
-from .labels import LABEL_SETS
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -20,21 +20,38 @@ class Options:
     labels: tuple = ()  # custom labels, when given
 
 
+@dataclass(frozen=True)
+class OptionRules:
+    """What options are checked against: the label sets there are, and the settings' defaults and limits."""
+
+    label_sets: Collection[str]
+    top_k: int  # CLIP_TOP_K
+    default_label_set: str  # CLIP_LABEL_SET
+    max_labels: int  # CLIP_MAX_LABELS
+    max_label_chars: int  # CLIP_MAX_LABEL_CHARS
+
+    @classmethod
+    def of(cls, settings: "Settings", label_sets: Collection[str]) -> "OptionRules":
+        return cls(
+            tuple(label_sets), settings.top_k, settings.default_label_set, settings.max_labels, settings.max_label_chars
+        )
+
+
 def _one(options: MultiDict[str, Any], key: str) -> Any:
     values = options.getlist(key)
     return values[-1] if values else None
 
 
-def parse_options(options: MultiDict[str, Any], settings: "Settings") -> Options:
-    top_k = _parse_top_k(_one(options, "top_k"), settings.top_k)
-    labels = _parse_labels(options.getlist("labels"), settings)
+def parse_options(options: MultiDict[str, Any], rules: OptionRules) -> Options:
+    top_k = _parse_top_k(_one(options, "top_k"), rules.top_k)
+    labels = _parse_labels(options.getlist("labels"), rules)
     label_set = _one(options, "label_set")
     if label_set is None or label_set == "":
-        label_set = settings.default_label_set
-    if not isinstance(label_set, str) or label_set not in LABEL_SETS:
+        label_set = rules.default_label_set
+    if not isinstance(label_set, str) or label_set not in rules.label_sets:
         shown = repr(label_set)[:60]
         raise ClientError(
-            400, "unknown_label_set", f"Unknown label_set {shown}; choose one of: {', '.join(LABEL_SETS)}."
+            400, "unknown_label_set", f"Unknown label_set {shown}; choose one of: {', '.join(rules.label_sets)}."
         )
     if labels:
         return Options(top_k=top_k, label_set="custom", labels=labels)
@@ -72,7 +89,7 @@ def _parse_top_k(value: Any, default: int) -> int:
     return top_k  # larger than the label count is clamped where the count is known
 
 
-def _parse_labels(values: list[Any], settings: "Settings") -> tuple[str, ...]:
+def _parse_labels(values: list[Any], rules: OptionRules) -> tuple[str, ...]:
     """labels: a JSON list of strings (a JSON body's list, or text starting with '[' in the query or a
     form), or comma-separated text."""
     values = [v for v in values if not (isinstance(v, str) and not v.strip())]  # an empty form field
@@ -91,11 +108,9 @@ def _parse_labels(values: list[Any], settings: "Settings") -> tuple[str, ...]:
     labels = list(dict.fromkeys(label.strip() for label in labels if label.strip()))
     if not labels:
         raise ClientError(400, "invalid_labels", "labels was given but holds no label.")
-    if len(labels) > settings.max_labels:
-        raise ClientError(
-            400, "too_many_labels", f"{len(labels)} labels sent; at most {settings.max_labels} per request."
-        )
-    too_long = next((label for label in labels if len(label) > settings.max_label_chars), None)
+    if len(labels) > rules.max_labels:
+        raise ClientError(400, "too_many_labels", f"{len(labels)} labels sent; at most {rules.max_labels} per request.")
+    too_long = next((label for label in labels if len(label) > rules.max_label_chars), None)
     if too_long is not None:
-        raise ClientError(400, "invalid_labels", f"Each label may have at most {settings.max_label_chars} characters.")
+        raise ClientError(400, "invalid_labels", f"Each label may have at most {rules.max_label_chars} characters.")
     return tuple(labels)

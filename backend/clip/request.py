@@ -1,16 +1,15 @@
-"""A request's body -> its pictures (one Item each, in input order) and its raw options.
+"""The door: a request -> its pictures (one Item each, in input order) and its validated options.
 
-Every accepted form (raw bytes, multipart, base64 or a data URL, JSON) is sorted here, so the service
-sees one shape whatever was sent. A picture refused while parsing (bad base64) is an Item with its
-error: it fails alone in a batch, the others go on."""
+Every accepted form (raw bytes, multipart, base64 or a data URL, JSON) is sorted here and the options
+checked, so the service sees one shape whatever was sent and never raw input. A picture refused while
+parsing (bad base64) is an Item with its error: it fails alone in a batch, the others go on."""
 
 import base64
 import binascii
 import io
 import json
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
@@ -22,6 +21,7 @@ from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDeco
 
 from .errors import ClientError
 from .images import SUPPORTED, sniff
+from .options import OptionRules, Options, parse_options
 
 DATA_URL = re.compile(r"^data:([\w.+/-]*)((?:;[\w=.+-]+)*?)(;base64)?,", re.I)
 OPTION_KEYS = ("top_k", "labels", "label_set")
@@ -44,19 +44,29 @@ class Item:
     prepared: object = None  # np.ndarray, or a device_decode.DeviceJpeg
     features: np.ndarray | None = None
 
-    def result(self, rank: Callable[[np.ndarray], list[dict]]) -> dict:
-        """Its entry in the answer; rank(features) -> predictions."""
-        if self.error:
-            return {"error": self.error.body()}
-        return {"predictions": rank(cast(np.ndarray, self.features))}  # no error: features are set
+
+@dataclass(frozen=True)
+class Limits:
+    """What the door checks a request against: pictures per request, and the options' rules."""
+
+    max_images: int
+    options: OptionRules
 
 
+@dataclass
 class Request:
-    """What one request asks: its pictures, in input order, and its options (not yet validated)."""
+    """What one request asks: its pictures, in input order, and its options, checked."""
 
-    def __init__(self) -> None:
-        self.items: list[Item] = []
-        self.options: MultiDict[str, Any] = MultiDict()
+    items: list[Item]
+    options: Options
+
+
+@dataclass
+class Body:
+    """A body sorted into pictures and options as sent (not yet checked)."""
+
+    items: list[Item] = field(default_factory=list)
+    options: MultiDict[str, Any] = field(default_factory=MultiDict)
 
     def add_bytes(self, data: bytes) -> None:
         self.items.append(Item(data=data))
@@ -81,41 +91,47 @@ class Request:
         return [item.url for item in self.items if item.url is not None]
 
 
-def parse_request(event: Any, max_images: int) -> Request:
+def parse_request(event: Any, limits: Limits) -> Request:
+    """The request's pictures and checked options; a ClientError for anything refused as a whole."""
+    body = sort_body(event, limits.max_images)
+    return Request(body.items, parse_options(body.options, limits.options))
+
+
+def sort_body(event: Any, max_images: int) -> Body:
     """Sort the body into pictures and options by content type, sniffing raw bodies."""
-    request = Request()
+    found = Body()
     for key in OPTION_KEYS:
         for value in event.query.getlist(key):
-            request.options.add(key, value)
+            found.options.add(key, value)
     mimetype, params = parse_options_header(event.headers.get("Content-Type", ""))
     body = event.body
     if mimetype == "multipart/form-data":
-        _from_form(request, body, mimetype, params, max_images)
+        _from_form(found, body, mimetype, params, max_images)
     elif sniff(body):  # raw image bytes, whatever the Content-Type says
-        request.add_bytes(body)
-    elif mimetype == "application/x-www-form-urlencoded" and _from_form(request, body, mimetype, params, max_images):
+        found.add_bytes(body)
+    elif mimetype == "application/x-www-form-urlencoded" and _from_form(found, body, mimetype, params, max_images):
         pass
     elif mimetype == "application/json" or body.lstrip()[:1] == b"{":
-        _from_json(request, body, max_images)
+        _from_json(found, body, max_images)
     elif body.strip():  # base64 or a data URL (curl -d sends these as a urlencoded "form")
-        request.add_text(body)
-    if not request.items:
+        found.add_text(body)
+    if not found.items:
         raise ClientError(
             400,
             "missing_image",
             "No image in the request: send image bytes, a multipart "
             "field named 'image', base64 or a data URL, or JSON {\"image\": …}.",
         )
-    if len(request.items) > max_images:
+    if len(found.items) > max_images:
         raise _too_many(max_images)
-    return request
+    return found
 
 
 def _too_many(max_images: int) -> ClientError:
     return ClientError(400, "too_many_images", f"At most {max_images} images per request.")
 
 
-def _from_form(request: Request, body: bytes, mimetype: str, params: dict[str, str], max_images: int) -> bool:
+def _from_form(into: Body, body: bytes, mimetype: str, params: dict[str, str], max_images: int) -> bool:
     """Adds the form's images, URLs and options in the order the parts arrived; False if it held neither
     image nor url field."""
     max_parts = max_images + FORM_EXTRA_PARTS
@@ -135,17 +151,17 @@ def _from_form(request: Request, body: bytes, mimetype: str, params: dict[str, s
             if name == "image":
                 found = True
                 if value:  # a browser sends an empty part when no file was chosen
-                    request.add_bytes(value)
+                    into.add_bytes(value)
         elif name in OPTION_KEYS:
-            request.options.add(name, value)
+            into.options.add(name, value)
         elif name == "image":
             found = True
             if value.strip():
-                request.add_text(value.encode())
+                into.add_text(value.encode())
         elif name == "url":
             found = True
             if value.strip():
-                request.add_url(value.strip())
+                into.add_url(value.strip())
     return found
 
 
@@ -228,11 +244,11 @@ class _UpToBoundaries(io.BytesIO):
         return super().read(size)
 
 
-def _from_json(request: Request, body: bytes, max_images: int) -> None:
+def _from_json(into: Body, body: bytes, max_images: int) -> None:
     doc = _json_object(body)
     for key in OPTION_KEYS:
         if key in doc:
-            request.options.setlist(key, [doc[key]])  # the body's value wins over the query's
+            into.options.setlist(key, [doc[key]])  # the body's value wins over the query's
     texts = []
     if "image" in doc:
         texts.append(doc["image"])
@@ -245,11 +261,11 @@ def _from_json(request: Request, body: bytes, max_images: int) -> None:
     for text in texts:
         if not isinstance(text, str):
             raise ClientError(400, "invalid_json", "Each image must be a base64 string or a data URL.")
-        request.add_text(text.encode())
+        into.add_text(text.encode())
     if "url" in doc:
         if not isinstance(doc["url"], str) or not doc["url"].strip():
             raise ClientError(400, "invalid_json", "'url' must be a non-empty string.")
-        request.add_url(doc["url"].strip())
+        into.add_url(doc["url"].strip())
 
 
 def _json_object(body: bytes) -> dict[str, Any]:

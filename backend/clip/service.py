@@ -10,16 +10,17 @@ from typing import Any, cast
 import numpy as np
 from PIL import Image
 
-from . import config, device_decode, metrics, url_input
+from . import config, device_decode, precision, url_input
 from . import model as model_module
-from .batcher import Batcher, DeadlineExceeded, QueueFull, Ticket, wait
+from .batcher import Batcher, Encoded, Ticket, wait
 from .config import Settings
 from .decode_gate import DecodeGate
-from .errors import ClientError
+from .errors import BadImage, ClientError, DeadlineExceeded, QueueFull
 from .images import decode, open_image
 from .labels import LABEL_SETS, LabelStore
-from .options import Options, parse_options
-from .request import Item, Request
+from .measured import Measured
+from .options import OptionRules, Options
+from .request import Item, Limits, Request
 
 LOG = logging.getLogger("clip")
 
@@ -32,7 +33,8 @@ class Service:
         self.model = model_module.create(
             settings.model, settings.pretrained, settings.device, settings.cache_dir, self.threads, settings.dtype
         )
-        self.max_batch = settings.max_batch or self.model.max_batch  # unset: chosen per device and dtype
+        # unset: chosen for the device and dtype the model was loaded with
+        self.max_batch = settings.max_batch or precision.default_max_batch(self.model.device.type, self.model.dtype)
         self.device_decoder = _device_decoder(self.model, settings.device_decode)
         encode = self.device_decoder.encode if self.device_decoder else self.model.encode_prepared
         self.batcher = Batcher(
@@ -47,10 +49,12 @@ class Service:
                 self.max_images,
                 settings.max_images,
             )
+        # what the door (request.parse_request) checks each request against
+        self.limits = Limits(self.max_images, OptionRules.of(settings, LABEL_SETS))
         # Decoding beyond the cores only slows the forward pass and holds more pixels in memory.
         self.decoder_count = settings.decoders or self.threads
         self.gate = DecodeGate(self.decoder_count, settings.decode_memory_mb << 20, settings.heavy_pixels)
-        self.limits = settings.structure_limits()
+        self.structure_limits = settings.structure_limits()
         # A batch request's pictures wait for the gate side by side; the gate decides who decodes.
         self.pool = ThreadPoolExecutor(max_workers=max(1, settings.max_queue), thread_name_prefix="decode")
         self.labels = LabelStore(
@@ -121,9 +125,14 @@ class Service:
             answer["warning"] = "Random, untrained weights (CLIP_PRETRAINED=none): predictions are meaningless."
         return answer
 
-    def label_matrix(self, options: Options, deadline: float) -> tuple[tuple[str, ...], np.ndarray]:
+    def label_sets_ready(self) -> dict[str, bool]:
+        return {name: self.labels.ready(name) for name in LABEL_SETS}
+
+    def label_matrix(self, options: Options, deadline: float, measured: Measured) -> tuple[tuple[str, ...], np.ndarray]:
         if options.labels:
-            return options.labels, self.labels.custom(options.labels, deadline)
+            lookup = self.labels.look_up(options.labels)
+            measured.label_lookups = lookup.counts()
+            return options.labels, self.labels.embed(lookup, deadline)
         embeddings = self.labels.get_set(options.label_set)
         if embeddings is None:
             raise ClientError(
@@ -146,18 +155,19 @@ class Service:
         if self.batcher.full():
             raise _queue_full()
 
-    def classify(self, request: Request) -> dict:
-        """Raises ClientError for request-wide problems; per-image problems land in their result."""
+    def classify(self, request: Request, measured: Measured | None = None) -> dict:
+        """The answer to a request the door has checked. Raises ClientError for request-wide problems;
+        per-image problems land in their result. `measured` is filled with what the work measured."""
+        measured = measured if measured is not None else Measured()
         s = self.settings
-        items = request.items
-        metrics.note_images(len(items))
+        items, options = request.items, request.options
+        measured.images = len(items)
         deadline = time.monotonic() + s.deadline_s
-        options = parse_options(request.options, s)
         try:
             with self.batcher.admit(self.admission(items, options)) as ticket:  # refused before any work
-                labels, embeddings = self.label_matrix(options, deadline)
-                self._prepare_all(items, deadline)
-                self._encode(items, deadline, ticket)
+                labels, embeddings = self.label_matrix(options, deadline, measured)
+                self._prepare_all(items, deadline, measured)
+                self._encode(items, deadline, ticket, measured)
         except QueueFull:
             raise _queue_full() from None
         except DeadlineExceeded:
@@ -167,66 +177,79 @@ class Service:
         if len(items) == 1 and items[0].error:
             raise items[0].error
         top_k = min(options.top_k, len(labels))
-        results = [item.result(lambda features: self.rank(features, labels, embeddings, top_k)) for item in items]
+        results = [self._result(item, labels, embeddings, top_k) for item in items]
         answer = {"label_set": options.label_set, **self.identity()}
         return {**results[0], **answer} if len(items) == 1 else {"results": results, **answer}
 
-    def _prepare_all(self, items: list[Item], deadline: float) -> None:
+    def _result(self, item: Item, labels: Sequence[str], embeddings: np.ndarray, top_k: int) -> dict:
+        """The item's entry in the answer: its predictions, or the error that stopped it."""
+        if item.error:
+            return {"error": item.error.body()}
+        return {"predictions": self.rank(cast(np.ndarray, item.features), labels, embeddings, top_k)}
+
+    def _prepare_all(self, items: list[Item], deadline: float, measured: Measured) -> None:
         """Fetch, decode and preprocess every picture, a batch's pictures in parallel."""
         if len(items) == 1:
-            self._prepare(items[0], deadline)
+            self._prepare(items[0], deadline, measured)
         else:
-            for done in [self.pool.submit(self._prepare, item, deadline) for item in items]:
+            for done in [self.pool.submit(self._prepare, item, deadline, measured) for item in items]:
                 done.result()  # each is bounded by the deadline itself
 
-    def _prepare(self, item: Item, deadline: float) -> None:
+    def _prepare(self, item: Item, deadline: float, measured: Measured) -> None:
         if item.error:
             return
-        s = self.settings
         try:
-            data = (
-                cast(bytes, item.data)  # no URL: bytes
-                if item.url is None
-                else url_input.fetch(
-                    item.url, s.url_allow_hosts, s.url_timeout_s, s.url_max_bytes, allow_networks=s.url_allow_networks
-                )
-            )
+            data = cast(bytes, item.data) if item.url is None else self._fetch(item.url, measured)  # no URL: bytes
             item.prepared = self._for_device(data) or self._with_pillow(data, deadline)
         except ClientError as error:
             item.error = error
+        except BadImage as refused:
+            item.error = refused.as_client_error()
+
+    def _fetch(self, url: str, measured: Measured) -> bytes:
+        s = self.settings
+        try:
+            data = url_input.fetch(
+                url, s.url_allow_hosts, s.url_timeout_s, s.url_max_bytes, allow_networks=s.url_allow_networks
+            )
+        except ClientError as error:
+            measured.fetched(error.code)
+            raise
+        measured.fetched("ok")
+        return data
 
     def _for_device(self, data: bytes) -> device_decode.DeviceJpeg | None:
         """The bytes themselves, header-checked, when the model's device decodes them; else None."""
         if not self.device_decoder:
             return None
-        return device_decode.admit(data, self.limits, self.settings.max_pixels)
+        return device_decode.admit(data, self.structure_limits, self.settings.max_pixels)
 
     def _with_pillow(self, data: bytes, deadline: float) -> np.ndarray:
-        opened = open_image(data, self.settings.max_pixels, self.model.image_size, self.limits)
+        opened = open_image(data, self.settings.max_pixels, self.model.image_size, self.structure_limits)
         with self.gate.enter(opened.pixels, opened.cost, deadline):
             return self.model.prepare(decode(opened))
 
-    def _encode(self, items: list[Item], deadline: float, ticket: Ticket) -> None:
+    def _encode(self, items: list[Item], deadline: float, ticket: Ticket, measured: Measured) -> None:
         ready = [item for item in items if not item.error]
         if not ready:
             return
         futures = self.batcher.submit([item.prepared for item in ready], deadline, ticket)
         for item, future in zip(ready, futures):
             item.prepared = None  # the batcher holds it now; the request need not
-            self._features(item, future, deadline)
+            self._features(item, future, deadline, measured)
 
-    def _features(self, item: Item, future: Future[Any], deadline: float) -> None:
+    def _features(self, item: Item, future: Future[Encoded], deadline: float, measured: Measured) -> None:
         """The item's feature row; a JPEG the device could not decode goes through Pillow instead."""
-        row = wait(future, deadline)
-        if isinstance(row, device_decode.Refused):
+        encoded = wait(future, deadline)
+        if isinstance(encoded.row, device_decode.Refused):
             try:
-                future = self.batcher.submit([self._with_pillow(row.data, deadline)], deadline)[0]
-            except ClientError as error:
-                item.error = error
+                future = self.batcher.submit([self._with_pillow(encoded.row.data, deadline)], deadline)[0]
+            except BadImage as refused:
+                item.error = refused.as_client_error()
                 return
-            row = wait(future, deadline)
-        item.features = row.numpy()
-        metrics.rode(future)
+            encoded = wait(future, deadline)
+        item.features = encoded.row.numpy()
+        measured.rode(encoded.batch)
 
     def rank(self, features: np.ndarray, labels: Sequence[str], embeddings: np.ndarray, top_k: int) -> list[dict]:
         """softmax(logit_scale × cosine) over all labels, in numpy: request threads never run torch."""

@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 from urllib.parse import SplitResult, urljoin, urlsplit
 
-from . import metrics
 from .errors import ClientError
 
 MAX_REDIRECTS = 3
@@ -122,7 +121,6 @@ def check_url(
     return parts, addresses
 
 
-@metrics.counts_fetches
 def fetch(
     url: str,
     allow_hosts: Sequence[str],
