@@ -1,87 +1,131 @@
-"""Every knob of the clip function, read once from the environment (configuration as data)."""
+"""Every setting of the clip function, declared once (type, default, allowed values or range) with the
+template host's settings.Setting, and read and checked together by from_env(). The handler calls it
+when the host imports it, at start: a bad value (CLIP_MAX_BATCH=eight, CLIP_DTYPE=fp64) stops the
+function there with one line naming the variable, the value and what is allowed (settings.SettingError),
+never later when a request or the model meets it. The host's own settings (MAX_BODY_BYTES,
+FUNCTION_WORKERS) are the host's declarations, read, not declared again. docs/configuration.md is held
+to these declarations by tests/test_configuration_table.py."""
 
 import math
 import os
-from dataclasses import dataclass, field
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Any
+
+import settings
+from settings import Setting
 
 from .decode_bombs import Limits
 from .url_input import parse_networks
 
-T = TypeVar("T")
+# Names clip declares choices with here, where torch may not be imported (a test holds each equal to its
+# module's: labels.LABEL_SETS, precision.SETTINGS, device_decode.MODES).
+LABEL_SET_NAMES = ("cifar100", "cifar10", "imagenet1k")
+DTYPE_SETTINGS = ("auto", "fp32", "bf16", "fp16")
+DEVICE_DECODE_MODES = ("auto", "on", "off")
+MB = 1024 * 1024
+
+# (Settings field, its declaration): one home per setting.
+FIELDS: tuple[tuple[str, Setting], ...] = (
+    ("model", Setting("CLIP_MODEL", str, "ViT-B-32", doc="open_clip model name, local-dir:/path or hf-hub:org/repo")),
+    ("pretrained", Setting("CLIP_PRETRAINED", str, "datacomp_xl_s13b_b90k", doc="weights tag, file, or none")),
+    ("device", Setting("CLIP_DEVICE", str, "auto", choices=("auto", "cpu", "cuda"), doc="where the model runs")),
+    ("dtype", Setting("CLIP_DTYPE", str, "auto", choices=DTYPE_SETTINGS, doc="the model's precision")),
+    ("cache_dir", Setting("CLIP_CACHE_DIR", str, "~/.cache/clip-function", doc="weights and label embeddings")),
+    (
+        "default_label_set",
+        Setting("CLIP_LABEL_SET", str, "cifar100", choices=LABEL_SET_NAMES, doc="when none is asked"),
+    ),
+    # unset: the default label set (from_env)
+    (
+        "preload_label_sets",
+        Setting("CLIP_PRELOAD_LABEL_SETS", "list", (), choices=LABEL_SET_NAMES, doc="built at start"),
+    ),
+    ("custom_templates", Setting("CLIP_CUSTOM_TEMPLATES", str, "simple", choices=("simple", "cifar"), doc="prompts")),
+    # 0: the default for the device and dtype (precision.default_max_batch)
+    ("max_batch", Setting("CLIP_MAX_BATCH", int, 0, minimum=0, maximum=256, doc="images per forward pass")),
+    ("max_wait_ms", Setting("CLIP_MAX_WAIT_MS", float, 25.0, minimum=0, maximum=10_000, doc="a batch's wait")),
+    # images admitted at once (decoding, queued, encoding), function-wide: each worker takes its share
+    ("max_queue", Setting("CLIP_MAX_QUEUE", int, 32, minimum=1, maximum=100_000, doc="images admitted at once")),
+    ("deadline_s", Setting("CLIP_DEADLINE_S", float, 30.0, minimum=0, maximum=3600, doc="a request's deadline")),
+    ("max_pixels", Setting("CLIP_MAX_PIXELS", int, 50_000_000, minimum=1, doc="largest picture")),
+    ("max_images", Setting("CLIP_MAX_IMAGES", int, 16, minimum=1, maximum=10_000, doc="pictures per request")),
+    ("max_labels", Setting("CLIP_MAX_LABELS", int, 1000, minimum=1, maximum=100_000, doc="custom labels per request")),
+    ("max_label_chars", Setting("CLIP_MAX_LABEL_CHARS", int, 200, minimum=1, maximum=10_000, doc="per label")),
+    ("label_cache_size", Setting("CLIP_LABEL_CACHE_SIZE", int, 4096, minimum=0, doc="custom label embeddings kept")),
+    ("top_k", Setting("CLIP_TOP_K", int, 5, minimum=1, maximum=100_000, doc="default top_k")),
+    # 0: the CPUs the process may use (threads())
+    ("threads", Setting("CLIP_THREADS", int, 0, minimum=0, maximum=4096, doc="torch threads per process")),
+    # 0: as many as the torch threads
+    ("decoders", Setting("CLIP_DECODERS", int, 0, minimum=0, maximum=4096, doc="images decoded at once")),
+    ("device_decode", Setting("CLIP_DEVICE_DECODE", str, "auto", choices=DEVICE_DECODE_MODES, doc="JPEGs on device")),
+    ("url_allow_hosts", Setting("CLIP_URL_ALLOW_HOSTS", "list", (), doc="hosts URL input may fetch from")),
+    # CIDRs, checked by url_input.parse_networks (from_env)
+    ("url_allow_networks", Setting("CLIP_URL_ALLOW_NETWORKS", "list", (), doc="private networks URL input may reach")),
+    ("url_timeout_s", Setting("CLIP_URL_TIMEOUT_S", float, 5.0, minimum=0, maximum=600, doc="a URL download")),
+    ("url_max_bytes", Setting("CLIP_URL_MAX_BYTES", int, 20 * MB, minimum=1, doc="a URL download's size")),
+    # the model thread on one piece of work longer: the replica is taken out
+    ("stall_s", Setting("CLIP_STALL_S", float, 120.0, minimum=0, doc="the model thread's stall limit")),
+    ("decode_memory_mb", Setting("CLIP_DECODE_MEMORY_MB", int, 1024, minimum=1, doc="decoded pixels held at once")),
+    ("heavy_pixels", Setting("CLIP_HEAVY_PIXELS", int, 4_000_000, minimum=1, doc="never take the last decoder")),
+    ("max_jpeg_segments", Setting("CLIP_MAX_JPEG_SEGMENTS", int, Limits.max_segments, minimum=1, doc="decode bombs")),
+    ("max_jpeg_fill_bytes", Setting("CLIP_MAX_JPEG_FILL_BYTES", int, Limits.max_fill_bytes, minimum=0, doc="ditto")),
+    ("max_scan_pixels", Setting("CLIP_MAX_SCAN_PIXELS", int, Limits.max_scan_pixels, minimum=1, doc="ditto")),
+    ("max_rle_pixels", Setting("CLIP_MAX_RLE_PIXELS", int, Limits.max_rle_pixels, minimum=0, doc="ditto")),
+)
+DECLARATIONS: tuple[Setting, ...] = tuple(setting for _, setting in FIELDS)
+_DEFAULTS = {field: setting.default for field, setting in FIELDS}
 
 
-def _env(name: str, default: T) -> str | T:
-    value = os.environ.get(name, "").strip()
-    return value if value else default
-
-
-def _list(name: str, default: str = "") -> list[str]:
-    return [item.strip() for item in _env(name, default).split(",") if item.strip()]
-
-
-def _int(name: str, default: int) -> int:
-    value = _env(name, default)
-    try:
-        return int(value)
-    except ValueError:  # one line that names the setting, where int() would name only the value
-        raise ValueError(f"{name} must be a whole number, not {value!r}") from None
-
-
-def _float(name: str, default: float) -> float:
-    value = _env(name, default)
-    try:
-        return float(value)
-    except ValueError:
-        raise ValueError(f"{name} must be a number, not {value!r}") from None
+def _host_setting(name: str) -> Setting:
+    return next(setting for setting in settings.HOST_SETTINGS if setting.name == name)
 
 
 @dataclass(frozen=True)
 class Settings:
-    model: str = "ViT-B-32"
-    pretrained: str = "datacomp_xl_s13b_b90k"
-    device: str = "auto"
-    dtype: str = "auto"  # auto|fp32|bf16|fp16 (precision.py)
-    cache_dir: str = os.path.expanduser("~/.cache/clip-function")
-    default_label_set: str = "cifar100"
-    preload_label_sets: tuple = ("cifar100",)
-    custom_templates: str = "simple"  # "simple" (1 prompt per label) or "cifar" (the 18)
-    max_batch: int = 0  # 0 = the default for the device and dtype (precision.py)
-    max_wait_ms: float = 25.0
-    max_queue: int = 32  # images admitted at once (decoding, queued, encoding), per worker
-    deadline_s: float = 30.0
-    max_body_bytes: int = 32 * 1024 * 1024  # the template host's MAX_BODY_BYTES: enforced there, shown in GET /
-    max_pixels: int = 50_000_000
-    max_images: int = 16
-    max_labels: int = 1000
-    max_label_chars: int = 200
-    label_cache_size: int = 4096
-    top_k: int = 5
-    threads: int = 0  # torch intra-op threads per process; 0 = the CPUs it may use (threads())
-    decoders: int = 0  # images decoded at once; 0 = as many as the torch threads
-    device_decode: str = "auto"  # JPEGs decoded on the model's device: auto (CUDA only), on, off
-    url_allow_hosts: tuple = field(default=())
-    url_allow_networks: tuple = field(default=())  # private networks URL input may reach (opt-in, CIDRs)
-    url_timeout_s: float = 5.0
-    url_max_bytes: int = 20 * 1024 * 1024
-    stall_s: float = 120.0  # model thread on one piece of work longer: replica taken out
-    decode_memory_mb: int = 1024  # decoded pixels held at once by concurrent decodes
-    heavy_pixels: int = 4_000_000  # pictures bigger than this never take the last decoder
-    max_jpeg_segments: int = Limits.max_segments
-    max_jpeg_fill_bytes: int = Limits.max_fill_bytes
-    max_scan_pixels: int = Limits.max_scan_pixels
-    max_rle_pixels: int = Limits.max_rle_pixels
+    """The values from_env() read; the defaults are the declarations' (max_queue: this worker's share)."""
+
+    model: str = _DEFAULTS["model"]
+    pretrained: str = _DEFAULTS["pretrained"]
+    device: str = _DEFAULTS["device"]
+    dtype: str = _DEFAULTS["dtype"]  # auto|fp32|bf16|fp16 (precision.py)
+    cache_dir: str = os.path.expanduser(_DEFAULTS["cache_dir"])
+    default_label_set: str = _DEFAULTS["default_label_set"]
+    preload_label_sets: tuple = (_DEFAULTS["default_label_set"],)
+    custom_templates: str = _DEFAULTS["custom_templates"]  # "simple" (1 prompt per label) or "cifar" (the 18)
+    max_batch: int = _DEFAULTS["max_batch"]  # 0 = the default for the device and dtype (precision.py)
+    max_wait_ms: float = _DEFAULTS["max_wait_ms"]
+    max_queue: int = _DEFAULTS["max_queue"]  # images admitted at once (decoding, queued, encoding), per worker
+    deadline_s: float = _DEFAULTS["deadline_s"]
+    max_body_bytes: int = _host_setting("MAX_BODY_BYTES").default  # the host's: enforced there, shown in GET /
+    max_pixels: int = _DEFAULTS["max_pixels"]
+    max_images: int = _DEFAULTS["max_images"]
+    max_labels: int = _DEFAULTS["max_labels"]
+    max_label_chars: int = _DEFAULTS["max_label_chars"]
+    label_cache_size: int = _DEFAULTS["label_cache_size"]
+    top_k: int = _DEFAULTS["top_k"]
+    threads: int = _DEFAULTS["threads"]  # torch intra-op threads per process; 0 = the CPUs it may use (threads())
+    decoders: int = _DEFAULTS["decoders"]  # images decoded at once; 0 = as many as the torch threads
+    device_decode: str = _DEFAULTS["device_decode"]  # JPEGs decoded on the model's device: auto (CUDA only), on, off
+    url_allow_hosts: tuple = _DEFAULTS["url_allow_hosts"]
+    url_allow_networks: tuple = _DEFAULTS["url_allow_networks"]  # private networks URL input may reach (CIDRs)
+    url_timeout_s: float = _DEFAULTS["url_timeout_s"]
+    url_max_bytes: int = _DEFAULTS["url_max_bytes"]
+    stall_s: float = _DEFAULTS["stall_s"]  # model thread on one piece of work longer: replica taken out
+    decode_memory_mb: int = _DEFAULTS["decode_memory_mb"]  # decoded pixels held at once by concurrent decodes
+    heavy_pixels: int = _DEFAULTS["heavy_pixels"]  # pictures bigger than this never take the last decoder
+    max_jpeg_segments: int = _DEFAULTS["max_jpeg_segments"]
+    max_jpeg_fill_bytes: int = _DEFAULTS["max_jpeg_fill_bytes"]
+    max_scan_pixels: int = _DEFAULTS["max_scan_pixels"]
+    max_rle_pixels: int = _DEFAULTS["max_rle_pixels"]
 
     def structure_limits(self) -> Limits:
         return Limits(self.max_jpeg_segments, self.max_jpeg_fill_bytes, self.max_scan_pixels, self.max_rle_pixels)
 
 
 def workers() -> int:
-    """Host processes serving this function (the template's FUNCTION_WORKERS); each has its own model."""
-    try:
-        return max(1, int(os.environ.get("FUNCTION_WORKERS", "1") or 1))
-    except ValueError:
-        return 1
+    """Host processes serving this function (the host's FUNCTION_WORKERS, read as the host declares it);
+    each has its own model."""
+    return int(settings.read([_host_setting("FUNCTION_WORKERS")])["FUNCTION_WORKERS"])
 
 
 def per_worker(total: int, count: int) -> int:
@@ -110,39 +154,15 @@ def threads(settings: Settings) -> tuple[int, str]:
 
 
 def from_env() -> Settings:
-    count = workers()
-    return Settings(
-        model=_env("CLIP_MODEL", Settings.model),
-        pretrained=_env("CLIP_PRETRAINED", Settings.pretrained),
-        device=_env("CLIP_DEVICE", Settings.device),
-        dtype=_env("CLIP_DTYPE", Settings.dtype).lower(),
-        cache_dir=_env("CLIP_CACHE_DIR", Settings.cache_dir),
-        default_label_set=_env("CLIP_LABEL_SET", Settings.default_label_set),
-        preload_label_sets=tuple(_list("CLIP_PRELOAD_LABEL_SETS", _env("CLIP_LABEL_SET", Settings.default_label_set))),
-        custom_templates=_env("CLIP_CUSTOM_TEMPLATES", Settings.custom_templates),
-        max_batch=_int("CLIP_MAX_BATCH", Settings.max_batch),
-        max_wait_ms=_float("CLIP_MAX_WAIT_MS", Settings.max_wait_ms),
-        max_queue=per_worker(_int("CLIP_MAX_QUEUE", Settings.max_queue), count),
-        deadline_s=_float("CLIP_DEADLINE_S", Settings.deadline_s),
-        max_body_bytes=_int("MAX_BODY_BYTES", Settings.max_body_bytes),
-        max_pixels=_int("CLIP_MAX_PIXELS", Settings.max_pixels),
-        max_images=_int("CLIP_MAX_IMAGES", Settings.max_images),
-        max_labels=_int("CLIP_MAX_LABELS", Settings.max_labels),
-        max_label_chars=_int("CLIP_MAX_LABEL_CHARS", Settings.max_label_chars),
-        label_cache_size=_int("CLIP_LABEL_CACHE_SIZE", Settings.label_cache_size),
-        top_k=_int("CLIP_TOP_K", Settings.top_k),
-        threads=_int("CLIP_THREADS", 0),  # per process; unset: threads() decides
-        decoders=_int("CLIP_DECODERS", Settings.decoders),
-        device_decode=_env("CLIP_DEVICE_DECODE", Settings.device_decode).lower(),
-        url_allow_hosts=tuple(h.lower() for h in _list("CLIP_URL_ALLOW_HOSTS")),
-        url_allow_networks=parse_networks(_env("CLIP_URL_ALLOW_NETWORKS", "")),
-        url_timeout_s=_float("CLIP_URL_TIMEOUT_S", Settings.url_timeout_s),
-        url_max_bytes=_int("CLIP_URL_MAX_BYTES", Settings.url_max_bytes),
-        stall_s=_float("CLIP_STALL_S", Settings.stall_s),
-        decode_memory_mb=_int("CLIP_DECODE_MEMORY_MB", Settings.decode_memory_mb),
-        heavy_pixels=_int("CLIP_HEAVY_PIXELS", Settings.heavy_pixels),
-        max_jpeg_segments=_int("CLIP_MAX_JPEG_SEGMENTS", Settings.max_jpeg_segments),
-        max_jpeg_fill_bytes=_int("CLIP_MAX_JPEG_FILL_BYTES", Settings.max_jpeg_fill_bytes),
-        max_scan_pixels=_int("CLIP_MAX_SCAN_PIXELS", Settings.max_scan_pixels),
-        max_rle_pixels=_int("CLIP_MAX_RLE_PIXELS", Settings.max_rle_pixels),
-    )
+    """Every setting, read and checked; the first bad value raises settings.SettingError (one line)."""
+    values: dict[str, Any] = settings.read(DECLARATIONS)
+    read = {field: values[setting.name] for field, setting in FIELDS}
+    read["cache_dir"] = os.path.expanduser(read["cache_dir"])
+    read["preload_label_sets"] = read["preload_label_sets"] or (read["default_label_set"],)
+    read["max_queue"] = per_worker(read["max_queue"], workers())
+    read["url_allow_hosts"] = tuple(host.lower() for host in read["url_allow_hosts"])
+    try:
+        read["url_allow_networks"] = parse_networks(",".join(read["url_allow_networks"]))
+    except ValueError as exc:
+        raise settings.SettingError(str(exc)) from None
+    return Settings(max_body_bytes=settings.host()["MAX_BODY_BYTES"], **read)

@@ -32,7 +32,8 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def parse_networks(text: str, setting: str = "CLIP_URL_ALLOW_NETWORKS") -> tuple[Network, ...]:
-    """'10.0.0.0/8, 127.0.0.1' -> networks (a bare address is its /32 or /128); one clear line for a bad one.
+    """'10.0.0.0/8, 127.0.0.1' -> networks (a bare address is its /32 or /128); a bad one: a ValueError of one
+    line naming the setting, the value and what is allowed.
     Host bits set ('10.1.2.3/8') are refused, not silently widened: the operator meant something else."""
     networks = []
     for item in (part.strip() for part in text.split(",")):
@@ -41,7 +42,9 @@ def parse_networks(text: str, setting: str = "CLIP_URL_ALLOW_NETWORKS") -> tuple
         try:
             networks.append(ipaddress.ip_network(item))
         except ValueError as exc:
-            raise ValueError(f"{setting}: {item!r} is not a network such as 10.0.0.0/8 ({exc})") from None
+            raise ValueError(
+                f"{setting} must be networks such as 10.0.0.0/8, comma-separated, not {item!r} ({exc})"
+            ) from None
     return tuple(networks)
 
 
