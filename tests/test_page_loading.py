@@ -18,7 +18,7 @@ HELD_MODEL = '''import os
 import time
 
 from . import clip_handler, service
-from .clip_handler import alive, handle, shutdown  # noqa: F401
+from .clip_handler import ERROR_CODES, NAME, alive, handle, sample  # noqa: F401
 
 
 def init():

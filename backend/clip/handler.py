@@ -1,4 +1,9 @@
-"""clip function: CLIP zero-shot classification. Pure handle(event, context); the model loads in init()."""
+"""clip function: CLIP zero-shot classification. Pure handle(event, context); the model loads in init().
+
+The template host observes every request (observe.py: the request id, the request counter and durations,
+the access log, GET /metrics): this module names the function (NAME), its error catalogue (ERROR_CODES)
+and sample(), which sets clip's gauges, and notes on each request's context what it measured (images,
+batches). clip's own metrics are in metrics.py, recorded here, at the edge."""
 
 import logging
 import pathlib
@@ -6,7 +11,9 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import config, metrics
+import observe
+
+from . import config, errors, metrics
 from .decode_gate import trim_memory
 from .errors import ClientError
 from .measured import Measured
@@ -15,8 +22,10 @@ from .request import parse_request
 if TYPE_CHECKING:
     from .service import Service  # torch and open_clip: never at import (see init())
 
+NAME = "clip"  # the host's metrics (clip_requests_total, …), its access log's function= and logger
+ERROR_CODES = errors.ERROR_CODES  # the closed set of codes the host's request counter may carry
 LOG = logging.getLogger("clip")
-SETTINGS = config.from_env()
+SETTINGS = config.from_env()  # every setting, checked at start: a bad one stops the function here
 READY_PATHS = ("/ready", "/_/ready")
 BIG_BODY = 4 << 20
 SERVICE: "Service | None" = None  # set once by init(); requests before that answer 503
@@ -42,19 +51,14 @@ def init() -> None:
     service.batcher.on_batch = metrics.batch_done  # what each forward pass measured, recorded here
     metrics.model_info(service.model.describe())
     SERVICE = service
-    metrics.add_sampler(sample)
 
 
 def sample() -> None:
-    """Sets clip's gauges from the live service: queue, admission, label sets."""
+    """Called by the host before each scrape (and every 2 s per worker with several): clip's gauges from
+    the live service: queue, admission, label sets."""
     if SERVICE is not None:
         batcher = SERVICE.batcher
         metrics.live(batcher.admitted, batcher.depth, SERVICE.label_sets_ready())
-
-
-def shutdown() -> None:
-    """Called by the template host when it drains this worker."""
-    metrics.worker_exiting()
 
 
 def alive() -> bool:
@@ -66,22 +70,20 @@ def alive() -> bool:
 
 
 def handle(event: Any, context: Any) -> dict:
-    if event.path == "/metrics" and event.method in ("GET", "HEAD"):
-        return metrics.exposition(event)
+    """context (the host's): the request's id (context.request_id) and context.note(images=…, batches=…)
+    for its log line. None outside a host (a test calling in): the host's own record stands in."""
+    if context is None:
+        context = observe.Record(event.method, observe.request_id(event.headers.get("X-Request-Id")), 0)
     if event.path == "/openapi.json" and event.method in ("GET", "HEAD"):
         return {"statusCode": 200, "body": OPENAPI, "headers": {"Content-Type": "application/json"}}
-    return metrics.observe(event, lambda note: respond(event, note))
-
-
-def respond(event: Any, context: Any) -> dict:
-    """context: the request's id (context.request_id) and context.note(images=…, batches=…) for its
-    log line."""
     started = time.perf_counter()
+    measured = Measured()
     try:
-        status, body, headers = 200, route(event, context), {}
+        status, body, headers = 200, route(event, measured), {}
     except ClientError as error:
         status, headers = error.status, error.headers
         body = {"error": error.body()}
+    context.note(images=measured.images, batches=measured.batches)
     if len(event.body) >= BIG_BODY:  # its parsing (JSON lists, form parts) left freed memory in glibc's arenas
         trim_memory()
     body["request_id"] = context.request_id
@@ -105,7 +107,7 @@ def not_loaded() -> ClientError:
     return ClientError(503, "loading", "The model is still loading; try again in a few seconds.", {"Retry-After": "5"})
 
 
-def route(event: Any, context: Any) -> dict:
+def route(event: Any, measured: Measured) -> dict:
     if event.method in ("GET", "HEAD"):
         if event.path in READY_PATHS:
             if SERVICE is None:
@@ -125,7 +127,6 @@ def route(event: Any, context: Any) -> dict:
         raise not_loaded()
     SERVICE.refuse_if_full()  # before parsing: a full function answers 429 whatever the body holds
     request = parse_request(event, SERVICE.limits)  # validated at the door: the service sees no raw input
-    measured = Measured()
     status, answer = 200, None
     try:
         answer = SERVICE.classify(request, measured)
@@ -134,6 +135,5 @@ def route(event: Any, context: Any) -> dict:
         status = error.status
         raise
     finally:  # what the work measured, whether it answered or not
-        context.note(images=measured.images, batches=measured.batches)
         metrics.work_done(measured.label_lookups, measured.fetches)
         metrics.answered(status, answer, measured.images)

@@ -36,7 +36,7 @@ import os
 import time
 
 from . import clip_handler
-from .clip_handler import alive, handle, shutdown  # noqa: F401
+from .clip_handler import ERROR_CODES, NAME, alive, handle, sample  # noqa: F401
 
 
 def init():
