@@ -489,3 +489,11 @@ def test_labels_with_html_come_back_as_plain_json_strings(clip_server):
     assert response.status_code == 200 and response.headers["Content-Type"] == "application/json"
     assert {r["label"] for r in response.json()["predictions"]} == set(EVIL)
     assert json.loads(response.text)["predictions"]
+
+
+def test_a_request_whose_headers_are_too_large_is_the_hosts_431(clip_server):
+    """The template host refuses headers over waitress's limit (256 KiB) before clip sees them: 431
+    headers_too_large, JSON, with a request id. (of-watchdog passes up to 1 MiB of headers.)"""
+    response = requests.get(clip_server.url, headers={"X-Padding": "x" * 300_000}, timeout=30)
+    assert response.status_code == 431, response.text[:300]
+    assert response.json()["error"]["code"] == "headers_too_large" and response.headers["X-Request-Id"]

@@ -97,6 +97,48 @@ def test_every_error_code_is_documented_with_its_status(name, parts):
     assert sorted(documented - answered) == [], "documented but never answered"
 
 
+# Tests that only list codes (as the catalogues do) reach none of them.
+TESTS = [path for path in sorted((ROOT / "tests").rglob("*.py"))
+         if path.name not in ("test_openapi.py", "test_error_catalogue.py")]
+NOT_LOCAL = "x-not-produced-locally"  # on a response: {code: why the local stack cannot produce it}
+
+
+def documented_answers(document):
+    """(where, status, codes, response) for every answer the document names."""
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            for status, response in operation.get("responses", {}).items():
+                schema = response.get("content", {}).get("application/json", {}).get("schema", {})
+                codes = schema.get("properties", {}).get("error", {}).get("properties", {}).get("code", {})
+                yield f"{method.upper()} {path} {status}", int(status), codes.get("enum", []), response
+
+
+def exercised(status, code):
+    """Some test asks for this answer: its file names the code and the status."""
+    return any(f'"{code}"' in text and re.search(rf"\b{status}\b", text) for text in TEST_TEXTS)
+
+
+TEST_TEXTS = [path.read_text() for path in TESTS]
+
+
+@pytest.mark.parametrize("name", DOCUMENTS)
+def test_every_documented_status_is_reached_or_explained(name):
+    """Every error answer a document names is produced by some test (the fuzz below reaches the 2xx ones
+    through the documents' own examples), or the document says why the local stack cannot produce it
+    (x-not-produced-locally: {code: why}); a note goes once a test produces its answer."""
+    unreached, stale = [], []
+    for where, status, codes, response in documented_answers(json.loads(DOCUMENTS[name].read_text())):
+        notes = response.get(NOT_LOCAL, {})
+        assert set(notes) <= set(codes) and all(isinstance(why, str) and why for why in notes.values()), where
+        if status < 400:
+            continue
+        assert codes, f"{where}: an error answer without its codes"
+        unreached += [f"{where} {code}" for code in codes if code not in notes and not exercised(status, code)]
+        stale += [f"{where} {code}" for code in notes if exercised(status, code)]
+    assert unreached == [], "documented, never produced by a test, and not explained"
+    assert stale == [], "explained as not produced locally, yet a test produces it"
+
+
 @pytest.mark.parametrize("name", DOCUMENTS)
 def test_document_is_served(stack, name):
     for method in ("GET", "HEAD"):
