@@ -602,3 +602,15 @@ def test_the_hosts_figures_are_the_functions_across_its_workers(tmp_path):
         wait_until(lambda: value(scrape(fn.host_url), "probe_workers_sampled") == 2, 30, 0.2,
                    "the replaced workers alone in the live gauges")
         assert value(scrape(fn.host_url), "probe_requests_total", method="GET", status="200", code="") == asked
+
+
+def test_the_templates_own_skeleton_is_observed_as_function(tmp_path):
+    """A handler with nothing but handle() (what `faas-cli new --lang python3-debian` gives) is counted,
+    logged and scraped all the same, under the default name."""
+    FUNCTION_DIRS.setdefault("skeleton", ROOT / "template" / "python3-debian" / "function")
+    with FunctionProcess("skeleton", tmp_path, {"LOG_FORMAT": "json"}) as fn:
+        answer = requests.post(fn.url, data=b"hello", headers={"X-Request-Id": "skeleton-1"}, timeout=30)
+        assert answer.status_code == 200 and answer.headers["X-Request-Id"] == "skeleton-1"
+        assert value(scrape(fn.url), "function_requests_total", method="POST", status="200", code="") == 1
+        wait_until(lambda: any(line["request_id"] == "skeleton-1" for line in json_lines(fn)), 30, 0.05, "its line")
+        assert log_for(json_lines(fn), "skeleton-1")["function"] == "function"

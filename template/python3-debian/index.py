@@ -3,8 +3,11 @@
 The handler stays pure: handle(event, context) -> {"statusCode", "body", "headers"}; an optional
 handler.init() runs once before the function reports ready, an optional handler.alive() is polled
 once it is (False: the function can no longer serve; the host takes it out), and an optional
-handler.shutdown() runs last when SIGTERM has drained the requests. Readiness, liveness and
-drain: lifecycle.py; several worker processes behind the one port: workers.py.
+handler.shutdown() runs last when SIGTERM has drained the requests. This file is the adapter between
+waitress and the handler; the rest is in modules of their own: settings (settings.py), request ids,
+counters, the access log and /metrics (observe.py), waitress's connections and refusals
+(connections.py), readiness, liveness and drain (lifecycle.py), worker processes (workers.py), CPUs
+(cpus.py). README.md describes the handler's API.
 """
 
 import json
@@ -58,9 +61,7 @@ class Context:
 
 
 IN_FLIGHT = lifecycle.InFlight()
-# the function's observability (observe.py), made once the handler is imported; None for a handler
-# without NAME, which still observes itself (compatibility while the functions move over)
-OBSERVER: observe.Observer | None = None
+OBSERVER: observe.Observer  # the function's observability, made by main() once the handler is imported
 
 
 def prefers_html(accept: str) -> bool:
@@ -116,9 +117,6 @@ def answer(request: Request, data: bytes, record: observe.Record) -> tuple[Respo
 def serve(environ: dict, start_response: Callable) -> Iterable[bytes]:
     request = Request(environ)
     data = request.get_data()  # waitress has already refused bodies over MAX_BODY_BYTES
-    if OBSERVER is None:  # a handler without NAME: as before, it observes itself
-        response, _ = answer(request, data, observe.Record(request.method, observe.request_id(None), len(data)))
-        return response(environ, start_response)
     if request.path == "/metrics" and request.method in ("GET", "HEAD"):  # never the handler's, never counted
         text, content_type = OBSERVER.exposition(request.headers.get("Accept", ""))
         headers = {"Cache-Control": "no-store", "X-Request-Id": observe.request_id(None)}  # as every answer
@@ -144,11 +142,9 @@ def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
 def answer_refusal(refused: connections.Refused) -> tuple[int, list[tuple[str, str]], bytes]:
     """A request waitress refused before the handler could see it: the host's answer, counted and logged."""
     status, code, message = connections.refusal(refused)
-    given = refused.headers.get("X_REQUEST_ID")
-    record = OBSERVER.start(refused.method, given, 0) if OBSERVER else observe.Record("", observe.request_id(given), 0)
+    record = OBSERVER.start(refused.method, refused.headers.get("X_REQUEST_ID"), 0)
     content_type, body = host_answer(status, code, message, record.request_id, refused.headers.get("ACCEPT", ""))
-    if OBSERVER is not None:
-        OBSERVER.finish(record, status, {"error": {"code": code}}, timed=False)
+    OBSERVER.finish(record, status, {"error": {"code": code}}, timed=False)
     return status, [("Content-Type", content_type), ("X-Request-Id", record.request_id)], body
 
 
@@ -180,8 +176,7 @@ def main() -> None:
     listener = lifecycle.Listener.wrap(workers.listen_socket(host, port))
     global handler, OBSERVER
     handler = import_handler()
-    if hasattr(handler, "NAME"):  # else the handler observes itself, as before
-        OBSERVER = observe.Observer.for_handler(handler)
+    OBSERVER = observe.Observer.for_handler(handler)
 
     server = create_server(
         app,
@@ -204,8 +199,7 @@ def main() -> None:
             if hasattr(handler, "shutdown"):
                 handler.shutdown()
         finally:
-            if OBSERVER is not None:
-                observe.worker_exiting()
+            observe.worker_exiting()
 
     def drain(signum: int, frame: Any) -> None:
         threading.Thread(target=lifecycle.drain_then_exit, name="drain", daemon=True, args=(busy, shutdown)).start()
