@@ -57,7 +57,7 @@ def test_loading_is_shown_with_the_untrained_warning_from_the_first_moment(tmp_p
     env = {"CLIP_MODEL": "ViT-B-32", "CLIP_PRETRAINED": "none", "CLIP_CACHE_DIR": str(tmp_path / "cache")}
     hold, clip = held_clip(tmp_path, monkeypatch, env)  # never released: the model is never built
     try:
-        wait_until(lambda: described(clip).get("model") == "ViT-B-32", 60, what="clip describing its start")
+        wait_until(lambda: described(clip).get("model") == "ViT-B-32", 180, what="clip describing its start")
         with FunctionProcess("index", tmp_path / "index", {"CLIP_URL": clip.url}) as index:
             status = requests.get(index.url, params={"status": ""}, timeout=30).json()
             assert status["ready"] is False and status["starting"] is True and status["untrained"] is True
@@ -81,7 +81,7 @@ def test_page_updates_itself_once_clip_is_ready(clip_env, tmp_path, monkeypatch)
 
     hold, clip = held_clip(tmp_path, monkeypatch, clip_env)
     try:
-        wait_until(lambda: "model" in described(clip), 60, what="clip describing its start")
+        wait_until(lambda: "model" in described(clip), 180, what="clip describing its start")
         with FunctionProcess("index", tmp_path / "index", {"CLIP_URL": clip.url}) as index, \
                 sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)

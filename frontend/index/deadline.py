@@ -39,6 +39,7 @@ class Exchange:
     def __exit__(self, *exc: object) -> None:
         with self._lock:
             self.done = True  # the watch drops it at its deadline without touching the socket
+            self._sock = None  # the pool's again: not held here until then
         _current.reset(self._token)
 
     def attach(self, connection: HTTPConnection) -> None:
