@@ -182,8 +182,11 @@ def test_served_bf16_scores_stay_close_to_fp32(clip_server, bf16_server, bf16_ca
 
 def test_build_ahead_bakes_each_dtype_asked_for(tiny_model, tmp_path):
     """build_ahead.py: auto bakes fp32 (plus bf16 only where this processor runs it natively); --dtypes both."""
-    env = {**os.environ, "CLIP_MODEL": f"local-dir:{tiny_model}", "CLIP_CACHE_DIR": str(tmp_path), "CLIP_DEVICE": "cpu"}
-    backend = Path(__file__).resolve().parents[1] / "backend"
+    root = Path(__file__).resolve().parents[1]
+    backend = root / "backend"
+    # the host's modules (settings.py) beside the function, as in the image's /home/app
+    env = {**os.environ, "CLIP_MODEL": f"local-dir:{tiny_model}", "CLIP_CACHE_DIR": str(tmp_path), "CLIP_DEVICE": "cpu",
+           "PYTHONPATH": str(root / "template" / "python3-debian")}
     auto = len(precision.baked_dtypes(precision.cpu_features()).split(","))  # both kinds: the test above
     for extra, expected in (([], auto), (["--dtypes", "fp32,bf16"], 2)):
         for old in tmp_path.glob("embeddings/*"):
