@@ -14,11 +14,14 @@ from pathlib import Path
 
 import pytest
 import requests
+import settings
 import yaml
+from clip import config as clip_config
 from clip.precision import baked_dtypes, cpu_features
 from support.images import noise_image
 from support.servers import free_port, wait_until
 
+from frontend.index import config as index_config
 from localrun.layout import layout
 from localrun.of_watchdog import find_fwatchdog
 
@@ -97,19 +100,22 @@ def cores(quantity):
     return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
 
 
-def env_default(source, name):
-    """The default a module gives an environment variable: os.environ.get("NAME", "default")."""
-    match = re.search(r'environ\.get\(\s*"%s"\s*,\s*"([^"]*)"' % name, source)
-    assert match, f"{name} is not read with a default"
-    return match.group(1)
+# every setting declared once (settings.Setting): the host's, clip's and index's
+DECLARED = {s.name: s for s in (*settings.HOST_SETTINGS, *clip_config.DECLARATIONS, *index_config.DECLARATIONS)}
+
+
+def env_default(name):
+    """The default a declared setting has, as the environment would spell it."""
+    assert name in DECLARED, f"{name} is not a declared setting"
+    return str(DECLARED[name].default)
 
 
 def names_read(*paths):
-    """Environment variables a set of Python files read (os.environ.get, config.py's _env/_list/_int/_float)."""
-    names = set()
+    """Environment variables a function reads: the declared settings, and what its files read directly
+    (os.environ.get / os.environ[...], e.g. the host's cpus.py and lifecycle.py)."""
+    names = set(DECLARED)
     for path in paths:
-        names |= set(re.findall(r'(?:environ\.get|_env|_list|_int|_float)\(\s*"([A-Z_][A-Z0-9_]*)"',
-                                Path(path).read_text()))
+        names |= set(re.findall(r'environ(?:\.get\(|\[)\s*"([A-Z_][A-Z0-9_]*)"', Path(path).read_text()))
     return names
 
 
@@ -160,7 +166,7 @@ def template_fprocess():
 
 
 HOST_SOURCE = (TEMPLATE / "index.py").read_text()
-FUNCTION_THREADS_DEFAULT = int(env_default(HOST_SOURCE, "FUNCTION_THREADS"))
+FUNCTION_THREADS_DEFAULT = int(env_default("FUNCTION_THREADS"))
 
 
 def threads(env):
@@ -285,7 +291,7 @@ def test_gpu_variant_gets_its_gpu_from_a_profile():
 @pytest.mark.parametrize("name", CE_STACKS + PRO_STACKS)
 def test_environment_names_are_ones_the_code_reads(name):
     for fn in stack(name)["functions"].values():
-        code = names_read(TEMPLATE / "index.py", *sorted((ROOT / fn["handler"]).glob("*.py")))
+        code = names_read(*sorted(TEMPLATE.glob("*.py")), *sorted((ROOT / fn["handler"]).glob("*.py")))
         unknown = set(fn.get("environment", {})) - code - WATCHDOG_ENV
         assert not unknown, f"{name}: nothing reads {unknown}"
         knative_env = kenv(knative(SAME_IMAGE[name]))
@@ -352,10 +358,9 @@ def test_clip_answers_429_at_once_when_full_rather_than_queueing_in_the_host(nam
 
 
 def test_index_finds_clip_on_each_engine():
-    clip_client = (ROOT / "frontend" / "index" / "clip_client.py").read_text()
     (clip_name,) = stack("clip.yml")["functions"]
     url = only_function("index.yml")["environment"]["CLIP_URL"]
-    assert url == f"http://gateway.openfaas:8080/function/{clip_name}" == env_default(clip_client, "CLIP_URL")
+    assert url == f"http://gateway.openfaas:8080/function/{clip_name}" == env_default("CLIP_URL")
     clip = knative("clip")
     assert kenv(knative("index"))["CLIP_URL"] == \
         f"http://{clip['metadata']['name']}.{clip['metadata']['namespace']}.svc.cluster.local"
@@ -475,7 +480,7 @@ def test_dockerfile_configures_the_watchdog_for_this_template():
     env = docker_env()
     assert env["fprocess"] == template_fprocess()
     assert env["mode"] == "http" and env["suppress_lock"] == "true" and env["http_buffer_req_body"] == "true"
-    assert env["upstream_url"] == "http://127.0.0.1:%s" % env_default(HOST_SOURCE, "FUNCTION_PORT")
+    assert env["upstream_url"] == "http://127.0.0.1:%s" % env_default("FUNCTION_PORT")
     # the lock file gates /_/ready; with ready_path set and a buffered body, of-watchdog 0.11.6 drops
     # /_/ready connections (tests/test_watchdog.py shows the real watchdog answering it)
     assert "ready_path" not in env
@@ -546,11 +551,13 @@ def test_dockerfile_copies_only_what_the_faas_cli_build_context_holds(tmp_path):
         if keyword == "COPY" and "--from=" not in rest:
             parts = [p for p in rest.split() if not p.startswith("--")]
             sources += parts[:-1]
-    assert "function/" in sources and "index.py" in sources
+    assert "function/" in sources and ("index.py" in sources or "*.py" in sources)
     for function in ("clip", "index"):
         context = layout(ROOT / ("backend" if function == "clip" else "frontend") / function, tmp_path / function)
         for source in sources:
-            assert (context / source).exists(), f"{function}: the build context has no {source}"
+            assert list(context.glob(source)), f"{function}: the build context has no {source}"
+        if "*.py" in sources:  # every host module (index.py imports them) is in the image
+            assert {"index.py", "settings.py", "observe.py"} <= {p.name for p in context.glob("*.py")}
 
 
 # ----------------------------------------------------- the build context, run as the image runs it

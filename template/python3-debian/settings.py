@@ -8,7 +8,7 @@ here too (HOST_SETTINGS); host() gives their values, so a function can show e.g.
 a default of its own.
 
     from settings import Setting, read
-    SETTINGS = read([Setting("CLIP_MAX_BATCH", int, 0, minimum=0, maximum=256, doc="images per forward pass")])
+    SETTINGS = read([Setting("MAX_BATCH", int, 0, minimum=0, maximum=256, doc="images per forward pass")])
 
 Kinds: int, float, str, bool, and "list" (comma-separated; a tuple of the non-empty items, stripped).
 An unset or empty (blank) variable takes the default, which is not checked: it is the declaration's own.
@@ -30,7 +30,7 @@ TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 class SettingError(ValueError):
     """A setting's value is not allowed. str(): one line, e.g.
-    CLIP_MAX_BATCH must be a whole number from 0 to 256, not 'eight'"""
+    MAX_BATCH must be a whole number from 0 to 256, not 'eight'"""
 
 
 @dataclass(frozen=True)
