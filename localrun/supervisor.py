@@ -17,6 +17,8 @@ LOG = logging.getLogger("gateway")
 POLL_S = 0.1
 # of-watchdog's own lines (Go's log format); the function's lines pass through it unprefixed
 WATCHDOG_LINE = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d ")
+# the template host's log prefix (time, logger, level): the reason is what follows it
+HOST_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ \S+ (?:CRITICAL|ERROR|WARNING|INFO|DEBUG) ")
 REASON_CHARS = 300
 
 
@@ -33,7 +35,7 @@ def one_line_reason(log: str) -> str:
             if not line[0].isspace():
                 return line[:REASON_CHARS]
     own = [line for line in lines if not WATCHDOG_LINE.match(line)]
-    return (own or lines or ["it wrote nothing"])[-1][:REASON_CHARS]
+    return HOST_PREFIX.sub("", (own or lines or ["it wrote nothing"])[-1])[:REASON_CHARS]
 
 
 class Relay(threading.Thread):
