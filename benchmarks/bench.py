@@ -6,6 +6,7 @@
     scripts/bench --numerics      # only bf16 against fp32: feature cosines and CIFAR-100 |Δp|
     scripts/bench --gpu           # the GPU figures (benchmarks/bench_gpu.py; says so and skips without CUDA)
     scripts/bench --intake        # host CPU per request before the model: parse and checks (benchmarks/intake.py)
+    scripts/bench --embeddings    # embeddings out: answer bytes and ms, texts/s (benchmarks/embeddings_out.py)
 
 Prints tables (figure, value, reference, ratio; a per-stage breakdown of one request; bf16 against
 fp32) and writes JSON (bench-results/*.json). Every figure names the dtype and why it was chosen.
@@ -22,7 +23,7 @@ import torch
 from clip import precision
 from clip.labels import SIMPLE_TEMPLATES
 
-from benchmarks import bench_gpu, intake
+from benchmarks import bench_gpu, embeddings_out, intake
 from benchmarks.bench_tables import models_report, print_models, print_served, print_sweep
 from benchmarks.forward import create, models_figures, sweep
 from benchmarks.measure import machine
@@ -50,12 +51,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", default=None)
     bench_gpu.add_arguments(parser)
     intake.add_arguments(parser)
+    embeddings_out.add_arguments(parser)
     return parser.parse_args()
 
 
 def mode_of(args: argparse.Namespace) -> str:
     """The JSON file's name: the first of these options given (main() checks them in another order)."""
-    return next((mode for mode in ("models", "gpu", "numerics", "sweep", "intake") if getattr(args, mode)), "bench")
+    modes = ("models", "gpu", "numerics", "sweep", "intake", "embeddings")
+    return next((mode for mode in modes if getattr(args, mode)), "bench")
 
 
 def served(args: argparse.Namespace, dtypes: list[str], native: bool, report: dict[str, Any]) -> None:
@@ -87,6 +90,8 @@ def main() -> None:
 
     if args.intake:
         report["intake"] = intake.run(args)
+    elif args.embeddings:
+        report["embeddings"] = embeddings_out.run(args, dtypes)
     elif args.gpu:
         report["gpu"] = bench_gpu.run(args)
         if report["gpu"] is None:

@@ -93,6 +93,12 @@ class Batcher:
                 self._release(ticket)
                 self._cond.notify_all()
 
+    def prepared(self, ticket: Ticket) -> None:
+        """The admitted request will submit no images (text embeddings): image batches stop waiting for it."""
+        with self._cond:
+            self._release(ticket)
+            self._cond.notify_all()
+
     def full(self) -> bool:
         """Whether not even one more image could be admitted now: a hint read without the lock (admit()
         decides), so that a request can be refused before its body is parsed."""

@@ -20,10 +20,13 @@ CATALOGUE: dict[str, tuple[int, str]] = {
     "image_too_complex": (400, "a decode bomb, refused from the file's structure before decoding"),
     "image_too_large": (413, "a picture over CLIP_MAX_PIXELS, refused from its header"),
     # the options
-    "invalid_option": (400, "top_k is not a whole number of 1 or more"),
+    "invalid_option": (400, "top_k is not a whole number of 1 or more, or another option is not one of its values"),
     "invalid_labels": (400, "labels is not a list of strings or comma-separated text, or a label is too long"),
     "too_many_labels": (400, "more custom labels than CLIP_MAX_LABELS"),
     "unknown_label_set": (400, "label_set names no label set clip has"),
+    # text embeddings (POST /embeddings)
+    "invalid_input": (400, "input is not a non-empty string or list of them, or one is over CLIP_MAX_LABEL_CHARS"),
+    "too_many_inputs": (400, "more texts to embed than CLIP_MAX_LABELS"),
     # URL input
     "url_disabled": (400, "URL input is off (no CLIP_URL_ALLOW_HOSTS)"),
     "url_refused": (400, "the URL is not http(s), its host is not allowed, or it reaches a non-public address"),
@@ -39,6 +42,9 @@ CATALOGUE: dict[str, tuple[int, str]] = {
     "model_unavailable": (503, "the weights can be neither found nor downloaded; the message says the ways out"),
     "deadline_exceeded": (504, "no answer within CLIP_DEADLINE_S"),
 }
+
+# Codes only POST /embeddings answers: index, which forwards pictures to POST /, never passes them on.
+EMBEDDINGS_ONLY: frozenset[str] = frozenset({"invalid_input", "too_many_inputs"})
 
 # The closed set of codes clip's metrics and log lines may carry (any other is counted as "other").
 ERROR_CODES: frozenset[str] = frozenset(CATALOGUE)

@@ -15,6 +15,7 @@ import observe
 
 from . import config, errors, metrics
 from .decode_gate import trim_memory
+from .embeddings import parse_text_request
 from .errors import ClientError
 from .measured import Measured
 from .request import parse_request
@@ -27,6 +28,7 @@ ERROR_CODES = errors.ERROR_CODES  # the closed set of codes the host's request c
 LOG = logging.getLogger("clip")
 SETTINGS = config.from_env()  # every setting, checked at start: a bad one stops the function here
 READY_PATHS = ("/ready", "/_/ready")
+EMBEDDINGS_PATHS = ("/embeddings", "/embeddings/")  # POST: text embeddings (embeddings.py); any other path classifies
 BIG_BODY = 4 << 20
 SERVICE: "Service | None" = None  # set once by init(); requests before that answer 503
 LOAD_ERROR: str | None = None  # why init() failed, said in every answer instead of "still loading"
@@ -107,6 +109,13 @@ def not_loaded() -> ClientError:
     return ClientError(503, "loading", "The model is still loading; try again in a few seconds.", {"Retry-After": "5"})
 
 
+def embed_texts(service: "Service", event: Any, measured: Measured) -> dict:
+    request = parse_text_request(event.body, service.limits.options, service.width)
+    answer = service.embed_texts(request, measured)
+    metrics.texts_embedded(measured.texts)
+    return answer
+
+
 def route(event: Any, measured: Measured) -> dict:
     if event.method in ("GET", "HEAD"):
         if event.path in READY_PATHS:
@@ -126,6 +135,8 @@ def route(event: Any, measured: Measured) -> dict:
     if SERVICE is None:
         raise not_loaded()
     SERVICE.refuse_if_full()  # before parsing: a full function answers 429 whatever the body holds
+    if event.path in EMBEDDINGS_PATHS:
+        return embed_texts(SERVICE, event, measured)
     request = parse_request(event, SERVICE.limits)  # validated at the door: the service sees no raw input
     status, answer = 200, None
     try:

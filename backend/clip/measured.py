@@ -10,6 +10,7 @@ class Measured:
     """Filled as the work goes, so a request that fails part-way still reports what it did."""
 
     images: int = 0
+    texts: int = 0  # texts embedded (POST /embeddings)
     batches: list[tuple[int, int]] = field(default_factory=list)  # (seq, size) of each batch it rode in
     label_lookups: dict[str, int] = field(default_factory=dict)  # custom labels: hit, miss, shared
     fetches: list[str] = field(default_factory=list)  # per URL input: "ok" or its error code

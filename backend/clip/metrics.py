@@ -17,6 +17,7 @@ from .errors import ERROR_CODES
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 IMAGES = Counter("clip_images_classified_total", "Images answered with predictions")
+TEXTS = Counter("clip_texts_embedded_total", "Texts answered with their embedding (POST /embeddings)")
 SHED = Counter(
     "clip_shed_images_total",
     "Images refused with 429: the admission limit (CLIP_MAX_QUEUE) was reached (a request refused before its body "
@@ -83,6 +84,10 @@ def work_done(label_lookups: Mapping[str, int], fetches: Iterable[str]) -> None:
             LABEL_CACHE.labels(result).inc(count)
     for outcome in fetches:
         URL_FETCHES.labels(outcome if outcome == "ok" or outcome in ERROR_CODES else "other").inc()
+
+
+def texts_embedded(count: int) -> None:
+    TEXTS.inc(count)
 
 
 def answered(status: int, body: object, images: int) -> None:

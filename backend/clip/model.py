@@ -89,9 +89,24 @@ class ClipModel:
 
     @torch.inference_mode()
     def encode_texts(self, texts: Iterable[str]) -> torch.Tensor:
-        tokens = self.tokenizer(list(texts)).to(self.device)
-        features = self.model.encode_text(tokens)  # type: ignore[operator]
+        return self._encode_tokens(self.tokenizer(list(texts)))
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: Iterable[str]) -> tuple[np.ndarray, int]:
+        """Texts -> their L2-normalised float32 embeddings (encode_text of each text itself, no prompt) and
+        the tokens the model read (start and end included, past its context length cut)."""
+        tokens = self.tokenizer(list(texts))
+        return self._encode_tokens(tokens).numpy(), int((tokens != self._pad).sum())
+
+    def _encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        features = self.model.encode_text(tokens.to(self.device))  # type: ignore[operator]
         return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
+
+    @property
+    def _pad(self) -> int:
+        """The padding token: 0 for open_clip's own tokenizer, the Hugging Face tokenizer's otherwise."""
+        pad = getattr(getattr(self.tokenizer, "tokenizer", None), "pad_token_id", None)
+        return int(pad) if pad is not None else 0
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -1,4 +1,4 @@
-"""Request options (top_k, labels, label_set): validated, with a clear 400 for anything off."""
+"""Request options (top_k, labels, label_set, embedding): validated, with a clear 400 for anything off."""
 
 import json
 from collections.abc import Collection
@@ -18,6 +18,7 @@ class Options:
     top_k: int
     label_set: str  # a built-in set name, or "custom"
     labels: tuple = ()  # custom labels, when given
+    embedding: bool = False  # each picture's normalised image embedding in its result
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ def _one(options: MultiDict[str, Any], key: str) -> Any:
 
 def parse_options(options: MultiDict[str, Any], rules: OptionRules) -> Options:
     top_k = _parse_top_k(_one(options, "top_k"), rules.top_k)
+    embedding = parse_flag(_one(options, "embedding"), "embedding")
     labels = _parse_labels(options.getlist("labels"), rules)
     label_set = _one(options, "label_set")
     if label_set is None or label_set == "":
@@ -54,8 +56,23 @@ def parse_options(options: MultiDict[str, Any], rules: OptionRules) -> Options:
             400, "unknown_label_set", f"Unknown label_set {shown}; choose one of: {', '.join(rules.label_sets)}."
         )
     if labels:
-        return Options(top_k=top_k, label_set="custom", labels=labels)
-    return Options(top_k=top_k, label_set=label_set)
+        return Options(top_k=top_k, label_set="custom", labels=labels, embedding=embedding)
+    return Options(top_k=top_k, label_set=label_set, embedding=embedding)
+
+
+FLAGS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+
+
+def parse_flag(value: Any, name: str) -> bool:
+    """A yes/no option: a JSON boolean, or true/false (1/0, yes/no, on/off) as text; absent or empty: no."""
+    if value is None or value is False or value is True:
+        return bool(value)
+    flag = FLAGS.get(value.strip().lower()) if isinstance(value, str) else None
+    if isinstance(value, str) and not value.strip():
+        return False
+    if flag is None:
+        raise ClientError(400, "invalid_option", f"{name} must be true or false.")
+    return flag
 
 
 def _json_list(text: str) -> Any:

@@ -24,7 +24,7 @@ from .images import SUPPORTED, sniff
 from .options import OptionRules, Options, parse_options
 
 DATA_URL = re.compile(r"^data:([\w.+/-]*)((?:;[\w=.+-]+)*?)(;base64)?,", re.I)
-OPTION_KEYS = ("top_k", "labels", "label_set")
+OPTION_KEYS = ("top_k", "labels", "label_set", "embedding")
 # decode_text's clean-up: what \s matches in ASCII text is removed, but a space is a form's '+'.
 BASE64_DELETE = bytes(c for c in range(128) if chr(c).isspace() and c != 0x20)
 BASE64_TABLE = bytes.maketrans(b" -_", b"++/")
@@ -245,7 +245,7 @@ class _UpToBoundaries(io.BytesIO):
 
 
 def _from_json(into: Body, body: bytes, max_images: int) -> None:
-    doc = _json_object(body)
+    doc = json_object(body)
     for key in OPTION_KEYS:
         if key in doc:
             into.options.setlist(key, [doc[key]])  # the body's value wins over the query's
@@ -268,7 +268,8 @@ def _from_json(into: Body, body: bytes, max_images: int) -> None:
         into.add_url(doc["url"].strip())
 
 
-def _json_object(body: bytes) -> dict[str, Any]:
+def json_object(body: bytes, example: str = '{"image": "<base64>"}') -> dict[str, Any]:
+    """The body as a JSON object (also POST /embeddings'); a ClientError invalid_json otherwise."""
     try:
         doc = json.loads(body)
         # "\ud800" is valid JSON but no text: refuse lone surrogates anywhere. (The one-byte search
@@ -280,7 +281,7 @@ def _json_object(body: bytes) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: "[[[[…" nested 100,000 deep
         raise ClientError(400, "invalid_json", "The body is not valid JSON.") from None
     if not isinstance(doc, dict):
-        raise ClientError(400, "invalid_json", "The JSON body must be an object, e.g. {\"image\": \"<base64>\"}.")
+        raise ClientError(400, "invalid_json", f"The JSON body must be an object, e.g. {example}.")
     return doc
 
 

@@ -1,5 +1,6 @@
 """The warm classifier: model, label embeddings and batcher, created once; classify() per request."""
 
+import functools
 import io
 import logging
 import time
@@ -15,6 +16,7 @@ from . import model as model_module
 from .batcher import Batcher, Encoded, Ticket, wait
 from .config import Settings
 from .decode_gate import DecodeGate
+from .embeddings import TextRequest, as_floats, text_answer
 from .errors import BadImage, ClientError, DeadlineExceeded, QueueFull
 from .images import decode, open_image
 from .labels import LABEL_SETS, LabelStore
@@ -65,6 +67,7 @@ class Service:
             run=self.batcher.call,
             chunk=32,
         )
+        self.width = self.labels.width()  # values per embedding, learnt now: no request waits for it
         for name in settings.preload_label_sets:
             self.labels.build(name)
         # One forward pass now, so the first user does not pay for lazy allocations.
@@ -171,21 +174,56 @@ class Service:
         except QueueFull:
             raise _queue_full() from None
         except DeadlineExceeded:
-            raise ClientError(
-                504, "deadline_exceeded", f"No answer within the {s.deadline_s:g} s deadline; the classifier is busy."
-            ) from None
+            raise _deadline_exceeded(s.deadline_s) from None
         if len(items) == 1 and items[0].error:
             raise items[0].error
         top_k = min(options.top_k, len(labels))
-        results = [self._result(item, labels, embeddings, top_k) for item in items]
+        results = [self._result(item, labels, embeddings, top_k, options.embedding) for item in items]
         answer = {"label_set": options.label_set, **self.identity()}
+        if options.embedding:
+            answer["embedding_dtype"] = self.embedding_dtype
         return {**results[0], **answer} if len(items) == 1 else {"results": results, **answer}
 
-    def _result(self, item: Item, labels: Sequence[str], embeddings: np.ndarray, top_k: int) -> dict:
-        """The item's entry in the answer: its predictions, or the error that stopped it."""
+    @property
+    def embedding_dtype(self) -> str:
+        """The dtype the model computes embeddings in (each is normalised and answered as float32)."""
+        return str(self.model.dtype).replace("torch.", "")
+
+    def _result(
+        self, item: Item, labels: Sequence[str], embeddings: np.ndarray, top_k: int, embedding: bool = False
+    ) -> dict:
+        """The item's entry in the answer: its predictions (and its embedding), or the error that stopped it."""
         if item.error:
             return {"error": item.error.body()}
-        return {"predictions": self.rank(cast(np.ndarray, item.features), labels, embeddings, top_k)}
+        features = cast(np.ndarray, item.features)
+        result: dict[str, Any] = {"predictions": self.rank(features, labels, embeddings, top_k)}
+        if embedding:
+            result["embedding"] = as_floats(features)
+        return result
+
+    def embed_texts(self, request: TextRequest, measured: Measured | None = None) -> dict:
+        """POST /embeddings: each text's normalised embedding, encoded on the model thread in chunks that
+        take turns with image batches, admitted (a queue slot per chunk) and bounded by the deadline as
+        pictures are."""
+        measured = measured if measured is not None else Measured()
+        texts, chunk = request.texts, self.labels.chunk
+        measured.texts = len(texts)
+        deadline = time.monotonic() + self.settings.deadline_s
+        slots = min(-(-len(texts) // chunk), self.batcher.max_queue)  # at most the queue: idle, it always fits
+        try:
+            with self.batcher.admit(slots) as ticket:
+                self.batcher.prepared(ticket)  # it submits no images: batches need not wait for it
+                parts = [
+                    self.batcher.call(functools.partial(self.model.embed_texts, texts[i : i + chunk]), deadline)
+                    for i in range(0, len(texts), chunk)
+                ]
+        except QueueFull:
+            raise _queue_full() from None
+        except DeadlineExceeded:
+            raise _deadline_exceeded(self.settings.deadline_s) from None
+        rows = np.concatenate([part[0] for part in parts])
+        about = {**self.identity(), "embedding_dtype": self.embedding_dtype}
+        return text_answer(rows, request, sum(part[1] for part in parts), about)
 
     def _prepare_all(self, items: list[Item], deadline: float, measured: Measured) -> None:
         """Fetch, decode and preprocess every picture, a batch's pictures in parallel."""
@@ -258,6 +296,12 @@ class Service:
         probs /= probs.sum()
         order = np.argsort(-probs, kind="stable")[:top_k]
         return [{"label": labels[i], "score": round(float(probs[i]), 6)} for i in order]
+
+
+def _deadline_exceeded(deadline_s: float) -> ClientError:
+    return ClientError(
+        504, "deadline_exceeded", f"No answer within the {deadline_s:g} s deadline; the classifier is busy."
+    )
 
 
 def _queue_full() -> ClientError:
