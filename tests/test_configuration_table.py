@@ -31,6 +31,7 @@ NOT_SETTINGS = {
 # Defaults the table describes in words rather than as one value: what each phrase means in Settings.
 DESCRIBED = {
     "CLIP_PRELOAD_LABEL_SETS": lambda s: s.preload_label_sets == (s.default_label_set,),  # "the default set"
+    "CLIP_LABEL_SETS_DIR": lambda s: s.label_sets_dir == "",  # "empty = the function's own label_sets/ only"
     "CLIP_MAX_BATCH": lambda s: s.max_batch == 0,  # "per dtype": 0 = precision.default_max_batch decides
     "CLIP_THREADS": lambda s: s.threads == 0,  # "the CPUs the process may use"
     "CLIP_DECODERS": lambda s: s.decoders == 0,  # "as many as the torch threads"
@@ -126,8 +127,10 @@ def test_each_row_is_a_declared_setting_or_named_as_none(name):
         assert read and same(read.group(1), literal.group(1)), (name, default)
 
 
-def probe(setting):
-    """A valid value that is not the default."""
+def probe(setting, folder):
+    """A valid value that is not the default (a folder that is there for a folder's setting)."""
+    if setting.name == "CLIP_LABEL_SETS_DIR":
+        return str(folder)
     if setting.choices:
         return next(choice for choice in reversed(list(setting.choices)) if choice != setting.default)
     if setting.kind in (int, float):
@@ -138,11 +141,11 @@ def probe(setting):
 
 
 @pytest.mark.parametrize("setting", config.DECLARATIONS, ids=lambda setting: setting.name)
-def test_from_env_reads_each_of_clips_declarations(empty_env, setting):
+def test_from_env_reads_each_of_clips_declarations(empty_env, setting, tmp_path):
     base = config.from_env()
-    empty_env.setenv(setting.name, probe(setting))
+    empty_env.setenv(setting.name, probe(setting, tmp_path))
     changed = config.from_env()
-    assert changed != base, f"setting {setting.name}={probe(setting)} changes nothing config.from_env() returns"
+    assert changed != base, f"setting {setting.name}={probe(setting, tmp_path)} changes nothing from_env() returns"
 
 
 @pytest.mark.parametrize(("name", "value", "line"), [

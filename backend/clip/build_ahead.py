@@ -3,7 +3,9 @@
     python -m function.build_ahead [--label-sets cifar100,cifar10,imagenet1k] [--dtypes fp32,bf16]   (inside the image)
 
 Runs the same model factory and label code as the function, with the same CLIP_* environment,
-so a cold start finds everything in CLIP_CACHE_DIR and downloads nothing. Embedding caches are
+so a cold start finds everything in CLIP_CACHE_DIR and downloads and encodes nothing. By default it
+embeds the sets CLIP_PRELOAD_LABEL_SETS names and every set read from a file (the function's
+label_sets/ folder, CLIP_LABEL_SETS_DIR): a file set is there to be used. Embedding caches are
 keyed by dtype. CLIP_DTYPE=auto decides on the processor the function runs on: auto bakes fp32,
 plus bf16 where the building processor runs bf16 natively (elsewhere emulated bf16 takes many minutes).
 Building for bf16 nodes on a processor without it: --dtypes fp32,bf16 (slow) or let the first start
@@ -15,9 +17,11 @@ import logging
 import time
 from collections.abc import Sequence
 
+from settings import SettingError
+
 from . import config, precision
 from . import model as model_module
-from .labels import LABEL_SETS, LabelStore
+from .labels import LabelStore, label_sets
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -25,7 +29,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--label-sets",
         default=None,
-        help="comma-separated sets to embed (default: CLIP_PRELOAD_LABEL_SETS); 'all' for every set",
+        help="comma-separated sets to embed (default: CLIP_PRELOAD_LABEL_SETS and every set from a file); "
+        "'all' for every set",
     )
     parser.add_argument(
         "--dtypes",
@@ -35,15 +40,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(message)s")
-    settings = config.from_env()
-    names = (
-        settings.preload_label_sets
-        if args.label_sets is None
-        else (tuple(LABEL_SETS) if args.label_sets == "all" else tuple(n for n in args.label_sets.split(",") if n))
-    )
-    unknown = [n for n in names if n not in LABEL_SETS]
+    try:
+        settings = config.from_env()
+    except SettingError as exc:  # a bad setting or label-set file: its one line fails the build
+        raise SystemExit(f"build_ahead: {exc}") from None
+    sets = label_sets(settings)
+    if args.label_sets is None:
+        names = tuple(dict.fromkeys([*settings.preload_label_sets, *(f.name for f in settings.file_sets)]))
+    else:
+        names = tuple(sets) if args.label_sets == "all" else tuple(n for n in args.label_sets.split(",") if n)
+    unknown = [n for n in names if n not in sets]
     if unknown:
-        parser.error(f"unknown label sets {unknown}; known: {', '.join(LABEL_SETS)}")
+        parser.error(f"unknown label sets {unknown}; known: {', '.join(sets)}")
     dtypes = args.dtypes or settings.dtype
     if dtypes == "auto":
         dtypes = precision.baked_dtypes(precision.cpu_features())
@@ -55,11 +63,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         clip = model_module.create(
             settings.model, settings.pretrained, settings.device, settings.cache_dir, settings.threads, dtype
         )
-        store = LabelStore(clip, settings.cache_dir)
+        store = LabelStore(clip, settings.cache_dir, settings.custom_templates, sets=sets)
         for name in names:
             started = time.perf_counter()
             store.build(name)
-            print(f"{name} ({dtype}): {store.cache_path(LABEL_SETS[name])} ({time.perf_counter() - started:.1f} s)")
+            print(f"{name} ({dtype}): {store.cache_path(sets[name])} ({time.perf_counter() - started:.1f} s)")
         del clip, store
 
 

@@ -6,6 +6,7 @@ never later when a request or the model meets it. The host's own settings (MAX_B
 FUNCTION_WORKERS) are the host's declarations, read, not declared again. docs/configuration.md is held
 to these declarations by tests/test_configuration_table.py."""
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -15,11 +16,14 @@ import settings
 from settings import Setting
 
 from .decode_bombs import Limits
+from .label_files import FileSet, folders, read_all
 from .url_input import parse_networks
 
 # Names clip declares choices with here, where torch may not be imported (a test holds each equal to its
-# module's: labels.LABEL_SETS, precision.SETTINGS, device_decode.MODES).
+# module's: labels.LABEL_SETS, precision.SETTINGS, device_decode.MODES). Label-set files add to the
+# built-in sets (from_env).
 LABEL_SET_NAMES = ("cifar100", "cifar10", "imagenet1k")
+NAMING_SETS = ("CLIP_LABEL_SET", "CLIP_PRELOAD_LABEL_SETS")  # their choices: the built-in sets and the files
 DTYPE_SETTINGS = ("auto", "fp32", "bf16", "fp16")
 DEVICE_DECODE_MODES = ("auto", "on", "off")
 MB = 1024 * 1024
@@ -40,6 +44,8 @@ FIELDS: tuple[tuple[str, Setting], ...] = (
         "preload_label_sets",
         Setting("CLIP_PRELOAD_LABEL_SETS", "list", (), choices=LABEL_SET_NAMES, doc="built at start"),
     ),
+    # read by label_files.py, with the function's own label_sets/ folder (from_env)
+    ("label_sets_dir", Setting("CLIP_LABEL_SETS_DIR", str, "", doc="a folder of label-set files, NAME.txt")),
     ("custom_templates", Setting("CLIP_CUSTOM_TEMPLATES", str, "simple", choices=("simple", "cifar"), doc="prompts")),
     # 0: the default for the device and dtype (precision.default_max_batch)
     ("max_batch", Setting("CLIP_MAX_BATCH", int, 0, minimum=0, maximum=256, doc="images per forward pass")),
@@ -91,6 +97,8 @@ class Settings:
     cache_dir: str = os.path.expanduser(_DEFAULTS["cache_dir"])
     default_label_set: str = _DEFAULTS["default_label_set"]
     preload_label_sets: tuple = (_DEFAULTS["default_label_set"],)
+    label_sets_dir: str = _DEFAULTS["label_sets_dir"]
+    file_sets: tuple[FileSet, ...] = ()  # the label sets read from files (label_files.py)
     custom_templates: str = _DEFAULTS["custom_templates"]  # "simple" (1 prompt per label) or "cifar" (the 18)
     max_batch: int = _DEFAULTS["max_batch"]  # 0 = the default for the device and dtype (precision.py)
     max_wait_ms: float = _DEFAULTS["max_wait_ms"]
@@ -154,9 +162,22 @@ def threads(settings: Settings) -> tuple[int, str]:
 
 
 def from_env() -> Settings:
-    """Every setting, read and checked; the first bad value raises settings.SettingError (one line)."""
-    values: dict[str, Any] = settings.read(DECLARATIONS)
+    """Every setting, read and checked, and the label-set files with them; the first bad value or file raises
+    settings.SettingError (one line)."""
+    # the label-set names are checked once the files have said which sets there are
+    values: dict[str, Any] = settings.read(
+        dataclasses.replace(s, choices=None) if s.name in NAMING_SETS else s for s in DECLARATIONS
+    )
+    file_sets = read_all(
+        folders(values["CLIP_LABEL_SETS_DIR"]),
+        {**{name: "a built-in label set" for name in LABEL_SET_NAMES}, "custom": "the set a request's own labels make"},
+        values["CLIP_MAX_LABELS"],
+        values["CLIP_MAX_LABEL_CHARS"],
+    )
+    names = (*LABEL_SET_NAMES, *file_sets)
+    values.update(settings.read(dataclasses.replace(s, choices=names) for s in DECLARATIONS if s.name in NAMING_SETS))
     read = {field: values[setting.name] for field, setting in FIELDS}
+    read["file_sets"] = tuple(file_sets.values())
     read["cache_dir"] = os.path.expanduser(read["cache_dir"])
     read["preload_label_sets"] = read["preload_label_sets"] or (read["default_label_set"],)
     read["max_queue"] = per_worker(read["max_queue"], workers())

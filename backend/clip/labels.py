@@ -25,6 +25,7 @@ from .errors import DeadlineExceeded
 if TYPE_CHECKING:
     import torch
 
+    from .config import Settings
     from .model import ClipModel
 
 Template = str | Callable[[str], str]  # a prompt: "a photo of a {}." or a function of the label
@@ -48,15 +49,24 @@ def _format(template: Template, name: str) -> str:
     return template(name) if callable(template) else template.format(name)
 
 
+BUILT_IN = "built-in"
+
+
 @dataclass(frozen=True)
 class LabelSet:
     name: str
-    classes: tuple  # dataset names, e.g. "aquarium_fish"
+    classes: tuple  # dataset names, e.g. "aquarium_fish"; a file's labels as written
     templates: tuple
+    source: str = BUILT_IN  # or the file it was read from, as GET / shows it (label_files.FileSet.shown)
 
     @property
-    def labels(self) -> tuple[str, ...]:  # shown to users: underscores as spaces
+    def labels(self) -> tuple[str, ...]:  # shown to users: a dataset's underscores as spaces
+        if self.source != BUILT_IN:
+            return tuple(self.classes)
         return tuple(c.replace("_", " ") for c in self.classes)
+
+    def describe(self) -> dict[str, Any]:
+        return {"labels": len(self.classes), "templates": len(self.templates), "source": self.source}
 
 
 @dataclass(frozen=True)
@@ -81,6 +91,21 @@ LABEL_SETS = {
         "imagenet1k", tuple(imagenet.IMAGENET_CLASSNAMES), tuple(imagenet.OPENAI_IMAGENET_TEMPLATES)
     ),
 }
+
+
+def custom_prompts(setting: str) -> tuple[str, ...]:
+    """The prompts of labels sent with a request (CLIP_CUSTOM_TEMPLATES), and of a file set without templates."""
+    return CIFAR_TEMPLATES if setting == "cifar" else SIMPLE_TEMPLATES
+
+
+def label_sets(settings: "Settings") -> dict[str, LabelSet]:
+    """The built-in sets and those read from files (config.from_env checked them): a file set without its
+    own templates is prompted as custom labels are, so label_set=NAME ranks as labels=<its labels> does."""
+    from_files = {
+        f.name: LabelSet(f.name, f.labels, f.templates or custom_prompts(settings.custom_templates), f.shown)
+        for f in settings.file_sets
+    }
+    return {**LABEL_SETS, **from_files}
 
 
 def class_embeddings(
@@ -146,7 +171,7 @@ def _save(path: str, embeddings: np.ndarray) -> None:
 
 
 class LabelStore:
-    """Embeddings (numpy [N, D]) of the built-in sets (disk-cached) and of custom labels (bounded LRU per label)."""
+    """Embeddings (numpy [N, D]) of the named sets (disk-cached) and of custom labels (bounded LRU per label)."""
 
     def __init__(
         self,
@@ -156,15 +181,17 @@ class LabelStore:
         lru_size: int = 4096,
         run: Callable[[Callable[[], Any], float | None], Any] | None = None,
         chunk: int = 256,
+        sets: dict[str, LabelSet] | None = None,
     ):
         """run(fn, deadline): executes a callable where torch may run (the service's model thread), by
         the deadline; chunk: prompts encoded per call, small in a live service so image batches
-        interleave with a long build."""
+        interleave with a long build; sets: the named sets (label_sets(); default the built-in ones)."""
+        self.sets = LABEL_SETS if sets is None else sets
         self.model = model
         self.run = run or (lambda fn, deadline: fn())
         self.chunk = chunk
         self.cache_dir = os.path.join(cache_dir, "embeddings")
-        self.custom_templates = CIFAR_TEMPLATES if custom_templates == "cifar" else SIMPLE_TEMPLATES
+        self.custom_templates = custom_prompts(custom_templates)
         self.lru_size = lru_size
         self._sets: dict[str, np.ndarray] = {}
         self._building: set[str] = set()
@@ -184,7 +211,7 @@ class LabelStore:
 
     def build(self, name: str) -> np.ndarray:
         """Load the set's embeddings from disk, or encode and save them (slow: minutes for big sets)."""
-        label_set = LABEL_SETS[name]
+        label_set = self.sets[name]
         path = self.cache_path(label_set)
         embeddings = _load(path, len(label_set.classes), self.width)
         if embeddings is None:
@@ -222,13 +249,21 @@ class LabelStore:
         return name in self._sets
 
     def get_set(self, name: str) -> np.ndarray | None:
-        """Embeddings if built; else None, and a build starts in the background (once)."""
+        """Embeddings if built or cached on disk (baked into the image: read at once); else None, and a
+        build starts in the background (once)."""
         with self._lock:
             if name in self._sets:
                 return self._sets[name]
             if name in self._building:
                 return None
             self._building.add(name)
+        if self._width is not None:  # known from a preloaded set: reading the file encodes nothing
+            cached = _load(self.cache_path(self.sets[name]), len(self.sets[name].classes), self.width)
+            if cached is not None:
+                with self._lock:
+                    self._sets[name] = cached
+                    self._building.discard(name)
+                return cached
         threading.Thread(target=self._build_quietly, args=(name,), name=f"build-{name}", daemon=True).start()
         return None
 

@@ -19,7 +19,7 @@ from .decode_gate import DecodeGate
 from .embeddings import TextRequest, as_floats, text_answer
 from .errors import BadImage, ClientError, DeadlineExceeded, QueueFull
 from .images import decode, open_image
-from .labels import LABEL_SETS, LabelStore
+from .labels import LabelStore, label_sets
 from .measured import Measured
 from .options import OptionRules, Options
 from .request import Item, Limits, Request
@@ -52,7 +52,8 @@ class Service:
                 settings.max_images,
             )
         # what the door (request.parse_request) checks each request against
-        self.limits = Limits(self.max_images, OptionRules.of(settings, LABEL_SETS))
+        self.label_sets = label_sets(settings)  # the built-in ones and those read from files
+        self.limits = Limits(self.max_images, OptionRules.of(settings, self.label_sets))
         # Decoding beyond the cores only slows the forward pass and holds more pixels in memory.
         self.decoder_count = settings.decoders or self.threads
         self.gate = DecodeGate(self.decoder_count, settings.decode_memory_mb << 20, settings.heavy_pixels)
@@ -66,6 +67,7 @@ class Service:
             settings.label_cache_size,
             run=self.batcher.call,
             chunk=32,
+            sets=self.label_sets,
         )
         self.width = self.labels.width()  # values per embedding, learnt now: no request waits for it
         for name in settings.preload_label_sets:
@@ -87,8 +89,7 @@ class Service:
             "threads": self.threads,
             "threads_source": self.threads_source,
             "label_sets": {
-                name: {"labels": len(ls.classes), "templates": len(ls.templates), "ready": self.labels.ready(name)}
-                for name, ls in LABEL_SETS.items()
+                name: {**ls.describe(), "ready": self.labels.ready(name)} for name, ls in self.label_sets.items()
             },
             "default_label_set": s.default_label_set,
             "default_top_k": s.top_k,  # CLIP_TOP_K: the page offers it as "Results to show"
@@ -129,7 +130,7 @@ class Service:
         return answer
 
     def label_sets_ready(self) -> dict[str, bool]:
-        return {name: self.labels.ready(name) for name in LABEL_SETS}
+        return {name: self.labels.ready(name) for name in self.label_sets}
 
     def label_matrix(self, options: Options, deadline: float, measured: Measured) -> tuple[tuple[str, ...], np.ndarray]:
         if options.labels:
@@ -144,7 +145,7 @@ class Service:
                 f"The label set '{options.label_set}' is being prepared; try again shortly.",
                 headers={"Retry-After": "30"},
             )
-        return LABEL_SETS[options.label_set].labels, embeddings
+        return self.label_sets[options.label_set].labels, embeddings
 
     def admission(self, items: list[Item], options: Options) -> int:
         """What a request takes of the queue: its images, plus its new labels (a slot per text chunk)."""
