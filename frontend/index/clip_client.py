@@ -128,6 +128,12 @@ def _object(value: Any, what: str) -> dict:
     return value
 
 
+def _source(about: Any) -> str | None:
+    """Where clip says a label set comes from ("built-in", or its file), if it says so in a short text."""
+    source = about.get("source") if isinstance(about, dict) else None
+    return source if isinstance(source, str) and len(source) <= MAX_TEXT_CHARS else None
+
+
 def _list(value: Any, what: str) -> list:
     if not isinstance(value, list):
         raise BadAnswer(f"{what} that is not a list")
@@ -203,6 +209,8 @@ def shape_description(doc: Any) -> tuple[dict | None, str | None]:
         "pretrained": _text(doc.get("pretrained"), "pretrained"),
         "untrained": _flag(doc.get("untrained"), "untrained"),
         "label_sets": [_text(name, "a label-set name") for name in sets],
+        # an operator's own sets (clip's label-set files): a source that is not "built-in"
+        "file_sets": [name for name, about in sets.items() if _source(about) not in (None, "built-in")],
         "default_label_set": _text(doc.get("default_label_set"), "default_label_set"),
         "limits": {
             "max_images": _count(limits.get("max_images"), "max_images"),

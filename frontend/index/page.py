@@ -41,11 +41,14 @@ def page_settings(info: dict | None) -> dict:
     """What the page offers, as clip describes itself; a plain fallback while clip cannot be asked."""
     info = info or {}
     names = [str(name) for name in info.get("label_sets") or []]
+    own = [str(name) for name in info.get("file_sets") or [] if name in names]
     limits = info["limits"] if isinstance(info.get("limits"), dict) else {}
     clip_max_body = limits.get("max_body_bytes")
     max_bytes = min(config.MAX_BODY_BYTES, clip_max_body if isinstance(clip_max_body, int) else config.MAX_BODY_BYTES)
     return {
         "label_sets": names,
+        # the operator's own sets (clip's label-set files) are offered in a group of their own
+        "label_set_groups": [("Built in", [n for n in names if n not in own]), ("This function's", own)] if own else [],
         "default_label_set": str(info.get("default_label_set") or ""),
         "max_images": max_images(info),
         "max_bytes": max_bytes,
