@@ -159,7 +159,13 @@ def remove_lock() -> None:
 def start_warm_up(init: Callable[[], None] | None, alive: Callable[[], bool] | None = None) -> None:
     """Run init() in the background, then write the lock; a failed init exits so the platform restarts.
     Once ready, alive() is polled: False (the function can no longer serve) removes the lock and exits 1,
-    so the platform replaces the replica instead of keeping one that looks healthy."""
+    so the platform replaces the replica instead of keeping one that looks healthy.
+
+    init() runs on a thread that ends when it returns, and alive() is polled from another: what a thread
+    keeps for its life goes with it. An OpenMP runtime (libgomp, as torch uses) keeps a pool of worker
+    threads per thread that ran parallel work; with more pooled threads than CPUs, every pool stops
+    spinning between parallel regions and sleeps instead, which made each forward pass on the function's
+    own model thread up to 1.5x slower (docs/performance.md)."""
 
     def warm_up() -> None:
         try:
@@ -172,15 +178,21 @@ def start_warm_up(init: Callable[[], None] | None, alive: Callable[[], bool] | N
             os._exit(1)
         write_lock()
         LOG.info("ready: lock file %s written", LOCK_FILE)
-        while alive is not None:
-            time.sleep(settings.host()["FUNCTION_ALIVE_INTERVAL_S"])
-            if not _still_alive(alive):
-                remove_lock()
-                LOG.critical("the function can no longer serve; exiting so the platform replaces it")
-                logging.shutdown()
-                os._exit(1)
+        if alive is not None:
+            threading.Thread(target=watch, name="alive", daemon=True, args=(alive,)).start()
 
     threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
+
+
+def watch(alive: Callable[[], bool]) -> None:
+    """Poll alive() once ready; False removes the lock and exits 1."""
+    while True:
+        time.sleep(settings.host()["FUNCTION_ALIVE_INTERVAL_S"])
+        if not _still_alive(alive):
+            remove_lock()
+            LOG.critical("the function can no longer serve; exiting so the platform replaces it")
+            logging.shutdown()
+            os._exit(1)
 
 
 def exit_for_setting(error: settings.SettingError) -> NoReturn:
