@@ -33,4 +33,3 @@ def test_init_runs_on_a_thread_that_has_ended_when_alive_is_polled(tmp_path, mon
     threads["init"].join(30)
     assert not threads["init"].is_alive(), "init()'s thread is still there once the function is ready"
     assert threads["alive"] is not threads["init"]
-
