@@ -190,17 +190,18 @@ def build_ahead(env, *args):
 
 
 def test_build_ahead_bakes_the_file_sets_and_a_restart_encodes_nothing(clip_env, tmp_path):
-    """build_ahead embeds every file set (and the preloaded ones); the function started on that cache
-    lists them, serves a preloaded one and one it did not preload at once (no 503), and encodes no prompt."""
+    """build_ahead embeds every file set, whatever --label-sets names (clip.yml's BUILD_HOOK_ARGS names
+    built-in sets); the function started on that cache lists them, serves a preloaded one and one it did
+    not preload at once (no 503), and encodes no prompt."""
     where = folder(tmp_path, {"kitchen.txt": KITCHEN, "kitchen.templates": "a photo of a {}.\na {} in a kitchen.\n",
                               "tools.txt": "hammer\nsaw\nt_square\n"})
     env = {**clip_env, "CLIP_CACHE_DIR": str(tmp_path / "cache"), "CLIP_LABEL_SETS_DIR": str(where),
-           "CLIP_PRELOAD_LABEL_SETS": "kitchen", "CLIP_DEVICE": "cpu"}
-    baked = build_ahead(env)
+           "CLIP_PRELOAD_LABEL_SETS": "cifar10,kitchen", "CLIP_DEVICE": "cpu"}
+    baked = build_ahead(env, "--label-sets", "cifar10")
     assert baked.returncode == 0, baked.stderr
     assert "encoding 8 prompts for kitchen" in baked.stderr and "encoding 3 prompts for tools" in baked.stderr
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "cache" / "embeddings").glob("*.npy")) == \
-        ["kitchen", "tools"]
+        ["cifar10", "kitchen", "tools"]
     with FunctionProcess("clip", tmp_path / "fn", env) as fn:
         described = requests.get(fn.url, timeout=30).json()["label_sets"]
         assert described["kitchen"] == {"labels": 4, "templates": 2, "source": "CLIP_LABEL_SETS_DIR/kitchen.txt",

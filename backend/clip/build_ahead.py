@@ -3,9 +3,9 @@
     python -m function.build_ahead [--label-sets cifar100,cifar10,imagenet1k] [--dtypes fp32,bf16]   (inside the image)
 
 Runs the same model factory and label code as the function, with the same CLIP_* environment,
-so a cold start finds everything in CLIP_CACHE_DIR and downloads and encodes nothing. By default it
-embeds the sets CLIP_PRELOAD_LABEL_SETS names and every set read from a file (the function's
-label_sets/ folder, CLIP_LABEL_SETS_DIR): a file set is there to be used. Embedding caches are
+so a cold start finds everything in CLIP_CACHE_DIR and downloads and encodes nothing. It embeds the
+sets --label-sets names (default: CLIP_PRELOAD_LABEL_SETS) and, always, every set read from a file (the
+function's label_sets/ folder, CLIP_LABEL_SETS_DIR): a file set is shipped to be used. Embedding caches are
 keyed by dtype. CLIP_DTYPE=auto decides on the processor the function runs on: auto bakes fp32,
 plus bf16 where the building processor runs bf16 natively (elsewhere emulated bf16 takes many minutes).
 Building for bf16 nodes on a processor without it: --dtypes fp32,bf16 (slow) or let the first start
@@ -29,8 +29,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--label-sets",
         default=None,
-        help="comma-separated sets to embed (default: CLIP_PRELOAD_LABEL_SETS and every set from a file); "
-        "'all' for every set",
+        help="comma-separated sets to embed (default: CLIP_PRELOAD_LABEL_SETS); 'all' for every set; every "
+        "set from a file is embedded too, always",
     )
     parser.add_argument(
         "--dtypes",
@@ -46,9 +46,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"build_ahead: {exc}") from None
     sets = label_sets(settings)
     if args.label_sets is None:
-        names = tuple(dict.fromkeys([*settings.preload_label_sets, *(f.name for f in settings.file_sets)]))
+        chosen = settings.preload_label_sets
     else:
-        names = tuple(sets) if args.label_sets == "all" else tuple(n for n in args.label_sets.split(",") if n)
+        chosen = tuple(sets) if args.label_sets == "all" else tuple(n for n in args.label_sets.split(",") if n)
+    names = tuple(dict.fromkeys([*chosen, *(f.name for f in settings.file_sets)]))
     unknown = [n for n in names if n not in sets]
     if unknown:
         parser.error(f"unknown label sets {unknown}; known: {', '.join(sets)}")
