@@ -148,6 +148,18 @@ def test_a_cached_label_set_that_fits_is_used_without_encoding(tmp_path):
     assert set_prompts(second.model) == []
 
 
+def test_a_set_cached_on_disk_is_served_by_its_first_request_without_encoding(tmp_path):
+    """A set baked into the image but not preloaded: its first request reads the file (no 503 while a
+    background build runs), once the model's width is known (the service learns it at start)."""
+    built = LabelStore(SlowTextModel(), str(tmp_path)).build("cifar10")
+    store = LabelStore(SlowTextModel(), str(tmp_path))
+    store.width()
+    served = store.get_set("cifar10")
+    assert served is not None and store.ready("cifar10")
+    np.testing.assert_array_equal(served, built)
+    assert set_prompts(store.model) == []
+
+
 def test_an_unwritable_cache_serves_label_sets_from_memory_with_one_warning(tmp_path, caplog):
     """A read-only or full cache directory: the sets are built once and served from memory (never a 503
     forever, never rebuilt per request), and the log says so once, without a traceback. (The cache sits
