@@ -5,7 +5,8 @@
 1. An answer with `embedding=true` against the same answer without, for 1 raw JPEG and 16 in a multipart
    form (640×480 photos, benchmarks.pictures): the JSON's bytes as the host sends them, and ms per request
    (handler.handle plus the host's json.dumps, the two rounds interleaved so a shared machine's drift hits
-   both alike).
+   both alike). The forward pass dominates both and a shared machine's noise with it, so the CPU the
+   embeddings add is also timed alone: writing the rows as numbers (embeddings.as_floats) and json.dumps.
 2. Text embeddings per second through POST /embeddings (handler.handle + json.dumps) at 1 and 64 texts per
    request, against open_clip's raw encode_text (tokenizer + encode_text + normalise) of the same batch.
 
@@ -19,14 +20,16 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from clip import config, handler
+from clip.embeddings import as_floats
 from clip.service import Service
 from werkzeug.datastructures import Headers, MultiDict
 
 from benchmarks.measure import print_table
 from benchmarks.pictures import jpeg, photo
-from benchmarks.timing import interleaved
+from benchmarks.timing import interleaved, median_time
 
 BOUNDARY = "clipbenchboundary"
 TEXT = "a photo of a {} on a wooden table, taken in the afternoon"
@@ -64,6 +67,11 @@ def answer(event: Event) -> bytes:
     return json.dumps(served["body"]).encode()
 
 
+def written(rows: np.ndarray) -> bytes:
+    """What embedding=true adds to an answer's work: the rows as JSON numbers, serialised."""
+    return json.dumps([as_floats(row) for row in rows]).encode()
+
+
 def run_dtype(service: Service, rounds: int) -> dict[str, Any]:
     handler.SERVICE = service
     report: dict[str, Any] = {"pictures": {}, "texts": {}}
@@ -74,11 +82,15 @@ def run_dtype(service: Service, rounds: int) -> dict[str, Any]:
             "with": (functools.partial(answer, embedded), 3),
         }
         ms = {name: seconds * 1000 for name, seconds in interleaved(timed, rounds, pause=0.1).items()}
+        rows = np.random.default_rng(0).standard_normal((count, service.width)).astype(np.float32)
+        rows /= np.linalg.norm(rows, axis=-1, keepdims=True)
+        added = median_time(functools.partial(written, rows), 50) * 1000
         report["pictures"][count] = {
             "bytes_without": len(answer(plain)),
             "bytes_with": len(answer(embedded)),
             "ms_without": round(ms["without"], 2),
             "ms_with": round(ms["with"], 2),
+            "embeddings_cpu_ms": round(added, 3),
         }
     model = service.model
     for batch in (1, 64):
@@ -122,9 +134,11 @@ def print_report(report: dict[str, Any]) -> None:
     rows: list[tuple[object, ...]] = []
     for dtype, figures in report.items():
         for count, f in figures["pictures"].items():
-            rows.append((dtype, count, f["bytes_without"], f["bytes_with"], f["ms_without"], f["ms_with"]))
+            row = (f["bytes_without"], f["bytes_with"], f["ms_without"], f["ms_with"], f["embeddings_cpu_ms"])
+            rows.append((dtype, count, *row))
     print("answers with embedding=true against without (ms: median per request, handler + json.dumps):")
-    print_table(["dtype", "pictures", "bytes without", "bytes with", "ms without", "ms with"], rows)
+    headers = ["dtype", "pictures", "bytes without", "bytes with", "ms without", "ms with", "embeddings alone (ms)"]
+    print_table(headers, rows)
     rows = [
         (dtype, batch, f["served_per_s"], f["raw_per_s"], f"{f['served_per_s'] / f['raw_per_s']:.2f}", f["bytes"])
         for dtype, figures in report.items()

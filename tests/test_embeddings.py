@@ -103,7 +103,8 @@ def test_the_option_is_read_from_json_query_and_form_alike(svc):
     as_json = call(svc, {"image": b64, "embedding": True})[1]
     as_query = call(svc, PNGS[1], content_type="image/png", query=[("embedding", "1")])[1]
     assert as_json["embedding"] == as_query["embedding"] and len(as_json["embedding"]) == WIDTH
-    for off in (False, "false", "0", ""):
+    assert call(svc, {"image": b64, "embedding": 1})[1]["embedding"] == as_json["embedding"]
+    for off in (False, 0, "false", "0", "off", ""):
         answer = call(svc, {"image": b64, "embedding": off})[1]
         assert "embedding" not in answer and "embedding_dtype" not in answer
 

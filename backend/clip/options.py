@@ -64,8 +64,9 @@ FLAGS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": 
 
 
 def parse_flag(value: Any, name: str) -> bool:
-    """A yes/no option: a JSON boolean, or true/false (1/0, yes/no, on/off) as text; absent or empty: no."""
-    if value is None or value is False or value is True:
+    """A yes/no option: a JSON boolean (or 1/0), or true/false (1/0, yes/no, on/off) as text; absent or
+    empty: no."""
+    if value is None or value is False or value is True or (type(value) is int and value in (0, 1)):
         return bool(value)
     flag = FLAGS.get(value.strip().lower()) if isinstance(value, str) else None
     if isinstance(value, str) and not value.strip():
