@@ -14,7 +14,13 @@ import open_clip
 import pytest
 import requests
 import torch
-from clip import handler
+from clip import config, handler
+from clip.embeddings import parse_text_request
+from clip.errors import ClientError
+from clip.labels import LABEL_SETS
+from clip.options import OptionRules, parse_flag
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from support.images import noise_image
 from support.inprocess import Event, service
@@ -232,3 +238,34 @@ def test_text_embeddings_behind_a_busy_model_are_bounded_by_the_deadline(tiny_mo
         busy.join()
     assert held and status == 504 and answer["error"]["code"] == "deadline_exceeded"
     assert embed(svc, {"input": ["a lighthouse at dusk"]})[0] == 200
+
+
+# ---- whatever arrives ---------------------------------------------------------------------------------------
+
+RULES = OptionRules.of(config.Settings(), LABEL_SETS)
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12)
+KEYS = st.sampled_from(["input", "encoding_format", "dimensions", "model", "user", "other"])
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.dictionaries(KEYS, JSON | st.lists(st.text(max_size=250), max_size=4), max_size=4) | JSON)
+def test_any_json_body_is_a_text_request_or_a_400(body):
+    try:
+        request = parse_text_request(json.dumps(body).encode(), RULES, WIDTH)
+    except ClientError as refused:
+        assert refused.status == 400 and refused.message
+        return
+    assert request.texts and all(isinstance(text, str) and 0 < len(text) <= 200 for text in request.texts)
+    assert request.encoding in ("float", "base64")
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(JSON)
+def test_any_embedding_value_is_yes_no_or_a_400(value):
+    try:
+        assert parse_flag(value, "embedding") in (True, False)
+    except ClientError as refused:
+        assert refused.status == 400 and refused.code == "invalid_option"
