@@ -122,6 +122,15 @@ def test_an_embedding_value_that_is_not_yes_or_no_is_a_400(svc, value):
     assert "embedding" in body["error"]["message"]
 
 
+def test_the_description_says_the_dimension(svc):
+    previous, handler.SERVICE = handler.SERVICE, svc
+    try:
+        described = handler.handle(Event(method="GET"), None)["body"]
+    finally:
+        handler.SERVICE = previous
+    assert described["embedding_dimensions"] == WIDTH
+
+
 def test_the_dtype_said_is_the_models(tiny_model, clip_env):
     """With bf16 (where the CPU runs it, or not: the setting decides), the answer says bfloat16."""
     bf16 = service(tiny_model, clip_env["CLIP_CACHE_DIR"], dtype="bf16")

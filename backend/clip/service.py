@@ -93,6 +93,7 @@ class Service:
             },
             "default_label_set": s.default_label_set,
             "default_top_k": s.top_k,  # CLIP_TOP_K: the page offers it as "Results to show"
+            "embedding_dimensions": self.width,  # of embedding=true's and POST /embeddings' embeddings
             "limits": {
                 "max_body_bytes": s.max_body_bytes,
                 "max_pixels": s.max_pixels,
