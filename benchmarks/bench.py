@@ -7,6 +7,7 @@
     scripts/bench --gpu           # the GPU figures (benchmarks/bench_gpu.py; says so and skips without CUDA)
     scripts/bench --intake        # host CPU per request before the model: parse and checks (benchmarks/intake.py)
     scripts/bench --embeddings    # embeddings out: answer bytes and ms, texts/s (benchmarks/embeddings_out.py)
+    scripts/bench --model-thread  # served vs raw per CLIP_MAX_BATCH, 8 and 32 clients (benchmarks/model_thread.py)
 
 Prints tables (figure, value, reference, ratio; a per-stage breakdown of one request; bf16 against
 fp32) and writes JSON (bench-results/*.json). Every figure names the dtype and why it was chosen.
@@ -23,7 +24,7 @@ import torch
 from clip import precision
 from clip.labels import SIMPLE_TEMPLATES
 
-from benchmarks import bench_gpu, embeddings_out, intake
+from benchmarks import bench_gpu, embeddings_out, intake, model_thread
 from benchmarks.bench_tables import models_report, print_models, print_served, print_sweep
 from benchmarks.forward import create, models_figures, sweep
 from benchmarks.measure import machine
@@ -52,12 +53,13 @@ def parse_args() -> argparse.Namespace:
     bench_gpu.add_arguments(parser)
     intake.add_arguments(parser)
     embeddings_out.add_arguments(parser)
+    model_thread.add_arguments(parser)
     return parser.parse_args()
 
 
 def mode_of(args: argparse.Namespace) -> str:
     """The JSON file's name: the first of these options given (main() checks them in another order)."""
-    modes = ("models", "gpu", "numerics", "sweep", "intake", "embeddings")
+    modes = ("models", "gpu", "numerics", "sweep", "intake", "embeddings", "model_thread")
     return next((mode for mode in modes if getattr(args, mode)), "bench")
 
 
@@ -92,6 +94,8 @@ def main() -> None:
         report["intake"] = intake.run(args)
     elif args.embeddings:
         report["embeddings"] = embeddings_out.run(args, dtypes)
+    elif args.model_thread:
+        report["model_thread"] = model_thread.run(args, dtypes)
     elif args.gpu:
         report["gpu"] = bench_gpu.run(args)
         if report["gpu"] is None:
