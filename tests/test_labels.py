@@ -196,3 +196,57 @@ def test_clip_with_an_unwritable_cache_answers_a_label_set_it_did_not_preload(cl
         log = (fn.dir / "function.log").read_text()  # all of it: output() keeps the end, which the polls fill
     assert log.count("encoding 1800 prompts for cifar100") == 1, "built more than once"
     assert log.count("cannot write the label-set cache") == 1 and "Traceback" not in log, log
+
+
+# ---- a big set asked for at run time goes to a background build (background_build.py) ---------------
+
+
+class FakeBackground:
+    """Stands in for background_build.Background: records each start; the test ends each build."""
+
+    def __init__(self):
+        self.started = []
+
+    def start(self, name, out, finished):
+        child = labels_module.Child(name, out)
+        self.started.append((name, out, finished))
+        return child
+
+
+def test_only_a_big_set_asked_for_at_run_time_is_built_in_the_background(tmp_path, caplog):
+    background = FakeBackground()
+    model = SlowTextModel()
+    store = LabelStore(model, str(tmp_path), background=background)
+    store.width()
+    with caplog.at_level(logging.INFO, logger="labels"):
+        assert store.get_set("imagenet1k") is None and store.get_set("imagenet1k") is None
+        assert [name for name, _, _ in background.started] == ["imagenet1k"]  # one build at a time
+        assert store.progress("imagenet1k") == 0.0 and not store.ready("imagenet1k")
+        name, out, finished = background.started[0]
+        assert out == store.cache_path(labels_module.LABEL_SETS["imagenet1k"])
+        finished(-9)  # killed
+        assert store.progress("imagenet1k") is None
+        assert "label set imagenet1k: the background build failed (killed by SIGKILL)" in caplog.text
+        assert store.get_set("imagenet1k") is None and len(background.started) == 2  # asked again: built again
+        _, out, finished = background.started[1]
+        built = unit_rows(np.random.default_rng(1).normal(size=(1000, 3))).astype(np.float32)
+        labels_module._save(out, built)
+        finished(0)
+        np.testing.assert_array_equal(store.get_set("imagenet1k"), built)
+        assert store.ready("imagenet1k") and store.progress("imagenet1k") is None
+        assert store.get_set("cifar10") is None  # small: built here, on the model's thread (run), as before
+        wait_until(lambda: store.ready("cifar10"), 60, 0.01, "cifar10 built")
+    assert len(background.started) == 2
+    assert len(set_prompts(model)) == CIFAR10_PROMPTS  # imagenet1k's prompts were never encoded here
+
+
+def test_a_set_built_here_says_how_far_it_is(tmp_path):
+    seen = []
+    model = SlowTextModel()
+    store = LabelStore(model, str(tmp_path), chunk=CIFAR10_PROMPTS // 3)
+    store.width()
+    encode = model.encode_texts
+    model.encode_texts = lambda texts: (seen.append(store.progress("cifar10")), encode(texts))[1]
+    store.build("cifar10")
+    assert seen == [0.0, round(1 / 3, 4), round(2 / 3, 4)]
+    assert store.progress("cifar10") is None and store.ready("cifar10")

@@ -69,6 +69,7 @@ class Batcher:
         self._cond = threading.Condition()
         self.batches = 0  # forward passes so far: the last one's sequence number
         self.images = 0
+        self.jobs = 0  # other work run here (text encodings), between batches
         self.on_batch: BatchHook | None = None  # what the batcher measured, for the edge to record
         self._busy_since: float | None = None  # when the piece of work in hand started (None: idle)
         self.failure: BaseException | None = None  # why the loop died, if it did
@@ -188,13 +189,13 @@ class Batcher:
             self.failure = exc
             LOG.critical("model thread died: %r", exc, exc_info=True)
 
-    @staticmethod
-    def _run_job(fn: Callable[[], Any], future: Future[Any], deadline: float | None) -> None:
+    def _run_job(self, fn: Callable[[], Any], future: Future[Any], deadline: float | None) -> None:
         if not future.set_running_or_notify_cancel():
             return  # its caller gave up
         if deadline is not None and deadline < time.monotonic():
             future.set_exception(DeadlineExceeded())
             return
+        self.jobs += 1
         try:
             future.set_result(fn())
         except Exception as exc:

@@ -8,6 +8,8 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from open_clip import zero_shot_metadata as imagenet
 
+from .background_build import BACKGROUND_PROMPTS, Background, Child, exit_status_text
 from .errors import DeadlineExceeded
 
 if TYPE_CHECKING:
@@ -109,13 +112,22 @@ def label_sets(settings: "Settings") -> dict[str, LabelSet]:
 
 
 def class_embeddings(
-    encode_texts: Encoder, labels: Sequence[str], templates: Sequence[Template], chunk: int = 256
+    encode_texts: Encoder,
+    labels: Sequence[str],
+    templates: Sequence[Template],
+    chunk: int = 256,
+    progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Each class: mean of its L2-normalised prompt embeddings, L2-normalised again -> float32 [N, D].
-    encode_texts(prompts) -> a [len(prompts), D] CPU tensor (or array)."""
+    encode_texts(prompts) -> a [len(prompts), D] CPU tensor (or array); progress(prompts done) after each chunk."""
     prompts = [_format(t, label) for label in labels for t in templates]
+    parts = []
+    for i in range(0, len(prompts), chunk):
+        parts.append(np.asarray(encode_texts(prompts[i : i + chunk])))
+        if progress is not None:
+            progress(min(i + chunk, len(prompts)))
     # numpy, not torch, for the arithmetic: it may run on request threads (see batcher.py)
-    features = np.concatenate([np.asarray(encode_texts(prompts[i : i + chunk])) for i in range(0, len(prompts), chunk)])
+    features = np.concatenate(parts)
     features = features.reshape(len(labels), len(templates), -1).mean(axis=1)
     return features / np.linalg.norm(features, axis=-1, keepdims=True)
 
@@ -182,10 +194,13 @@ class LabelStore:
         run: Callable[[Callable[[], Any], float | None], Any] | None = None,
         chunk: int = 256,
         sets: dict[str, LabelSet] | None = None,
+        background: Background | None = None,
     ):
         """run(fn, deadline): executes a callable where torch may run (the service's model thread), by
         the deadline; chunk: prompts encoded per call, small in a live service so image batches
-        interleave with a long build; sets: the named sets (label_sets(); default the built-in ones)."""
+        interleave with a long build; sets: the named sets (label_sets(); default the built-in ones);
+        background: where a set of more than BACKGROUND_PROMPTS prompts asked for by get_set() is built
+        (a child process, background_build.py); None: on the model thread, as the small ones."""
         self.sets = LABEL_SETS if sets is None else sets
         self.model = model
         self.run = run or (lambda fn, deadline: fn())
@@ -195,6 +210,9 @@ class LabelStore:
         self.lru_size = lru_size
         self._sets: dict[str, np.ndarray] = {}
         self._building: set[str] = set()
+        self.background = background
+        self._children: dict[str, Child] = {}  # sets being built by a child process
+        self._progress: dict[str, float] = {}  # share done of the sets being built here
         self._lru: OrderedDict[str, np.ndarray] = OrderedDict()
         # label -> Future of {label: row}: a label being encoded, by one request
         self._encoding: dict[str, Future[dict[str, np.ndarray]]] = {}
@@ -215,8 +233,19 @@ class LabelStore:
         path = self.cache_path(label_set)
         embeddings = _load(path, len(label_set.classes), self.width)
         if embeddings is None:
-            LOG.info("encoding %d prompts for %s", len(label_set.classes) * len(label_set.templates), name)
-            embeddings = class_embeddings(self._encoder(None), label_set.labels, label_set.templates, self.chunk)
+            total = len(label_set.classes) * len(label_set.templates)
+            LOG.info("encoding %d prompts for %s", total, name)
+
+            def done(prompts: int) -> None:
+                self._progress[name] = prompts / total
+
+            self._progress[name] = 0.0
+            try:
+                embeddings = class_embeddings(
+                    self._encoder(None), label_set.labels, label_set.templates, self.chunk, done
+                )
+            finally:
+                self._progress.pop(name, None)
             self._keep(path, embeddings)
         with self._lock:
             self._sets[name] = embeddings
@@ -235,18 +264,29 @@ class LabelStore:
         try:
             _save(path, embeddings)
         except OSError as exc:
-            with self._lock:
-                first, self._unwritable = not self._unwritable, True
-            if first:
-                LOG.warning(
-                    "cannot write the label-set cache %s (%s): label sets are served from memory, built again "
-                    "at each start",
-                    self.cache_dir,
-                    exc.strerror or type(exc).__name__,
-                )
+            self._warn_unwritable(exc)
+
+    def _warn_unwritable(self, exc: OSError) -> None:
+        with self._lock:
+            first, self._unwritable = not self._unwritable, True
+        if first:
+            LOG.warning(
+                "cannot write the label-set cache %s (%s): label sets are served from memory, built again "
+                "at each start",
+                self.cache_dir,
+                exc.strerror or type(exc).__name__,
+            )
 
     def ready(self, name: str) -> bool:
         return name in self._sets
+
+    def progress(self, name: str) -> float | None:
+        """The share (0..1) of the set's prompts encoded so far while it is being built; else None."""
+        child = self._children.get(name)
+        if child is not None:
+            return round(child.progress(), 4)
+        done = self._progress.get(name)
+        return None if done is None else round(done, 4)
 
     def get_set(self, name: str) -> np.ndarray | None:
         """Embeddings if built or cached on disk (baked into the image: read at once); else None, and a
@@ -264,8 +304,53 @@ class LabelStore:
                     self._sets[name] = cached
                     self._building.discard(name)
                 return cached
+        label_set = self.sets[name]
+        if self.background is not None and len(label_set.classes) * len(label_set.templates) > BACKGROUND_PROMPTS:
+            out, scratch = self._output(self.cache_path(label_set))
+            LOG.info("label set %s: built in a background process (the model thread serves meanwhile)", name)
+            child = self.background.start(name, out, lambda status: self._adopt(name, out, scratch, status))
+            with self._lock:
+                if name in self._building:  # not finished already (a child that could not start)
+                    self._children[name] = child
+            return None
         threading.Thread(target=self._build_quietly, args=(name,), name=f"build-{name}", daemon=True).start()
         return None
+
+    def _output(self, path: str) -> tuple[str, bool]:
+        """Where a child writes the set: its cache file, or, when the cache takes no files, a scratch
+        folder of its own (True: removed once read; the set is then served from memory)."""
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            probe = tempfile.NamedTemporaryFile(dir=os.path.dirname(path), prefix=".probe-")
+            probe.close()
+            return path, False
+        except OSError as exc:
+            self._warn_unwritable(exc)
+            return os.path.join(tempfile.mkdtemp(prefix="clip-label-set-"), os.path.basename(path)), True
+
+    def _adopt(self, name: str, out: str, scratch: bool, status: int) -> None:
+        """A child ended: serve what it built, or say once why not (a later request starts it again)."""
+        embeddings = None
+        if status == 0:
+            embeddings = _load(out, len(self.sets[name].classes), self.width)
+            if embeddings is None:
+                LOG.error(
+                    "label set %s: the background build left no usable embeddings; a later request starts it again",
+                    name,
+                )
+        else:
+            LOG.error(
+                "label set %s: the background build failed (%s); a later request starts it again",
+                name,
+                exit_status_text(status),
+            )
+        if scratch:
+            shutil.rmtree(os.path.dirname(out), ignore_errors=True)
+        with self._lock:
+            if embeddings is not None:
+                self._sets[name] = embeddings
+            self._building.discard(name)
+            self._children.pop(name, None)
 
     def _build_quietly(self, name: str) -> None:
         try:

@@ -13,6 +13,7 @@ from PIL import Image
 
 from . import config, device_decode, precision, url_input
 from . import model as model_module
+from .background_build import Background
 from .batcher import Batcher, Encoded, Ticket, wait
 from .config import Settings
 from .decode_gate import DecodeGate
@@ -68,6 +69,9 @@ class Service:
             run=self.batcher.call,
             chunk=32,
             sets=self.label_sets,
+            # On a CPU, a big set asked for later is built by a child process at the lowest priority
+            # (background_build.py); on a GPU a chunk of prompts takes milliseconds: the model thread builds it.
+            background=Background(precision.NAMES[self.model.dtype]) if self.model.device.type == "cpu" else None,
         )
         self.width = self.labels.width()  # values per embedding, learnt now: no request waits for it
         for name in settings.preload_label_sets:
@@ -88,9 +92,7 @@ class Service:
             **self.model.describe(),
             "threads": self.threads,
             "threads_source": self.threads_source,
-            "label_sets": {
-                name: {**ls.describe(), "ready": self.labels.ready(name)} for name, ls in self.label_sets.items()
-            },
+            "label_sets": {name: self._describe_set(name, ls) for name, ls in self.label_sets.items()},
             "default_label_set": s.default_label_set,
             "default_top_k": s.top_k,  # CLIP_TOP_K: the page offers it as "Results to show"
             "embedding_dimensions": self.width,  # of embedding=true's and POST /embeddings' embeddings
@@ -119,8 +121,17 @@ class Service:
                 "images": self.batcher.images,
                 "queued": self.batcher.depth,
                 "admitted": self.batcher.admitted,
+                "jobs": self.batcher.jobs,
             },
         }
+
+    def _describe_set(self, name: str, label_set: Any) -> dict[str, Any]:
+        """A set's size and source, whether it is ready and, while it is being built, its share done."""
+        about = {**label_set.describe(), "ready": self.labels.ready(name)}
+        progress = None if about["ready"] else self.labels.progress(name)
+        if progress is not None:
+            about["progress"] = progress
+        return about
 
     def identity(self) -> dict[str, Any]:
         """What every answer carries, so random weights can never pass for a real model."""
