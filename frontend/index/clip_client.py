@@ -134,6 +134,16 @@ def _source(about: Any) -> str | None:
     return source if isinstance(source, str) and len(source) <= MAX_TEXT_CHARS else None
 
 
+def _preparing(about: Any) -> int | None:
+    """The percentage of a label set clip says it is preparing (not ready, progress 0..1), if it says so."""
+    if not isinstance(about, dict) or about.get("ready") is not False:
+        return None
+    progress = about.get("progress")
+    if isinstance(progress, bool) or not isinstance(progress, int | float) or not 0 <= progress <= 1:
+        return None
+    return int(progress * 100)
+
+
 def _list(value: Any, what: str) -> list:
     if not isinstance(value, list):
         raise BadAnswer(f"{what} that is not a list")
@@ -211,6 +221,8 @@ def shape_description(doc: Any) -> tuple[dict | None, str | None]:
         "label_sets": [_text(name, "a label-set name") for name in sets],
         # an operator's own sets (clip's label-set files): a source that is not "built-in"
         "file_sets": [name for name, about in sets.items() if _source(about) not in (None, "built-in")],
+        # sets clip is building now: name -> percent done (the page says "being prepared, N %")
+        "preparing": {name: done for name, about in sets.items() if (done := _preparing(about)) is not None},
         "default_label_set": _text(doc.get("default_label_set"), "default_label_set"),
         "limits": {
             "max_images": _count(limits.get("max_images"), "max_images"),

@@ -50,6 +50,7 @@ def page_settings(info: dict | None) -> dict:
         # the operator's own sets (clip's label-set files) are offered in a group of their own
         "label_set_groups": [("Built in", [n for n in names if n not in own]), ("This function's", own)] if own else [],
         "default_label_set": str(info.get("default_label_set") or ""),
+        "preparing": info.get("preparing") or {},  # name -> percent: "being prepared, N %"
         "max_images": max_images(info),
         "max_bytes": max_bytes,
         "url_input": info.get("url_input") is True,
