@@ -250,3 +250,22 @@ def test_a_set_built_here_says_how_far_it_is(tmp_path):
     store.build("cifar10")
     assert seen == [0.0, round(1 / 3, 4), round(2 / 3, 4)]
     assert store.progress("cifar10") is None and store.ready("cifar10")
+
+
+def test_a_background_build_with_an_unwritable_cache_is_served_from_memory(tmp_path, caplog):
+    """The child writes into a scratch folder of its own, read back once and removed; one warning."""
+    (tmp_path / "file").write_text("not a directory")
+    background = FakeBackground()
+    store = LabelStore(SlowTextModel(), str(tmp_path / "file" / "cache"), background=background)
+    store.width()
+    with caplog.at_level(logging.INFO, logger="labels"):
+        assert store.get_set("imagenet1k") is None
+        [(_, out, finished)] = background.started
+        assert not out.startswith(str(tmp_path))
+        built = unit_rows(np.random.default_rng(2).normal(size=(1000, 3))).astype(np.float32)
+        labels_module._save(out, built)
+        finished(0)
+    np.testing.assert_array_equal(store.get_set("imagenet1k"), built)
+    assert not os.path.exists(os.path.dirname(out))
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "served from memory" in warnings[0].getMessage(), caplog.text

@@ -162,7 +162,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     name, out, parent = argv if argv is not None else sys.argv[1:]
     _lowest_priority()
     _die_with(int(parent))
-    logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # the host's format, into the function's log; open_clip's own INFO lines were said by the service already
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    LOG.setLevel(logging.INFO)
     from . import config
     from . import model as model_module
     from .labels import _save, class_embeddings, label_sets
