@@ -71,15 +71,16 @@ class Background:
     def __init__(self, dtype: str):
         self.dtype = dtype
 
-    def start(self, name: str, out: str, finished: Callable[[int], None]) -> Child:
+    def start(self, name: str, out: str, finished: Callable[[int | None], None]) -> Child:
+        """Build the set into `out` in a child; finished(its exit status, None if it could not start)."""
         child = Child(name, out)
         threading.Thread(target=self._run, args=(child, finished), name=f"build-{name}", daemon=True).start()
         return child
 
-    def _run(self, child: Child, finished: Callable[[int], None]) -> None:
+    def _run(self, child: Child, finished: Callable[[int | None], None]) -> None:
         # Started from this thread, which lives as long as the child: PR_SET_PDEATHSIG fires when the
         # thread that started the child ends, not only the process.
-        status = -1
+        status = None
         try:
             package = __package__ or "clip"
             process = subprocess.Popen(
@@ -108,7 +109,9 @@ class Background:
         }
 
 
-def exit_status_text(status: int) -> str:
+def exit_status_text(status: int | None) -> str:
+    if status is None:
+        return "it could not start"
     if status < 0:
         with contextlib.suppress(ValueError):
             return f"killed by {signal.Signals(-status).name}"

@@ -328,7 +328,7 @@ class LabelStore:
             self._warn_unwritable(exc)
             return os.path.join(tempfile.mkdtemp(prefix="clip-label-set-"), os.path.basename(path)), True
 
-    def _adopt(self, name: str, out: str, scratch: bool, status: int) -> None:
+    def _adopt(self, name: str, out: str, scratch: bool, status: int | None) -> None:
         """A child ended: serve what it built, or say once why not (a later request starts it again)."""
         embeddings = None
         if status == 0:
