@@ -8,9 +8,11 @@ import base64
 import io
 import json
 import os
+import shutil
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ from support.containers import Container, build_images, missing_tools, podman, r
 from support.images import noise_image
 from test_faults import http_request, read_response
 
+ROOT = Path(__file__).resolve().parents[1]
 MISSING = missing_tools()
 pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"image tests need {', '.join(MISSING)} "
                                 "(scripts/setup --images installs Debian's podman, runc and mmdebstrap as root)")
@@ -29,7 +32,9 @@ pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"image tests need {', '.j
 def images(tmp_path_factory):
     from support.tiny_model import make_tiny_model
     tiny = make_tiny_model(tmp_path_factory.mktemp("image-model") / "tiny")  # same seed: same layers
-    built = build_images(tiny)
+    label_sets = tmp_path_factory.mktemp("image-label-sets") / "label_sets"  # the function's folder's name
+    shutil.copytree(ROOT / "docs" / "label-sets", label_sets)  # the documented example, kitchen
+    built = build_images(tiny, label_sets)
     for name, image in built.items():
         record(f"{name}_image_bytes", int(podman("image", "inspect", "--format", "{{.Size}}", image).stdout))
     return built
@@ -99,6 +104,21 @@ def test_a_cold_start_downloads_nothing_and_embeds_nothing(clip):
     assert "HF_HUB_OFFLINE=1" in env and "CLIP_MODEL=local-dir:/home/app/function/tiny" in env
     logs = clip.logs()
     assert "encoding" not in logs and "Downloading" not in logs, logs
+
+
+def test_a_label_set_shipped_as_a_file_is_baked_and_served(clip):
+    """docs/images.md's path: a NAME.txt in the function's label_sets/ is embedded at build (the cold start
+    above encodes nothing) and classified into as label_set=NAME."""
+    clip.wait_ready()
+    described = requests.get(clip.url, timeout=30).json()
+    assert "kitchen" in described["label_sets"], described["label_sets"]
+    answer = requests.post(clip.url, params={"label_set": "kitchen"}, data=jpeg(), timeout=60)
+    assert answer.status_code == 200, answer.text
+    labels = (ROOT / "docs" / "label-sets" / "kitchen.txt").read_text().splitlines()
+    kitchen = {line.strip() for line in labels if line.strip() and not line.startswith("#")}
+    assert answer.json()["label_set"] == "kitchen"
+    assert {p["label"] for p in answer.json()["predictions"]} <= kitchen
+    assert "encoding" not in clip.logs()
 
 
 def test_the_functions_deadline_answers_before_the_watchdogs_exec_timeout_cuts(images):

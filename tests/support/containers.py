@@ -52,12 +52,13 @@ def record(key: str, value) -> None:
     MEASURED.write_text(json.dumps(data, indent=2, sort_keys=True))
 
 
-def build_images(tiny_model: Path) -> dict[str, str]:
-    """clip (the tiny model baked in, as a user bakes a local model) and index, via scripts/images."""
+def build_images(tiny_model: Path, label_sets: Path) -> dict[str, str]:
+    """clip (the tiny model baked in, as a user bakes a local model, and a label-set folder copied over the
+    function's own label_sets/, as docs/images.md says) and index, via scripts/images."""
     settings = "CLIP_MODEL=local-dir:/home/app/function/tiny CLIP_PRETRAINED=none"
     command = [sys.executable, "-m", "localrun.images", "clip", "index",
                "--build-arg", f"TORCH_INDEX_URL={TORCH_INDEX_URL}", "--build-arg", f"BUILD_ENV={settings}",
-               "--add", f"clip:{tiny_model}"]
+               "--add", f"clip:{tiny_model}", "--add", f"clip:{label_sets}"]
     started = time.monotonic()
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **TEST_ENV}, timeout=1800,
                             cwd=ROOT)
