@@ -25,39 +25,19 @@ import torch
 from clip import config, handler
 from clip.embeddings import as_floats
 from clip.service import Service
-from werkzeug.datastructures import Headers, MultiDict
 
+from benchmarks.intake import Event, multipart_form
 from benchmarks.measure import print_table
 from benchmarks.pictures import jpeg, photo
 from benchmarks.timing import interleaved, median_time
 
-BOUNDARY = "clipbenchboundary"
 TEXT = "a photo of a {} on a wooden table, taken in the afternoon"
-
-
-class Event:
-    """What the template host hands the handler (template/python3-debian/index.py's Event)."""
-
-    def __init__(self, body: bytes, content_type: str, path: str = "/", query: dict[str, str] | None = None) -> None:
-        self.body, self.path, self.method = body, path, "POST"
-        self.headers = Headers({"Content-Type": content_type})
-        self.query: MultiDict[str, str] = MultiDict(query or {})
 
 
 def picture_bodies() -> dict[int, tuple[bytes, str]]:
     """pictures -> (body, content type): one raw JPEG, sixteen in a multipart form."""
     pictures = [jpeg(photo(640, 480, seed=i)) for i in range(16)]
-    form = (
-        b"".join(
-            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="{i}.jpg"\r\n'
-            f"Content-Type: image/jpeg\r\n\r\n".encode()
-            + data
-            + b"\r\n"
-            for i, data in enumerate(pictures)
-        )
-        + f"--{BOUNDARY}--\r\n".encode()
-    )
-    return {1: (pictures[0], "image/jpeg"), 16: (form, f"multipart/form-data; boundary={BOUNDARY}")}
+    return {1: (pictures[0], "image/jpeg"), 16: multipart_form(pictures)}
 
 
 def answer(event: Event) -> bytes:

@@ -28,20 +28,17 @@ BOUNDARY = "clipbenchboundary"
 
 
 class Event:
-    """What the template host hands the handler (template/python3-debian/index.py's Event)."""
+    """What the template host hands the handler (template/python3-debian/index.py's Event): a POST."""
 
-    def __init__(self, body: bytes, content_type: str) -> None:
-        self.body = body
+    def __init__(self, body: bytes, content_type: str, path: str = "/", query: dict[str, str] | None = None) -> None:
+        self.body, self.path, self.method = body, path, "POST"
         self.headers = Headers({"Content-Type": content_type})
-        self.query: MultiDict[str, str] = MultiDict()
-        self.method = "POST"
-        self.path = "/"
+        self.query: MultiDict[str, str] = MultiDict(query or {})
 
 
-def bodies(count: int = 16) -> dict[str, tuple[Event, int]]:
-    """name -> (Event, pictures): the three kinds of body, built from the same photos."""
-    pictures = [jpeg(photo(640, 480, seed=i)) for i in range(count)]
-    multipart = (
+def multipart_form(pictures: list[bytes]) -> tuple[bytes, str]:
+    """(body, content type) of a multipart form with each JPEG as an "image" part."""
+    body = (
         b"".join(
             f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="{i}.jpg"\r\n'
             f"Content-Type: image/jpeg\r\n\r\n".encode()
@@ -51,10 +48,16 @@ def bodies(count: int = 16) -> dict[str, tuple[Event, int]]:
         )
         + f"--{BOUNDARY}--\r\n".encode()
     )
+    return body, f"multipart/form-data; boundary={BOUNDARY}"
+
+
+def bodies(count: int = 16) -> dict[str, tuple[Event, int]]:
+    """name -> (Event, pictures): the three kinds of body, built from the same photos."""
+    pictures = [jpeg(photo(640, 480, seed=i)) for i in range(count)]
     as_json = json.dumps({"images": [base64.b64encode(data).decode() for data in pictures]}).encode()
     return {
         "1 raw JPEG": (Event(pictures[1], "image/jpeg"), 1),
-        f"{count} multipart": (Event(multipart, f"multipart/form-data; boundary={BOUNDARY}"), count),
+        f"{count} multipart": (Event(*multipart_form(pictures)), count),
         f"{count} JSON base64": (Event(as_json, "application/json"), count),
     }
 
