@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import observe
 
-from . import config, errors, metrics
+from . import config, errors, metrics, openmp
 from .decode_gate import trim_memory
 from .embeddings import parse_text_request
 from .errors import ClientError
@@ -40,12 +40,13 @@ SHOWN: dict[str, str] = {}  # the model and weights as answers show them, known 
 def init() -> None:
     """Called once by the template host before the lock file is written: load everything."""
     global SERVICE, LOAD_ERROR
+    openmp_wait = openmp.configure()  # before torch loads libgomp, which reads it once
     from .model import WeightsUnavailable, shown
     from .service import Service  # torch and open_clip load here, not at import
 
     SHOWN.update(shown(SETTINGS.model, SETTINGS.pretrained))
     try:
-        service = Service(SETTINGS)
+        service = Service(SETTINGS, openmp_wait)
     except WeightsUnavailable as exc:  # a setup problem a restart cannot fix: stay up, never ready, say why
         LOAD_ERROR = str(exc)  # answers and the page show it: it names the setting, never a path
         LOG.error("%s (the weights cache here: %s)", LOAD_ERROR, exc.weights_dir)

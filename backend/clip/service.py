@@ -29,9 +29,10 @@ LOG = logging.getLogger("clip")
 
 
 class Service:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, openmp_wait: str = "not set by clip (made outside its init())"):
         started = time.perf_counter()
         self.settings = settings
+        self.openmp_wait = openmp_wait  # what openmp.configure() set before torch loaded, shown in GET
         self.threads, self.threads_source = config.threads(settings)  # the CPUs it may use, not the node's
         self.model = model_module.create(
             settings.model, settings.pretrained, settings.device, settings.cache_dir, self.threads, settings.dtype
@@ -92,6 +93,7 @@ class Service:
             **self.model.describe(),
             "threads": self.threads,
             "threads_source": self.threads_source,
+            "openmp_wait": self.openmp_wait,
             "label_sets": {name: self._describe_set(name, ls) for name, ls in self.label_sets.items()},
             "default_label_set": s.default_label_set,
             "default_top_k": s.top_k,  # CLIP_TOP_K: the page offers it as "Results to show"
