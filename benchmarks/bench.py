@@ -47,7 +47,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--intake", action="store_true", help="only the host CPU cost of parsing and checking bodies")
     parser.add_argument("--model", default="ViT-B-32")
     parser.add_argument("--runs", type=int, default=40, help="timed runs per latency figure")
-    parser.add_argument("--concurrent-requests", type=int, default=25, help="requests per client, 8 clients")
+    parser.add_argument(
+        "--concurrent-requests", type=int, default=48, help="requests per client, 8 clients, over 4 rounds"
+    )
     parser.add_argument("--cache-dir", default=str(ROOT / "bench-results" / "cache"))
     parser.add_argument("--out", default=None)
     bench_gpu.add_arguments(parser)
