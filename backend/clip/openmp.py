@@ -2,10 +2,10 @@
 
 libgomp (the OpenMP of PyTorch's Linux wheels) reads GOMP_SPINCOUNT once, when it loads. Its default,
 300,000 spins, keeps a worker busy-waiting for 7–10 ms after every forward pass (a 2-core AMD EPYC,
-`scripts/bench`); with a core per pool thread, that is a core taken from the request threads just when
-a batch's answers go out and the next requests come in, so every batch waited longer for its pictures.
-10,000 spins (well under a millisecond) still cover the gaps between one forward pass's parallel
-regions: batch-1 latency did not move (docs/performance.md, "Idle OpenMP workers stop spinning").
+tests/test_openmp.py); with a core per pool thread, that is a core taken from the request threads just
+when a batch's answers go out and the next requests come in (and CPU quota spent on nothing). 10,000
+spins (well under a millisecond) still cover the gaps between one forward pass's parallel regions:
+batch-1 latency did not move (docs/performance.md, "Idle OpenMP workers stop spinning").
 
 A GOMP_SPINCOUNT or OMP_WAIT_POLICY of the deployment's own is kept.
 """
