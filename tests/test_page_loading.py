@@ -24,11 +24,11 @@ from .clip_handler import ERROR_CODES, NAME, alive, handle, sample  # noqa: F401
 def init():
     real = service.Service
 
-    def held(settings):
+    def held(*args, **kwargs):
         deadline = time.monotonic() + 120
         while os.path.exists({hold!r}) and time.monotonic() < deadline:
             time.sleep(0.005)
-        return real(settings)
+        return real(*args, **kwargs)
 
     service.Service = held  # clip's init() imports it at call time
     clip_handler.init()
