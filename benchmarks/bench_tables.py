@@ -23,12 +23,11 @@ def against(label: str, value: float, reference: float, target: str = "") -> Row
 
 
 def figures_table(r: Mapping[str, Any]) -> list[Row]:
-    t = TARGETS
     raw1, raw8, p50 = r["raw_batch1_ms"], r["raw_batch8_images_per_s"], r["http_224_p50_ms"]
     rows: list[Row] = [
         ("raw encode_image, batch 1 (ms)", raw1, None, None, ""),
         ("raw encode_image, batch 8 (images/s)", raw8, None, None, ""),
-        against("HTTP p50, 224×224 JPEG (ms)", p50, raw1, f"≤ {t['single']}"),
+        against("HTTP p50, 224×224 JPEG (ms)", p50, raw1, f"≤ {TARGETS['single']}"),
         *(
             [against("its forward pass, batch 1 (ms; the function's metrics)", r["served_batch1_forward_ms"], raw1)]
             if "served_batch1_forward_ms" in r
@@ -44,9 +43,9 @@ def figures_table(r: Mapping[str, Any]) -> list[Row]:
             f"HTTP, 8 concurrent clients (images/s; CLIP_MAX_BATCH {r['max_batch']})",
             r["http_8_clients_images_per_s"],
             raw8,
-            f"≥ {t['clients']}",
+            f"≥ {TARGETS['clients']}",
         ),
-        against("HTTP p50, 4000×3000 JPEG (ms)", r["http_4000x3000_p50_ms"], p50, f"≤ {t['large']}"),
+        against("HTTP p50, 4000×3000 JPEG (ms)", r["http_4000x3000_p50_ms"], p50, f"≤ {TARGETS['large']}"),
         against("cold start with label cache (s)", r["cold_start_s"], 6.0, "≤ 1"),
         ("8 clients p50 / p99 (ms)", r["http_8_clients_p50_ms"], r["http_8_clients_p99_ms"], None, ""),
         *load_split(r),

@@ -1,5 +1,5 @@
-"""What the benchmarks and the load test share: percentiles, the memory of a process tree sampled over
-time, a markdown table printer and the machine's description."""
+"""What the benchmarks and the load test share: percentiles, a function's /metrics parsed, the memory of
+a process tree sampled over time, a markdown table printer and the machine's description."""
 
 import os
 import platform
@@ -13,14 +13,32 @@ import numpy as np
 import psutil
 import torch
 from clip import precision
+from prometheus_client.parser import text_string_to_metric_families
+
+# A function's GET /metrics, parsed: (sample name, its labels sorted) -> value
+Scrape = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def metric_samples(text: str) -> Scrape:
+    """Prometheus text (a function's GET /metrics) as {(sample name, labels sorted): value}."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
+def tree(process: psutil.Process) -> list[psutil.Process]:
+    """The process and its children, found by psutil's scan of every process in /proc."""
+    return [process, *process.children(recursive=True)]
+
+
 def tree_rss(process: psutil.Process) -> int:
-    return rss_of([process, *process.children(recursive=True)])
+    return rss_of(tree(process))
 
 
 def rss_of(processes: Sequence[psutil.Process]) -> int:
@@ -49,11 +67,11 @@ class RssSampler:
 
     def _run(self) -> None:
         started = looked = time.monotonic()
-        members = [self.process, *self.process.children(recursive=True)]
+        members = tree(self.process)
         while True:
             now = time.monotonic()
             if now - looked >= self.CHILDREN_EVERY_S:
-                members, looked = [self.process, *self.process.children(recursive=True)], now
+                members, looked = tree(self.process), now
             self.samples.append((now - started, rss_of(members)))
             if self._stop.wait(self.interval):
                 return

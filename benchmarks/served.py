@@ -27,9 +27,8 @@ from clip.labels import LABEL_SETS, LabelSet, LabelStore
 from clip.model import ClipModel
 from clip.service import Service
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.measure import RssSampler, percentile
+from benchmarks.measure import RssSampler, metric_samples, percentile
 from benchmarks.pictures import jpeg, photo
 from benchmarks.timing import Timed, interleaved, median_time
 from localrun import FunctionProcess, Stack
@@ -203,10 +202,8 @@ def own_forward(session: requests.Session, fn: FunctionProcess, body: bytes, run
         started = time.perf_counter()
         post_ok(session, fn.url, body)
         times.append(time.perf_counter() - started)
-    after = forward_passes(session, fn)
-    forward_s = (after["clip_encode_seconds_sum"] - before["clip_encode_seconds_sum"]) / (
-        after["clip_batch_size_count"] - before["clip_batch_size_count"]
-    )
+    passes = passes_since(before, forward_passes(session, fn))
+    forward_s = passes["clip_encode_seconds_sum"] / passes["clip_batch_size_count"]
     return {"http_224_mean_ms": statistics.mean(times) * 1000, "served_batch1_forward_ms": forward_s * 1000}
 
 
@@ -234,9 +231,12 @@ FORWARD_PASSES = ("clip_encode_seconds_sum", "clip_batch_size_sum", "clip_batch_
 
 
 def forward_passes(session: requests.Session, fn: FunctionProcess) -> dict[str, float]:
-    text = session.get(f"{fn.url}/metrics", timeout=30).text
-    found = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
-    return {name: found[name] for name in FORWARD_PASSES}
+    found = metric_samples(session.get(f"{fn.url}/metrics", timeout=30).text)
+    return {name: found[(name, ())] for name in FORWARD_PASSES}
+
+
+def passes_since(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {name: after[name] - before[name] for name in FORWARD_PASSES}
 
 
 @dataclass
@@ -281,9 +281,8 @@ def load_figures(
                 started = time.perf_counter()
                 per_client = list(pool.map(lambda _: client(fn.address, body, each), range(8)))
                 load[d].elapsed += time.perf_counter() - started
-            after = forward_passes(session, fn)
-            for name in FORWARD_PASSES:
-                load[d].passes[name] += after[name] - before[name]
+            for name, added in passes_since(before, forward_passes(session, fn)).items():
+                load[d].passes[name] += added
             load[d].latencies += [x for c in per_client for x in c]
             load[d].peak = max(load[d].peak, sampler.peak)
             time.sleep(0.3)

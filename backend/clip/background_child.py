@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         clip = model_module.create(
             settings.model, settings.pretrained, settings.device, settings.cache_dir, 1, settings.dtype
         )
-        total = len(label_set.classes) * len(label_set.templates)
+        total = label_set.prompt_count
         LOG.info("building label set %s in a background process: %d prompts", name, total)
         _report(out, 0, total)
         embeddings = class_embeddings(

@@ -68,6 +68,10 @@ class LabelSet:
             return tuple(self.classes)
         return tuple(c.replace("_", " ") for c in self.classes)
 
+    @property
+    def prompt_count(self) -> int:  # what embedding the set costs: one text per class and template
+        return len(self.classes) * len(self.templates)
+
     def describe(self) -> dict[str, Any]:
         return {"labels": len(self.classes), "templates": len(self.templates), "source": self.source}
 
@@ -233,7 +237,7 @@ class LabelStore:
         path = self.cache_path(label_set)
         embeddings = _load(path, len(label_set.classes), self.width)
         if embeddings is None:
-            total = len(label_set.classes) * len(label_set.templates)
+            total = label_set.prompt_count
             LOG.info("encoding %d prompts for %s", total, name)
 
             def done(prompts: int) -> None:
@@ -305,7 +309,7 @@ class LabelStore:
                     self._building.discard(name)
                 return cached
         label_set = self.sets[name]
-        if self.background is not None and len(label_set.classes) * len(label_set.templates) > BACKGROUND_PROMPTS:
+        if self.background is not None and label_set.prompt_count > BACKGROUND_PROMPTS:
             out, scratch = self._output(self.cache_path(label_set))
             LOG.info("label set %s: built in a background process (the model thread serves meanwhile)", name)
             child = self.background.start(name, out, lambda status: self._adopt(name, out, scratch, status))

@@ -15,16 +15,13 @@ from typing import Any, Self
 
 import psutil
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.loadtest.contract import check_body, retry_after
 from benchmarks.loadtest.payloads import Payload
-from benchmarks.measure import RssSampler, percentile, tree_rss
+from benchmarks.measure import RssSampler, Scrape, metric_samples, percentile, tree_rss
 from localrun import FunctionProcess, Stack
 
 TIMEOUT = (3, 60)  # connect, read: every request of every client
-# clip's /metrics, parsed: (sample name, its labels sorted) -> value
-Scrape = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 # ---- what the load goes to -------------------------------------------------------------------
@@ -267,12 +264,7 @@ def server_stats(stack: Target) -> tuple[int, int] | None:
 def clip_metrics(stack: Target) -> Scrape | None:
     """clip's GET /metrics, parsed: {(sample name, labels): value}; None when it does not answer."""
     try:
-        text = requests.get(stack.clip_url + "/metrics", timeout=10).text
-        return {
-            (s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text)
-            for s in family.samples
-        }
+        return metric_samples(requests.get(stack.clip_url + "/metrics", timeout=10).text)
     except (requests.RequestException, ValueError):
         return None
 
