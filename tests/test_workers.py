@@ -76,11 +76,15 @@ def test_without_a_prometheus_dir_the_workers_share_a_fresh_one(tmp_path):
 def test_sigterm_drains_every_worker(tmp_path):
     """Requests held in both workers' handlers when SIGTERM comes: the lock file goes at once, every one
     is answered once let go, and every process exits."""
-    fn = probe(tmp_path, workers=2).start()
+    # The workers share one listening socket, and whichever accepts first gets the connection: a worker
+    # starved of CPU (a busy neighbour on its core) could lose every race. A worker stops accepting at
+    # FUNCTION_CONNECTIONS, counted by waitress with its own listening socket and wake-up pipe: 6 is
+    # 4 requests each, so the next ones go to the other worker and both hold by the 8th.
+    fn = probe(tmp_path, workers=2, FUNCTION_CONNECTIONS="6").start()
     held = Held(tmp_path / "held")
     with ThreadPoolExecutor(32) as pool:
         asked = []
-        while len(asked) < 8 or len(set(held.holding())) < 2:  # the kernel picks the worker: ask until both hold
+        while len(asked) < 8 or len(set(held.holding())) < 2:
             assert len(asked) < 32, f"32 connections and one worker holds them all: {held.holding()}"
             asked.append(pool.submit(ask, fn, **held.params))
             wait_until(lambda: len(held.holding()) == len(asked), 30, 0.005, "the request in a handler")
